@@ -1,0 +1,233 @@
+"""DDPM noise schedule, training targets, and the two samplers (diffusers-shaped schedulers).
+
+Schedule (DESIGN.md section 3): T = 250, betas linear 4e-4 .. 0.08, float32 as the reference.
+What the network predicts is a setting with diffusers' names:
+  "epsilon"      the noise (the paper),
+  "sample"       x0, the clean mask,
+  "v_prediction" v = sqrt(abar) * eps - sqrt(1 - abar) * x0.
+Both samplers predict x0 from the network output, clip it to [-1, 1] (masks live there), and
+re-derive eps from the clipped x0, as the reference DDPM code does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+
+PredictionType = Literal["epsilon", "sample", "v_prediction"]
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "sample", "v_prediction")
+
+__all__ = [
+    "NoiseSchedule",
+    "PREDICTION_TYPES",
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "sample_masks",
+]
+
+
+def _check_prediction_type(p: str) -> str:
+    if p not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {p!r}")
+    return p
+
+
+def _gather(a: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+    """a[t] broadcast to `like`'s rank; t is an int or a B tensor of ints."""
+    if isinstance(t, int):
+        return a[t].to(like.dtype)
+    out = a.to(t.device)[t.long()].to(like.dtype)
+    return out.view(-1, *([1] * (like.dim() - 1)))
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The linear-beta DDPM schedule and the x0 / eps / v algebra shared by training and sampling."""
+
+    num_train_timesteps: int = 250
+    beta_start: float = 4e-4
+    beta_end: float = 0.08
+
+    def __post_init__(self) -> None:
+        T = self.num_train_timesteps
+        betas = torch.linspace(self.beta_start, self.beta_end, T, dtype=torch.float32)
+        abar = torch.cumprod(1.0 - betas, dim=0)
+        abar_prev = torch.cat([torch.ones(1), abar[:-1]])
+        arrays = dict(
+            betas=betas,
+            alphas=1.0 - betas,
+            alphas_cumprod=abar,
+            alphas_cumprod_prev=abar_prev,
+            sqrt_alphas_cumprod=torch.sqrt(abar),
+            sqrt_one_minus_alphas_cumprod=torch.sqrt(1.0 - abar),
+            posterior_variance=betas * (1.0 - abar_prev) / (1.0 - abar),
+            posterior_mean_coef1=betas * torch.sqrt(abar_prev) / (1.0 - abar),
+            posterior_mean_coef2=(1.0 - abar_prev) * torch.sqrt(1.0 - betas) / (1.0 - abar),
+        )
+        for k, v in arrays.items():
+            object.__setattr__(self, k, v)
+
+    @property
+    def T(self) -> int:
+        return self.num_train_timesteps
+
+    # ---- forward process ---------------------------------------------------------------
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (t indexes the arrays directly)."""
+        return _gather(self.sqrt_alphas_cumprod, t, x0) * x0 + _gather(
+            self.sqrt_one_minus_alphas_cumprod, t, x0
+        ) * noise
+
+    def training_target(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, prediction_type: str
+    ) -> torch.Tensor:
+        """What the network should output for this prediction type."""
+        p = _check_prediction_type(prediction_type)
+        if p == "epsilon":
+            return noise
+        if p == "sample":
+            return x0
+        return _gather(self.sqrt_alphas_cumprod, t, x0) * noise - _gather(
+            self.sqrt_one_minus_alphas_cumprod, t, x0
+        ) * x0
+
+    def to_x0_eps(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, prediction_type: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) implied by the network output, x0 clipped to [-1, 1] and eps re-derived."""
+        p = _check_prediction_type(prediction_type)
+        sa = _gather(self.sqrt_alphas_cumprod, t, x_t)
+        s1 = _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        if p == "epsilon":
+            x0 = (x_t - s1 * model_output) / sa
+        elif p == "sample":
+            x0 = model_output
+        else:
+            x0 = sa * x_t - s1 * model_output
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = (x_t - sa * x0) / s1
+        return x0, eps
+
+
+class _SchedulerBase:
+    """Shared state of the two schedulers: the schedule, prediction type and chosen timesteps."""
+
+    def __init__(self, schedule: NoiseSchedule | None = None, prediction_type: str = "epsilon"):
+        self.schedule = schedule or NoiseSchedule()
+        self.prediction_type = _check_prediction_type(prediction_type)
+        self.timesteps = torch.arange(self.schedule.T - 1, -1, -1)
+        self._prev: dict[int, int] = {}
+        self._index_prev()
+
+    def _index_prev(self) -> None:
+        ts = [int(v) for v in self.timesteps]
+        # The previous timestep is the next entry of the chosen list (never t - T // K).
+        self._prev = {t: (ts[i + 1] if i + 1 < len(ts) else -1) for i, t in enumerate(ts)}
+
+    def previous_timestep(self, t: int) -> int:
+        return self._prev[int(t)]
+
+    @property
+    def num_inference_steps(self) -> int:
+        return len(self.timesteps)
+
+
+class DDPMScheduler(_SchedulerBase):
+    """The paper's ancestral sampler: all T steps, x_{t-1} ~ q(x_{t-1} | x_t, x0_hat)."""
+
+    def set_timesteps(self, num_inference_steps: int | None = None) -> None:
+        T = self.schedule.T
+        if num_inference_steps not in (None, T):
+            raise ValueError(f"the ancestral DDPM sampler runs all {T} steps; use DDIMScheduler for fewer")
+        self.timesteps = torch.arange(T - 1, -1, -1)
+        self._index_prev()
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        t: int,
+        x_t: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        t = int(t)
+        s = self.schedule
+        x0, _ = s.to_x0_eps(model_output, x_t, t, self.prediction_type)
+        mean = s.posterior_mean_coef1[t] * x0 + s.posterior_mean_coef2[t] * x_t
+        if t == 0:
+            return mean
+        if noise is None:
+            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        # log-variance clipped as in the reference (posterior_variance[0] == 0)
+        std = torch.exp(0.5 * torch.log(s.posterior_variance[t].clamp(min=1e-20)))
+        return mean + std * noise
+
+
+class DDIMScheduler(_SchedulerBase):
+    """Deterministic DDIM (eta = 0) over K trailing-spaced timesteps: the first step is t = T-1."""
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        T = self.schedule.T
+        K = int(num_inference_steps)
+        if not 1 <= K <= T:
+            raise ValueError(f"num_inference_steps must be in [1, {T}], got {K}")
+        # diffusers' "trailing" spacing; K need not divide T.
+        ts = np.round(np.arange(T, 0, -T / K)).astype(np.int64) - 1
+        self.timesteps = torch.from_numpy(ts)
+        self._index_prev()
+
+    def step_coefficients(self, t: int) -> tuple[float, float, float, float]:
+        """(sqrt(abar_t), sqrt(1-abar_t), sqrt(abar_prev), sqrt(1-abar_prev)) for this step."""
+        s = self.schedule
+        t_prev = self.previous_timestep(t)
+        a_prev = s.alphas_cumprod[t_prev] if t_prev >= 0 else torch.tensor(1.0)
+        return (
+            float(s.sqrt_alphas_cumprod[t]),
+            float(s.sqrt_one_minus_alphas_cumprod[t]),
+            float(torch.sqrt(a_prev)),
+            float(torch.sqrt(1.0 - a_prev)),
+        )
+
+    def step(self, model_output: torch.Tensor, t: int, x_t: torch.Tensor) -> torch.Tensor:
+        t = int(t)
+        x0, eps = self.schedule.to_x0_eps(model_output, x_t, t, self.prediction_type)
+        _, _, sa_prev, s1_prev = self.step_coefficients(t)
+        return sa_prev * x0 + s1_prev * eps
+
+
+@torch.no_grad()
+def sample_masks(
+    model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    scheduler: DDPMScheduler | DDIMScheduler,
+    ensemble: int = 1,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment a batch of images: returns (mean, std) over the ensemble, each B x 1 x H x W.
+
+    The ensemble is a batch dimension (image repeated N times), never a Python loop. `mean`
+    is the averaged final x0 in [-1, 1]; threshold it at 0 for the mask. `std` is the
+    per-pixel spread of the ensemble, an uncertainty map.
+    `noise` (B*N x 1 x H x W) fixes the initial x_T for reproducible runs.
+    """
+    B, _, H, W = image.shape
+    g = image.repeat_interleave(ensemble, dim=0)
+    if noise is None:
+        noise = torch.randn((B * ensemble, 1, H, W), generator=generator, device=image.device)
+    x = noise.to(image.device, image.dtype)
+    steps = scheduler.timesteps.tolist()
+    for i, t in enumerate(steps):
+        tb = torch.full((B * ensemble,), t, device=image.device, dtype=torch.long)
+        out = model(x, g, tb)
+        if isinstance(scheduler, DDPMScheduler):
+            x = scheduler.step(out, t, x, generator=generator)
+        else:
+            x = scheduler.step(out, t, x)
+        if progress is not None:
+            progress(i + 1, len(steps))
+    x = x.view(B, ensemble, 1, H, W)
+    return x.mean(dim=1), x.std(dim=1, unbiased=False)
