@@ -1,0 +1,170 @@
+"""Baselines a mobile user would pick instead of the distilled student.
+
+* :func:`otsu_dice`: Otsu's threshold on CIELAB lightness, lesion = the darker side.
+* :class:`SmallUNet`: a small discriminative U-Net (~0.13 M parameters, the EGE-UNet /
+  MALUNet size class) trained by :func:`train_unet` with Dice + BCE, scored by
+  :func:`eval_dice`.
+
+Dice is computed per image, ``2|P∩G| / (|P|+|G|)`` (1 when both are empty), then averaged.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+__all__ = ["dice", "otsu_predict", "otsu_dice", "SmallUNet", "train_unet", "eval_dice",
+           "count_params"]
+
+
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    p, g = np.asarray(pred) > 0, np.asarray(gt) > 0
+    s = int(p.sum()) + int(g.sum())
+    return 1.0 if s == 0 else 2.0 * int((p & g).sum()) / s
+
+
+def _arrays(dataset):
+    """(N x H x W x 3 uint8, N x H x W uint8 {0,1}) of a dataset (cached arrays when present)."""
+    if hasattr(dataset, "images") and hasattr(dataset, "masks") and not getattr(dataset, "augment", False):
+        return np.asarray(dataset.images), (np.asarray(dataset.masks) > 0).astype(np.uint8)
+    ims, ms = [], []
+    for i in range(len(dataset)):
+        image, mask, _ = dataset[i]
+        ims.append((image.numpy().transpose(1, 2, 0) * 255 + 0.5).clip(0, 255).astype(np.uint8))
+        ms.append((mask.numpy()[0] > 0).astype(np.uint8))
+    return np.stack(ims), np.stack(ms)
+
+
+def otsu_predict(image_rgb_u8: np.ndarray) -> np.ndarray:
+    import cv2
+
+    L = cv2.cvtColor(np.ascontiguousarray(image_rgb_u8), cv2.COLOR_RGB2LAB)[..., 0]
+    t, _ = cv2.threshold(L, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return (L <= t).astype(np.uint8)
+
+
+def otsu_dice(dataset) -> float:
+    """Mean Dice of Otsu on CIELAB L (lesion = darker side) over a dataset."""
+    ims, ms = _arrays(dataset)
+    return float(np.mean([dice(otsu_predict(x), y) for x, y in zip(ims, ms)]))
+
+
+def _torch():
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    return torch, nn, F
+
+
+def _block(nn, cin, cout):
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+    )
+
+
+def SmallUNet(channels=(8, 16, 24, 32, 48)):
+    """A 4-level U-Net with plain conv blocks; returns logits (B x 1 x H x W)."""
+    torch, nn, F = _torch()
+
+    class _SmallUNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            c = channels
+            self.enc = nn.ModuleList([_block(nn, 3, c[0])] +
+                                     [_block(nn, c[i], c[i + 1]) for i in range(len(c) - 1)])
+            self.dec = nn.ModuleList([_block(nn, c[i + 1] + c[i], c[i])
+                                      for i in reversed(range(len(c) - 1))])
+            self.head = nn.Conv2d(c[0], 1, 1)
+
+        def forward(self, x):
+            skips = []
+            for i, e in enumerate(self.enc):
+                x = e(x if i == 0 else F.max_pool2d(x, 2))
+                skips.append(x)
+            x = skips.pop()
+            for d in self.dec:
+                s = skips.pop()
+                x = F.interpolate(x, size=s.shape[-2:], mode="bilinear", align_corners=False)
+                x = d(torch.cat([x, s], 1))
+            return self.head(x)
+
+    return _SmallUNet()
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _to_tensors(dataset):
+    torch, _, _ = _torch()
+    ims, ms = _arrays(dataset)
+    return (torch.from_numpy(np.array(ims)).permute(0, 3, 1, 2).contiguous(),
+            torch.from_numpy(np.ascontiguousarray(ms))[:, None].contiguous())
+
+
+def train_unet(train_ds, val_ds=None, minutes: float | None = 4.0, steps: int | None = None,
+               seed: int = 0, batch_size: int = 16, lr: float = 3e-3, threads: int | None = None,
+               log=None):
+    """Train :func:`SmallUNet` with Dice + BCE (Adam, cosine LR, flips) for ``minutes`` of wall
+    time or ``steps`` steps, whichever comes first. Returns (model, info dict)."""
+    torch, nn, F = _torch()
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    x_all, y_all = _to_tensors(train_ds)
+    n = x_all.shape[0]
+    model = SmallUNet().to(memory_format=torch.channels_last)  # ~1.7x faster on CPU
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    budget = None if minutes is None else minutes * 60.0
+    max_steps = steps if steps is not None else 10**9
+    t0 = time.perf_counter()
+    step = 0
+    model.train()
+    while step < max_steps:
+        elapsed = time.perf_counter() - t0
+        if budget is not None and elapsed >= budget:
+            break
+        frac = min(1.0, (step / max_steps) if steps is not None else elapsed / budget)
+        for pg in opt.param_groups:
+            pg["lr"] = lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
+        idx = torch.randint(0, n, (batch_size,), generator=g)
+        x = (x_all[idx].float() / 255.0).contiguous(memory_format=torch.channels_last)
+        y = y_all[idx].float()
+        if torch.rand(1, generator=g).item() < 0.5:
+            x, y = x.flip(-1), y.flip(-1)
+        if torch.rand(1, generator=g).item() < 0.5:
+            x, y = x.flip(-2), y.flip(-2)
+        logits = model(x)
+        p = torch.sigmoid(logits)
+        inter = (p * y).sum((1, 2, 3))
+        dl = 1 - (2 * inter + 1) / (p.sum((1, 2, 3)) + y.sum((1, 2, 3)) + 1)
+        loss = F.binary_cross_entropy_with_logits(logits, y) + dl.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if log and step % 100 == 0:
+            log(f"step {step} loss {loss.item():.4f} {time.perf_counter() - t0:.0f}s")
+    info = {"steps": step, "train_seconds": time.perf_counter() - t0,
+            "params": count_params(model), "batch_size": batch_size}
+    if val_ds is not None:
+        info["val_dice"] = eval_dice(model, val_ds)
+    return model, info
+
+
+def eval_dice(model, dataset, batch_size: int = 64) -> float:
+    """Mean per-image Dice of ``model`` (logits > 0) on a dataset."""
+    torch, _, _ = _torch()
+    x_all, y_all = _to_tensors(dataset)
+    model.eval()
+    scores = []
+    with torch.no_grad():
+        for s in range(0, x_all.shape[0], batch_size):
+            pred = (model(x_all[s:s + batch_size].float() / 255.0) > 0).numpy()[:, 0]
+            gt = y_all[s:s + batch_size].numpy()[:, 0]
+            scores += [dice(p, g) for p, g in zip(pred, gt)]
+    return float(np.mean(scores))
