@@ -115,16 +115,17 @@ def generate_batch(rng: np.random.Generator, b: int, s: int = 128) -> tuple[np.n
     warp = _lowfreq(rng, b, 7, s) * _u(rng, 0.04, 0.16, b) * Rb
     sd = Rb * rfac + warp - rho  # signed distance-ish in pixels, > 0 inside
 
-    # satellites (part of the lesion)
+    # satellites (part of the lesion, sharp-edged so they are visible where labelled)
+    sat = np.full((b, s, s), -1e3, f32)
     for _ in range(3):
         present = rng.random(b) < 0.22
         a = rng.uniform(0, 2 * math.pi, b)
         d = R * rng.uniform(1.15, 1.7, b)
         sx = (cx[:, 0, 0] + d * np.cos(a)).astype(f32)[:, None, None]
         sy = (cy[:, 0, 0] + d * np.sin(a)).astype(f32)[:, None, None]
-        rs = rng.uniform(1.2, 3.5, b).astype(f32)[:, None, None]
+        rs = rng.uniform(1.5, 4.0, b).astype(f32)[:, None, None]
         sds = rs - np.sqrt((xx - sx) ** 2 + (yy - sy) ** 2)
-        sd = np.where(present[:, None, None], np.maximum(sd, sds), sd)
+        sat = np.where(present[:, None, None], np.maximum(sat, sds), sat)
 
     # border softness: sharp on some sides, fuzzy on others
     fuzzy = rng.random(b) < 0.6
@@ -132,8 +133,9 @@ def generate_batch(rng: np.random.Generator, b: int, s: int = 128) -> tuple[np.n
     psi = _u(rng, 0, 2 * math.pi, b)
     wvar = _u(rng, 0.0, 1.0, b)
     w = w0[:, None, None] * np.exp(wvar * np.cos(theta - psi))
-    alpha = _sigmoid(sd / w)
-    mask = sd > 0
+    alpha = np.maximum(_sigmoid(sd / w), _sigmoid(sat / 0.6))
+    mask = (sd > 0) | (sat > 0)
+    sd = np.maximum(sd, sat)
 
     # radial streaks / pseudopods (thin structures, part of the lesion)
     streak = np.zeros((b, s, s), np.uint8)
