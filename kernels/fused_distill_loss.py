@@ -191,6 +191,13 @@ def _interpreting() -> bool:
         return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _device_of(x: torch.Tensor):
+    """Launch on the tensor's GPU even when another one is current (multi-GPU processes)."""
+    import contextlib
+
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -262,19 +269,20 @@ class FusedDistillLossFunction(torch.autograd.Function):
         block = int(block) if block else min(DEFAULT_BLOCK, max(16, _next_pow2(N)))
         nblk = triton.cdiv(N, block)
         part = torch.empty((B, nblk, _NUM_PARTIALS), device=dev, dtype=torch.float32)
-        fwd_partials[(B, nblk)](
-            s, te, y, dd, tt, tp_kd, tp_b, part, N, nblk, int(T), float(tau),
-            BLOCK=block, num_warps=_num_warps(block),
-        )
         counts = torch.empty((B,), device=dev, dtype=torch.float32)
         out = torch.empty((4,), device=dev, dtype=torch.float32)
         block_b = min(64, max(2, _next_pow2(B)))
         block_k = min(64, max(2, _next_pow2(nblk)))
-        fwd_finalize[(1,)](
-            part, counts, out, B, nblk, float(N), float(B * N), float(B),
-            float(lambda_e), float(lambda_b), float(w0), float(w1), float(w2),
-            BLOCK_B=block_b, BLOCK_K=block_k, num_warps=4,
-        )
+        with _device_of(s):
+            fwd_partials[(B, nblk)](
+                s, te, y, dd, tt, tp_kd, tp_b, part, N, nblk, int(T), float(tau),
+                BLOCK=block, num_warps=_num_warps(block),
+            )
+            fwd_finalize[(1,)](
+                part, counts, out, B, nblk, float(N), float(B * N), float(B),
+                float(lambda_e), float(lambda_b), float(w0), float(w1), float(w2),
+                BLOCK_B=block_b, BLOCK_K=block_k, num_warps=4,
+            )
         ctx.save_for_backward(s, te, y, dd, tt, tp_kd, tp_b, counts)
         ctx.consts = (B, N, int(T), float(tau), float(lambda_e), float(lambda_b), float(w0), float(w1), float(w2), block)
         ctx.grad_dtype = eps_s.dtype
@@ -296,14 +304,15 @@ class FusedDistillLossFunction(torch.autograd.Function):
         gs = [g.contiguous() if g is not None else None for g in (g_tot, g_l2, g_kd, g_bd)]
         dummy = next(g for g in gs if g is not None)
         nblk = triton.cdiv(N, block)
-        bwd[(B, nblk)](
-            s, te, y, dd, tt, tp_kd, tp_b, counts,
-            *[g if g is not None else dummy for g in gs], grad,
-            N, T, float(N), tau, 1.0 / (B * N), 1.0 / B, lambda_e, lambda_b, w0, w1, w2,
-            HAS_G_TOT=gs[0] is not None, HAS_G_L2=gs[1] is not None,
-            HAS_G_KD=gs[2] is not None, HAS_G_BD=gs[3] is not None,
-            BLOCK=block, num_warps=_num_warps(block),
-        )
+        with _device_of(s):
+            bwd[(B, nblk)](
+                s, te, y, dd, tt, tp_kd, tp_b, counts,
+                *[g if g is not None else dummy for g in gs], grad,
+                N, T, float(N), tau, 1.0 / (B * N), 1.0 / B, lambda_e, lambda_b, w0, w1, w2,
+                HAS_G_TOT=gs[0] is not None, HAS_G_L2=gs[1] is not None,
+                HAS_G_KD=gs[2] is not None, HAS_G_BD=gs[3] is not None,
+                BLOCK=block, num_warps=_num_warps(block),
+            )
         return (grad.to(ctx.grad_dtype),) + (None,) * n_none
 
 

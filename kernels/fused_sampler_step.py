@@ -110,19 +110,20 @@ def fused_sampler_step(
     out_dtype = torch.promote_types(o.dtype, x.dtype)
     # Triton's CPU interpreter truncates fp32 -> bf16/fp16 stores (the GPU rounds to nearest
     # even); there, write fp32 and let torch round (tests only).
-    from .fused_distill_loss import _interpreting
+    from .fused_distill_loss import _device_of, _interpreting
 
     y = torch.empty(x.shape, device=x.device, dtype=torch.float32 if _interpreting() else out_dtype)
     n = x.numel()
     if n == 0:
         return y.to(out_dtype)
     grid = (triton.cdiv(n, block),)
-    k[grid](
-        o, x, z, y, n, float(sa), float(s1), float(c_x0), float(c_b), float(std),
-        PRED=_PRED_CODE[prediction_type], MODE=_MODE_DDIM if mode == "ddim" else _MODE_DDPM,
-        HAS_NOISE=noise is not None, BLOCK=block, num_warps=4,
-        enable_fp_fusion=False,  # no FMA contraction: each op rounds as torch's separate kernels do
-    )
+    with _device_of(x):
+        k[grid](
+            o, x, z, y, n, float(sa), float(s1), float(c_x0), float(c_b), float(std),
+            PRED=_PRED_CODE[prediction_type], MODE=_MODE_DDIM if mode == "ddim" else _MODE_DDPM,
+            HAS_NOISE=noise is not None, BLOCK=block, num_warps=4,
+            enable_fp_fusion=False,  # no FMA contraction: each op rounds as torch's separate kernels do
+        )
     return y.to(out_dtype)
 
 
