@@ -1,0 +1,532 @@
+"""Export the whole few-step segmenter to ExecuTorch (.pte, XNNPACK) and CoreML (.mlpackage).
+
+ExecuTorch (:func:`export_executorch`)::
+
+    network --prepare_for_export--> FewStepSegmenter(K, N) --torch.export--> constant folding
+      (the time embeddings and per-block scale/shift of the K fixed timesteps become constants)
+      --[int8: PT2E, XNNPACK quantizer, calibrated on training images]-->
+      to_edge_transform_and_lower(partitioner=[XnnpackPartitioner()]) --> .pte
+
+then the parity gate: the .pte runs in ExecuTorch's Python runtime on held-out images with
+the same K, N and noise as eager PyTorch (``edgeseg.diffusion.sample_masks`` on the original,
+unfolded network); the mean Dice between the thresholded masks must reach 0.99 (fp32) or 0.97
+(int8). **On failure** the program is moved to ``<out>.failed`` (with ``<out>.failed.json``,
+``"status": "failed"``), ``<out>`` itself is not written (an earlier file there is left as it
+was) and :class:`~edgeseg.errors.EdgesegError` is raised, which the CLI turns into one line and
+exit code 2.
+
+CoreML (:func:`export_coreml`): ``coremltools.convert`` on the same exported program
+(decomposed to ATen), mlprogram, fp16 compute precision, optional int8 (linear symmetric,
+per channel) or palettised (k-means LUT) weights via ``coremltools.optimize.coreml``. CoreML
+cannot execute on Linux: parity is measured only on macOS, elsewhere the sidecar says so and
+what is checked is the structure (mlprogram, inputs/outputs, fp16 ops, compressed weights).
+
+Both write ``<out>.json`` (see :mod:`edgeseg.mobile.sidecar`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from edgeseg.errors import EdgesegError
+from edgeseg.mobile import sidecar as sc
+from edgeseg.mobile.fold import prepare_for_export
+from edgeseg.mobile.segmenter import FewStepSegmenter
+
+__all__ = [
+    "DEFAULTS", "PARITY_THRESHOLDS", "default_steps_ensemble", "load_for_export", "export_program",
+    "lower_executorch", "count_delegates", "export_executorch", "export_coreml", "inspect_mlpackage",
+]
+
+# Default (K, N) per prediction type. PROVISIONAL: not yet chosen by an accuracy-vs-time sweep on a
+# trained student (none existed when this was written). x0 models keep their quality at 1-2 DDIM
+# steps (DESIGN.md section 3: Dice 0.98 at one step), epsilon models do not (0.31 at one step).
+DEFAULTS: dict[str, dict] = {
+    "sample": {"steps": 2, "ensemble": 3, "provisional": True},
+    "v_prediction": {"steps": 4, "ensemble": 3, "provisional": True},
+    "epsilon": {"steps": 10, "ensemble": 3, "provisional": True},
+}
+PARITY_THRESHOLDS = {"none": 0.99, "int8": 0.97}
+CALIBRATION_IMAGES = 32
+PARITY_IMAGES = 16
+
+Progress = Callable[[str], None]
+
+
+def default_steps_ensemble(prediction_type: str) -> tuple[int, int]:
+    d = DEFAULTS[prediction_type]
+    return d["steps"], d["ensemble"]
+
+
+def _say(progress: Progress | None, msg: str) -> None:
+    if progress is not None:
+        progress(msg)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The export stack warns per graph node (deprecations); keep the user's terminal readable."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# ----------------------------------------------------------------------------------------
+# inputs: model, data
+# ----------------------------------------------------------------------------------------
+def load_for_export(model_or_ckpt: nn.Module | str | Path | None) -> tuple[nn.Module, str | None, dict]:
+    """(eval model, checkpoint path or None, checkpoint JSON) from a model, a file/run folder, or None."""
+    if isinstance(model_or_ckpt, nn.Module):
+        if not hasattr(model_or_ckpt, "preset"):
+            raise EdgesegError("export needs an edgeseg DermoSegDiff model (with a preset)")
+        return model_or_ckpt.eval(), None, {}
+    from edgeseg.checkpoint import load_model, load_preset
+    from edgeseg.runs import resolve_checkpoint
+
+    path = resolve_checkpoint(model_or_ckpt, which="student")
+    model = load_model(path).eval()
+    _, meta = load_preset(path)
+    return model, str(path), meta
+
+
+def _dataset_of(meta: dict, dataset: str | None, data_dir) -> tuple[str, str | None]:
+    """The dataset for calibration/parity images: the argument, else the checkpoint's, else synthetic."""
+    data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+    if dataset is None:
+        dataset = meta.get("dataset") if isinstance(meta.get("dataset"), str) else data.get("name")
+        if data_dir is None:
+            data_dir = meta.get("data_dir") or data.get("data_dir")
+    return (dataset or "synthetic"), (str(data_dir) if data_dir is not None else None)
+
+
+def load_images(dataset: str, split: str, n: int, size: int, data_dir=None) -> torch.Tensor:
+    """`n` images (n x 3 x size x size, float32 [0, 1]) spread evenly over a split, as the dataset gives them."""
+    from edgeseg.data import load_dataset
+
+    ds = load_dataset(dataset, split, data_dir=data_dir, size=size, augment=False)
+    total = len(ds)
+    n = min(n, total)
+    idx = torch.linspace(0, total - 1, n).round().long().unique().tolist()
+    return torch.stack([ds[i][0] for i in idx])
+
+
+# ----------------------------------------------------------------------------------------
+# the program
+# ----------------------------------------------------------------------------------------
+def export_program(
+    model: nn.Module, steps: int, ensemble: int, batch: int = 1, quantize: str = "none",
+    calibration_images: torch.Tensor | None = None, progress: Progress | None = None,
+    prepare: Callable[[nn.Module], nn.Module] = prepare_for_export, fold_constants: bool = True,
+) -> tuple[torch.export.ExportedProgram, FewStepSegmenter]:
+    """torch.export of the prepared FewStepSegmenter (int8 q/dq graph when quantize == "int8")."""
+    from executorch.exir.passes.constant_prop_pass import constant_prop_pass
+
+    if quantize not in ("none", "int8"):
+        raise EdgesegError(f"--quantize must be none or int8 for ExecuTorch, got {quantize!r}")
+    s = model.preset.image_size
+    seg = FewStepSegmenter(prepare(model), steps, ensemble).eval()
+    example = (torch.rand(batch, 3, s, s), torch.randn(batch * ensemble, 1, s, s))
+    with _quiet(), torch.no_grad():
+        if quantize == "int8":
+            from edgeseg.mobile.quantize import calibration_batches, quantize_int8
+
+            if calibration_images is None or len(calibration_images) < batch:
+                raise EdgesegError("int8 quantization needs calibration images")
+            _say(progress, f"calibrating int8 on {len(calibration_images)} training images")
+            ep = quantize_int8(seg, example, calibration_batches(calibration_images, ensemble, batch))
+        else:
+            ep = torch.export.export(seg, example, strict=False)
+        if fold_constants:
+            ep = constant_prop_pass(ep)
+    return ep, seg
+
+
+def count_delegates(lowered) -> tuple[int, dict[str, int]]:
+    """(number of executorch_call_delegate nodes, {op: count} of ops left outside delegates)."""
+    gm = lowered.exported_program().graph_module
+    calls, other = 0, Counter()
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = str(getattr(node.target, "__name__", node.target))
+        if "executorch_call_delegate" in name:
+            calls += 1
+        elif "getitem" not in name:
+            other[name.split(":")[0].replace("<EdgeOpOverload", "").strip(" >")] += 1
+    return calls, dict(other)
+
+
+def lower_executorch(ep: torch.export.ExportedProgram):
+    """to_edge_transform_and_lower with the XNNPACK partitioner -> (EdgeProgramManager, calls, others)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    with _quiet():
+        lowered = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    calls, others = count_delegates(lowered)
+    return lowered, calls, others
+
+
+def _noise_for(n_images: int, batch: int, ensemble: int, size: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn((batch * ensemble, 1, size, size), generator=gen) for _ in range(n_images // batch)]
+
+
+def _eager_means(model: nn.Module, images: torch.Tensor, noises: list[torch.Tensor], steps: int, ensemble: int,
+                 batch: int) -> torch.Tensor:
+    from edgeseg.diffusion import DDIMScheduler, sample_masks
+
+    sch = DDIMScheduler(prediction_type=model.preset.prediction_type)
+    sch.set_timesteps(steps)
+    outs = []
+    for i, noise in enumerate(noises):
+        mean, _ = sample_masks(model, images[i * batch : (i + 1) * batch], sch, ensemble=ensemble, noise=noise)
+        outs.append(mean)
+    return torch.cat(outs)
+
+
+def parity_pte(path: str | Path, model: nn.Module, images: torch.Tensor, steps: int, ensemble: int,
+               batch: int = 1, seed: int = 0) -> dict:
+    """Mask Dice between the .pte (ExecuTorch Python runtime) and eager PyTorch, same K, N, noise."""
+    from executorch.runtime import Runtime
+
+    s = images.shape[-1]
+    n = images.shape[0] - images.shape[0] % batch
+    if n == 0:
+        raise EdgesegError("parity check needs at least one held-out image")
+    images = images[:n]
+    noises = _noise_for(n, batch, ensemble, s, seed)
+    method = Runtime.get().load_program(Path(path)).load_method("forward")
+    pte = torch.cat([method.execute((images[i * batch : (i + 1) * batch].contiguous(), nz))[0]
+                     for i, nz in enumerate(noises)])
+    eager = _eager_means(model, images, noises, steps, ensemble, batch)
+    dsc = sc.dice_masks(pte > 0, eager > 0)
+    return {
+        "mask_dsc_vs_eager": round(float(dsc.mean()), 6),
+        "n_images": int(n),
+        "min_dsc": round(float(dsc.min()), 6),
+        "max_abs_diff_mean": round(float((pte - eager).abs().max()), 6),
+        "eager_foreground_fraction": round(float((eager > 0).float().mean()), 4),
+        "noise_seed": seed,
+    }
+
+
+def _common_sidecar(model, target, out: Path, steps, ensemble, batch, quantize, checkpoint, dataset):
+    from edgeseg.mobile.segmenter import ddim_plan
+
+    p = model.preset
+    s = p.image_size
+    inputs, outputs = sc.io_spec(batch, ensemble, s, s)
+    dflt = DEFAULTS[p.prediction_type]
+    return {
+        "format": sc.FORMAT,
+        "format_version": sc.FORMAT_VERSION,
+        "target": target,
+        "file": out.name,
+        "status": "ok",
+        "preset": p.name,
+        "preset_config": p.to_dict(),
+        "prediction_type": p.prediction_type,
+        "checkpoint": checkpoint,
+        "image_size": [s, s],
+        "preprocessing": sc.preprocessing_for(s, dataset),
+        "inputs": inputs,
+        "outputs": outputs,
+        "sampler": {"name": "ddim", "eta": 0.0, "timestep_spacing": "trailing", "num_train_timesteps": 250,
+                    "clip_x0": [-1.0, 1.0]},
+        "steps": steps,
+        "timesteps": [t for t, _ in ddim_plan(steps)],
+        "ensemble": ensemble,
+        "batch": batch,
+        "defaults": {"steps": dflt["steps"], "ensemble": dflt["ensemble"], "provisional": dflt["provisional"]},
+        "threshold": 0.0,
+        "output_range": [-1.0, 1.0],
+        "quantize": quantize,
+    }
+
+
+def _finish(out: Path, meta: dict) -> dict:
+    digest, size = sc.file_digest(out)
+    meta["sha256"], meta["size_bytes"] = digest, size
+    meta["versions"] = sc.versions()
+    meta["created"] = sc.now_iso()
+    from edgeseg.checkpoint import atomic_write_json
+
+    atomic_write_json(sc.sidecar_path(out), meta)
+    return meta
+
+
+def export_executorch(
+    model_or_ckpt: nn.Module | str | Path | None,
+    out: str | Path | None = None,
+    steps: int | None = None,
+    ensemble: int | None = None,
+    quantize: str = "none",
+    *,
+    batch: int = 1,
+    dataset: str | None = None,
+    data_dir: str | Path | None = None,
+    n_parity_images: int = PARITY_IMAGES,
+    n_calibration_images: int = CALIBRATION_IMAGES,
+    parity_threshold: float | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+    prepare: Callable[[nn.Module], nn.Module] = prepare_for_export,
+) -> dict:
+    """Export to ``out`` (.pte) + ``out.json``; returns the sidecar dict (``meta["path"]`` = out).
+
+    Raises EdgesegError when the parity gate fails (see the module docstring). `prepare` is the
+    network rewrite (tests pass a broken one to check the gate).
+    """
+    model, checkpoint, ck_meta = load_for_export(model_or_ckpt)
+    p = model.preset
+    dk, dn = default_steps_ensemble(p.prediction_type)
+    steps, ensemble = int(steps or dk), int(ensemble or dn)
+    if quantize not in PARITY_THRESHOLDS:
+        raise EdgesegError(f"--quantize must be one of {', '.join(PARITY_THRESHOLDS)} for ExecuTorch, got {quantize!r}")
+    threshold = PARITY_THRESHOLDS[quantize] if parity_threshold is None else parity_threshold
+    out = Path(out) if out is not None else Path(f"{p.name}-k{steps}n{ensemble}-{'int8' if quantize == 'int8' else 'fp32'}.pte")
+    if out.suffix != ".pte":
+        raise EdgesegError(f"{out}: an ExecuTorch program must end in .pte")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dataset, data_dir = _dataset_of(ck_meta, dataset, data_dir)
+    s = p.image_size
+
+    _say(progress, f"loading held-out images ({dataset}, test split)")
+    parity_images = load_images(dataset, "test", n_parity_images, s, data_dir)
+    calib = None
+    if quantize == "int8":
+        calib = load_images(dataset, "train", n_calibration_images, s, data_dir)
+
+    _say(progress, f"exporting {p.name}: {steps} DDIM steps x ensemble {ensemble} unrolled")
+    ep, _ = export_program(model, steps, ensemble, batch, quantize, calib, progress, prepare)
+    _say(progress, "lowering to XNNPACK (the slow part)")
+    lowered, calls, others = lower_executorch(ep)
+    with _quiet():
+        program = lowered.to_executorch()
+
+    tmp = out.with_name(f".{out.name}.partial")
+    with open(tmp, "wb") as f:
+        program.write_to_file(f)
+    meta = _common_sidecar(model, "executorch", out, steps, ensemble, batch, quantize, checkpoint, dataset)
+    meta["delegate_calls"] = calls
+    meta["non_delegated_ops"] = others
+    meta["calibration"] = (
+        {"dataset": dataset, "split": "train", "n_images": int(len(calib)), "noise": "standard normal, seed 1234",
+         "timesteps": "the program's own K timesteps, on the sampler's trajectory"}
+        if calib is not None else None
+    )
+
+    _say(progress, f"parity: .pte (ExecuTorch runtime) vs eager on {len(parity_images)} held-out images")
+    try:
+        parity = parity_pte(tmp, model, parity_images, steps, ensemble, batch, seed)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    parity.update(dataset=dataset, split="test", threshold=threshold, runtime="executorch.runtime (Python)")
+    meta["parity"] = parity
+    if parity["mask_dsc_vs_eager"] < threshold:
+        failed = out.with_name(out.name + ".failed")
+        os.replace(tmp, failed)
+        meta["status"] = "failed"
+        meta["file"] = failed.name
+        _finish(failed, meta)
+        raise EdgesegError(
+            f"parity check failed: mask Dice of the exported program vs eager PyTorch is "
+            f"{parity['mask_dsc_vs_eager']:.4f} < {threshold} on {parity['n_images']} held-out images "
+            f"({'int8' if quantize == 'int8' else 'fp32'}); the program was kept as {failed} for "
+            f"inspection and {out} was not written"
+        )
+    os.replace(tmp, out)
+    meta = _finish(out, meta)
+    meta["path"] = str(out)
+    return meta
+
+
+# ----------------------------------------------------------------------------------------
+# CoreML
+# ----------------------------------------------------------------------------------------
+COREML_QUANTIZE = ("none", "int8", "palettize")
+
+
+def _compress_coreml(mlmodel, quantize: str, nbits: int):
+    import coremltools as ct
+    import coremltools.optimize.coreml as cto
+
+    if quantize == "int8":
+        cfg = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=512))
+        return cto.linear_quantize_weights(mlmodel, config=cfg)
+    if quantize == "palettize":
+        cfg = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(
+            mode="kmeans", nbits=nbits, granularity="per_tensor", weight_threshold=512))
+        return cto.palettize_weights(mlmodel, config=cfg)
+    del ct
+    return mlmodel
+
+
+def inspect_mlpackage(path: str | Path) -> dict:
+    """Structure of a saved .mlpackage, readable on Linux: type, I/O, op and dtype counts."""
+    import coremltools as ct
+
+    spec = ct.utils.load_spec(str(path))
+    kind = spec.WhichOneof("Type")
+    desc = spec.description
+
+    def shape(f):
+        t = f.type.multiArrayType
+        return [int(d) for d in t.shape]
+
+    info = {
+        "model_type": kind,
+        "spec_version": int(spec.specificationVersion),
+        "inputs": [{"name": f.name, "shape": shape(f)} for f in desc.input],
+        "outputs": [{"name": f.name, "shape": shape(f)} for f in desc.output],
+    }
+    if kind != "mlProgram":
+        return info
+    ops, dtypes = Counter(), Counter()
+    from coremltools.proto import MIL_pb2
+
+    names = {v: k for k, v in MIL_pb2.DataType.items()}
+    for fn in spec.mlProgram.functions.values():
+        for block in fn.block_specializations.values():
+            for op in block.operations:
+                ops[op.type] += 1
+                for o in op.outputs:
+                    tt = o.type.tensorType
+                    if o.type.WhichOneof("type") == "tensorType":
+                        dtypes[names.get(tt.dataType, str(tt.dataType))] += 1
+    info["op_counts"] = dict(ops)
+    info["output_dtypes"] = dict(dtypes)
+    info["fp16_ops"] = int(dtypes.get("FLOAT16", 0))
+    info["fp32_ops"] = int(dtypes.get("FLOAT32", 0))
+    info["compressed_weight_ops"] = int(sum(v for k, v in ops.items() if k.startswith("constexpr_")))
+    return info
+
+
+def export_coreml(
+    model_or_ckpt: nn.Module | str | Path | None,
+    out: str | Path | None = None,
+    steps: int | None = None,
+    ensemble: int | None = None,
+    quantize: str = "none",
+    *,
+    batch: int = 1,
+    nbits: int = 6,
+    dataset: str | None = None,
+    data_dir: str | Path | None = None,
+    n_parity_images: int = PARITY_IMAGES,
+    seed: int = 0,
+    minimum_deployment_target: str = "iOS17",
+    progress: Progress | None = None,
+) -> dict:
+    """Export to ``out`` (.mlpackage) + ``out.json``; returns the sidecar dict.
+
+    `quantize`: "none" (fp16 weights), "int8" (linear symmetric per-channel weights) or
+    "palettize" (`nbits`-bit k-means look-up table per tensor). Inputs ``image`` and ``noise``,
+    outputs ``mean`` and ``std`` (same contract as the .pte).
+    """
+    import coremltools as ct
+
+    model, checkpoint, ck_meta = load_for_export(model_or_ckpt)
+    p = model.preset
+    dk, dn = default_steps_ensemble(p.prediction_type)
+    steps, ensemble = int(steps or dk), int(ensemble or dn)
+    if quantize not in COREML_QUANTIZE:
+        raise EdgesegError(f"--quantize must be one of {', '.join(COREML_QUANTIZE)} for CoreML, got {quantize!r}")
+    suffix = {"none": "fp16", "int8": "int8", "palettize": f"pal{nbits}"}[quantize]
+    out = Path(out) if out is not None else Path(f"{p.name}-k{steps}n{ensemble}-{suffix}.mlpackage")
+    if out.suffix != ".mlpackage":
+        raise EdgesegError(f"{out}: a CoreML ML program must end in .mlpackage")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dataset, data_dir = _dataset_of(ck_meta, dataset, data_dir)
+    s = p.image_size
+
+    _say(progress, f"exporting {p.name}: {steps} DDIM steps x ensemble {ensemble} unrolled")
+    ep, _ = export_program(model, steps, ensemble, batch, "none", fold_constants=False)
+    with _quiet():
+        ep = ep.run_decompositions({})
+        _say(progress, "converting to a CoreML ML program (fp16)")
+        target = getattr(ct.target, minimum_deployment_target)
+        mlmodel = ct.convert(ep, convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
+                             minimum_deployment_target=target)
+        # name the outputs as in the contract (the converter names them after graph nodes)
+        spec = mlmodel.get_spec()
+        old = [o.name for o in spec.description.output]
+        for o, new in zip(old, ("mean", "std")):
+            if o != new:
+                ct.utils.rename_feature(spec, o, new)
+        mlmodel = ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir)
+        if quantize != "none":
+            _say(progress, f"compressing weights ({quantize})")
+            mlmodel = _compress_coreml(mlmodel, quantize, nbits)
+
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    mlmodel.save(str(tmp))
+    structure = inspect_mlpackage(tmp)
+    problems = []
+    if structure["model_type"] != "mlProgram":
+        problems.append(f"model type {structure['model_type']}, expected mlProgram")
+    if [i["name"] for i in structure["inputs"]] != ["image", "noise"]:
+        problems.append(f"inputs {structure['inputs']}")
+    if [o["name"] for o in structure["outputs"]] != ["mean", "std"]:
+        problems.append(f"outputs {structure['outputs']}")
+    if structure.get("fp16_ops", 0) == 0:
+        problems.append("no fp16 ops: compute precision was not applied")
+    if quantize != "none" and structure.get("compressed_weight_ops", 0) == 0:
+        problems.append("no compressed weights found")
+    if problems:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EdgesegError(f"CoreML export of {p.name} is malformed: " + "; ".join(problems))
+
+    meta = _common_sidecar(model, "coreml", out, steps, ensemble, batch, quantize, checkpoint, dataset)
+    meta["compute_precision"] = "float16"
+    meta["minimum_deployment_target"] = minimum_deployment_target
+    meta["weight_compression"] = {"none": None, "int8": "linear_symmetric int8 per-channel",
+                                  "palettize": f"kmeans LUT {nbits}-bit per-tensor"}[quantize]
+    meta["delegate_calls"] = None  # not applicable: CoreML runs the whole ML program
+    meta["structure"] = structure
+    meta["calibration"] = None  # weight-only compression needs no calibration
+    if platform.system() == "Darwin":
+        meta["parity"] = _parity_coreml(tmp, model, dataset, data_dir, n_parity_images, steps, ensemble, batch, seed)
+    else:
+        meta["parity"] = {"mask_dsc_vs_eager": None, "n_images": 0,
+                          "note": "not measured: running a CoreML model requires macOS; on Linux the "
+                                  "conversion, the program structure and the weight compression are checked"}
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(tmp, out)
+    meta = _finish(out, meta)
+    meta["path"] = str(out)
+    return meta
+
+
+def _parity_coreml(path, model, dataset, data_dir, n, steps, ensemble, batch, seed) -> dict:  # pragma: no cover (macOS)
+    import coremltools as ct
+    import numpy as np
+
+    s = model.preset.image_size
+    images = load_images(dataset, "test", n, s, data_dir)
+    n = images.shape[0] - images.shape[0] % batch
+    images = images[:n]
+    noises = _noise_for(n, batch, ensemble, s, seed)
+    ml = ct.models.MLModel(str(path))
+    got = torch.cat([
+        torch.from_numpy(np.asarray(ml.predict({"image": images[i * batch:(i + 1) * batch].numpy(),
+                                                 "noise": nz.numpy()})["mean"], np.float32))
+        for i, nz in enumerate(noises)])
+    eager = _eager_means(model, images, noises, steps, ensemble, batch)
+    dsc = sc.dice_masks(got > 0, eager > 0)
+    return {"mask_dsc_vs_eager": round(float(dsc.mean()), 6), "n_images": int(n),
+            "min_dsc": round(float(dsc.min()), 6), "runtime": "coremltools (macOS)", "noise_seed": seed}

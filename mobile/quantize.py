@@ -1,0 +1,70 @@
+"""PT2E int8 post-training quantization for XNNPACK.
+
+Static int8: activations per tensor (histogram observers), weights per output channel,
+symmetric (``get_symmetric_quantization_config(is_per_channel=True)``), as XNNPACK runs them.
+
+What is quantized is the whole exported segmenter, so every unrolled DDIM step of the network
+is its own copy in the graph with its own activation observers. Calibration runs that program on
+real training images with fresh Gaussian noise: each copy then sees exactly the timestep it
+runs at (the K chosen timesteps) and the x_t distribution the sampler actually produces at that
+step (the model's own trajectory from x_T), which is what "calibrated at sampled timesteps"
+must mean for a K-step program. Weights are shared across steps and quantized once.
+
+APIs (torch 2.13, torchao 0.18, executorch 1.5): ``torch.export.export(...).module()`` ->
+``torchao.quantization.pt2e.quantize_pt2e.prepare_pt2e`` -> calibrate -> ``convert_pt2e``;
+the quantizer is ``executorch.backends.xnnpack.quantizer.xnnpack_quantizer.XNNPACKQuantizer``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["quantize_int8", "calibration_batches"]
+
+
+def calibration_batches(
+    images: torch.Tensor, ensemble: int, batch: int = 1, seed: int = 1234
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """(image B x 3 x H x W, noise B*N x 1 x H x W) pairs over `images`, fresh noise each."""
+    gen = torch.Generator().manual_seed(seed)
+    n = images.shape[0] - images.shape[0] % batch
+    for i in range(0, n, batch):
+        img = images[i : i + batch]
+        noise = torch.randn((batch * ensemble, 1, *img.shape[-2:]), generator=gen)
+        yield img, noise
+
+
+def quantize_int8(
+    module: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    calibration: Iterable[tuple[torch.Tensor, ...]],
+    progress: Callable[[int], None] | None = None,
+) -> torch.export.ExportedProgram:
+    """Export `module`, quantize it (int8, per-channel symmetric weights) and re-export.
+
+    `calibration` yields input tuples of the same shapes as `example_inputs`. Returns the
+    ExportedProgram of the quantized (q/dq) graph, ready for ``to_edge_transform_and_lower``.
+    """
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    module = module.eval()
+    captured = torch.export.export(module, example_inputs, strict=False).module()
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(captured, quantizer)
+    n = 0
+    with torch.no_grad():
+        for inputs in calibration:
+            prepared(*inputs)
+            n += 1
+            if progress is not None:
+                progress(n)
+    if n == 0:
+        raise ValueError("quantize_int8 needs at least one calibration batch")
+    converted = convert_pt2e(prepared)
+    return torch.export.export(converted, example_inputs, strict=False)
