@@ -174,7 +174,8 @@ class DDIMScheduler(_SchedulerBase):
         if not 1 <= K <= T:
             raise ValueError(f"num_inference_steps must be in [1, {T}], got {K}")
         # diffusers' "trailing" spacing; K need not divide T.
-        ts = np.round(np.arange(T, 0, -T / K)).astype(np.int64) - 1
+        # [:K]: a float step can leave one extra entry near 0 (e.g. K = 61), which would become -1.
+        ts = (np.round(np.arange(T, 0, -T / K)).astype(np.int64) - 1)[:K]
         self.timesteps = torch.from_numpy(ts)
         self._index_prev()
 

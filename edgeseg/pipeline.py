@@ -1,0 +1,201 @@
+"""The main job: get a teacher, distil the student with EFKD, evaluate both, write a run folder.
+
+`edgeseg distill` is a thin wrapper over `run_distill`; `edgeseg train-teacher` over
+`run_train_teacher`. With no arguments the job runs on the built-in synthetic set with the tiny
+presets and the teacher checkpoint shipped in the package.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from edgeseg.checkpoint import atomic_write_json, load_model, save_model
+from edgeseg.errors import EdgesegError
+from edgeseg.evaluate import SamplerSettings, evaluate, format_table, metrics_summary, write_overlays
+from edgeseg.models import count_params, preset
+from edgeseg.runs import RUNS_DIR
+from edgeseg.train import TrainConfig, Trainer, init_distributed, paper_recipe, tiny_recipe
+
+__all__ = ["DistillJob", "run_distill", "run_train_teacher", "default_presets", "shipped_teacher",
+           "DEFAULT_EVAL"]
+
+# Few-step evaluation used by the main job (x0-prediction presets); see README "Sampling defaults".
+DEFAULT_EVAL = SamplerSettings("ddim", steps=2, ensemble=3)
+
+_PAPER_PRESETS = {
+    "isic2018": ("teacher-isic2018", "student-isic2018"),
+    "ham10000": ("teacher-ham10000", "student-ham10000"),
+    "folder": ("teacher-isic2018", "student-isic2018"),
+    "synthetic": ("tiny-teacher", "tiny-student"),
+}
+
+
+def default_presets(dataset: str) -> tuple[str, str]:
+    if dataset not in _PAPER_PRESETS:
+        from edgeseg.data import DATASETS
+
+        raise EdgesegError(f"unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
+    return _PAPER_PRESETS[dataset]
+
+
+def shipped_teacher(preset_name: str, dataset: str) -> Path | None:
+    """The teacher checkpoint shipped inside the package for (preset, dataset), if any."""
+    if (preset_name, dataset) != ("tiny-teacher", "synthetic"):
+        return None
+    path = Path(str(resources.files("edgeseg") / "assets" / "tiny-teacher-synthetic.safetensors"))
+    return path if path.exists() else None
+
+
+def recipe(role: str, preset_name: str, dataset: str, data_dir: str | None) -> TrainConfig:
+    if preset_name.startswith("tiny-"):
+        cfg = tiny_recipe(role)
+        cfg.preset, cfg.dataset, cfg.data_dir = preset_name, dataset, data_dir
+        return cfg
+    return paper_recipe(role, preset_name, dataset, data_dir)
+
+
+@dataclass
+class DistillJob:
+    dataset: str = "synthetic"
+    data_dir: str | None = None
+    teacher: str | None = None  # checkpoint path; None: shipped one, else train one
+    teacher_preset: str | None = None
+    student_preset: str | None = None
+    run_name: str | None = None
+    runs_dir: str = str(RUNS_DIR)
+    resume: bool = False
+    overrides: dict = field(default_factory=dict)  # TrainConfig fields for the student
+    teacher_overrides: dict = field(default_factory=dict)
+    eval: SamplerSettings = DEFAULT_EVAL
+    eval_images: int | None = None  # None: the whole test split
+    val_dsc_images: int = 32  # per-epoch validation Dice (EMA model) for the curves
+    quiet: bool = False
+
+
+def _run_dir(job: DistillJob, student_preset: str) -> Path:
+    name = job.run_name or f"{job.dataset}-{student_preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = Path(job.runs_dir) / name
+    if run.exists() and not job.resume:
+        raise EdgesegError(f"run folder {run} exists; pass --resume to continue it or --run-name for a new one")
+    if job.resume and not run.exists():
+        raise EdgesegError(f"--resume: run folder {run} does not exist")
+    return run
+
+
+def _apply(cfg: TrainConfig, overrides: dict) -> TrainConfig:
+    return TrainConfig.from_dict({**cfg.to_dict(), **overrides})
+
+
+def _val_dsc_hook(val_ds, n: int, settings: SamplerSettings):
+    """Per-epoch validation Dice of the EMA model on the first n validation images (for curves)."""
+
+    def hook(trainer: Trainer, rec: dict) -> None:
+        if trainer.rank != 0 or n <= 0:
+            return
+        r = evaluate(trainer.ema.model, val_ds, settings, max_images=n, keep=0, progress=False)
+        rec["val_dsc"] = r["metrics"]["dsc"]["mean"]
+
+    return hook
+
+
+def _say(job: DistillJob, msg: str) -> None:
+    if not job.quiet:
+        from rich.console import Console
+
+        Console().print(msg)
+
+
+def _train(cfg: TrainConfig, run: Path, teacher, job: DistillJob, val_settings: SamplerSettings):
+    trainer = Trainer(cfg, run, teacher=teacher, quiet=job.quiet)
+    if job.resume and (trainer.state_dir / "state.json").exists():
+        trainer.load_state()
+        _say(job, f"resuming {cfg.role} at step {trainer.step} (epoch {trainer.epoch})")
+    if trainer.step >= trainer.total_steps() and (run / f"{cfg.role}.safetensors").exists():
+        return load_model(run / f"{cfg.role}.safetensors")
+    return trainer.fit(on_epoch_end=_val_dsc_hook(trainer.val_ds, job.val_dsc_images, val_settings))
+
+
+def run_train_teacher(job: DistillJob) -> Path:
+    """Train a teacher with the same engine; returns the run folder holding teacher.safetensors."""
+    t_name, _ = default_presets(job.dataset)
+    t_name = job.teacher_preset or t_name
+    preset(t_name)
+    run = _run_dir(job, t_name)
+    cfg = _apply(recipe("teacher", t_name, job.dataset, job.data_dir), job.teacher_overrides)
+    init_distributed()
+    _train(cfg, run, None, job, job.eval)
+    return run
+
+
+def run_distill(job: DistillJob) -> dict:
+    """The main job. Returns the metrics written to `<run>/metrics.json`."""
+    t0 = time.time()
+    t_default, s_default = default_presets(job.dataset)
+    s_name = job.student_preset or s_default
+    s_preset = preset(s_name)
+    t_name = job.teacher_preset or s_preset.teacher or t_default
+    preset(t_name)
+    run = _run_dir(job, s_name)
+    device = init_distributed()
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+    # ---- data first: a bad file must surface now, not hours into a run
+    from edgeseg.data import load_dataset
+
+    size = s_preset.image_size
+    test_ds = load_dataset(job.dataset, "test", data_dir=job.data_dir, size=size)
+
+    # ---- teacher
+    teacher_src = job.teacher or shipped_teacher(t_name, job.dataset)
+    teacher_seconds = None
+    if teacher_src is not None:
+        teacher = load_model(teacher_src, expect_preset=t_name)
+        _say(job, f"teacher: {t_name} from {teacher_src}")
+        if rank == 0:
+            run.mkdir(parents=True, exist_ok=True)
+            save_model(teacher, run / "teacher.safetensors", extra={"source": str(teacher_src)})
+    else:
+        _say(job, f"teacher: training {t_name} on {job.dataset} (no --teacher given)")
+        tt = time.time()
+        cfg_t = _apply(recipe("teacher", t_name, job.dataset, job.data_dir), job.teacher_overrides)
+        teacher = _train(cfg_t, run, None, job, job.eval)
+        teacher_seconds = time.time() - tt
+    if teacher.preset.image_size != size:
+        raise EdgesegError(f"teacher {t_name} works at {teacher.preset.image_size}px, student {s_name} at {size}px")
+
+    # ---- student
+    cfg_s = _apply(recipe("student", s_name, job.dataset, job.data_dir), job.overrides)
+    _say(job, f"student: distilling {s_name} with KD={cfg_s.kd} (tau {cfg_s.tau}) into {run}")
+    ts = time.time()
+    student = _train(cfg_s, run, teacher, job, job.eval)
+    student_seconds = time.time() - ts
+    if rank != 0:
+        return {}
+
+    # ---- evaluate both on the test split
+    teacher, student = teacher.to(device).eval(), student.to(device).eval()
+    results = {}
+    for role, model in (("teacher", teacher), ("student", student)):
+        r = evaluate(model, test_ds, job.eval, max_images=job.eval_images, progress=not job.quiet, label=role)
+        write_overlays(r["keep"], run / "overlays" / f"{role}.png", title_prefix=f"{role} ")
+        r["params"] = count_params(model)
+        results[role] = r
+    metrics = {
+        role: {"preset": r_model.preset.name, "params": count_params(r_model), **metrics_summary(results[role])}
+        for role, r_model in (("teacher", teacher), ("student", student))
+    }
+    metrics["dataset"] = job.dataset
+    metrics["kd"] = {"type": cfg_s.kd, "tau": cfg_s.tau, "lambda_e": cfg_s.lambda_e, "lambda_b": cfg_s.lambda_b}
+    metrics["seconds"] = {"total": round(time.time() - t0, 1), "student_training": round(student_seconds, 1),
+                          "teacher_training": None if teacher_seconds is None else round(teacher_seconds, 1)}
+    atomic_write_json(run / "metrics.json", metrics)
+    if not job.quiet:
+        from rich.console import Console
+
+        Console().print(format_table(results, title=f"{job.dataset} test split ({results['student']['n']} images)"))
+        Console().print(f"run folder: {run}   ({metrics['seconds']['total']:.0f} s)")
+    return metrics

@@ -1,0 +1,453 @@
+"""One trainer for teacher and student: Adam, ReduceLROnPlateau, EMA, checkpoints, resume, DDP.
+
+Objectives (DESIGN.md sections 4-5):
+  teacher  1.0 L2 + 0.25 boundary
+  student  1.0 L2 + 0.25 KD + 0.25 boundary, KD = "efkd" (default) | "global" | "none"
+The student's loss goes through `distill_loss`, the single dispatch point: with EFKD it calls
+`edgeseg.kernels.fused_distill_loss(backend="auto")`, the fused Triton kernel on CUDA.
+
+Determinism: per-step timesteps and noise are drawn for the whole *global* batch from one
+generator whose state is checkpointed, and each rank takes its own rows; data order comes from a
+DistributedSampler seeded per epoch (also with one process). So a resumed run continues
+bit-exactly on CPU, and a torchrun run matches a single-process run on the same global batch.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from edgeseg.checkpoint import atomic_write_json, save_model, save_tensors
+from edgeseg.diffusion import NoiseSchedule
+from edgeseg.errors import EdgesegError
+from edgeseg.losses import student_objective, teacher_objective
+from edgeseg.models import DermoSegDiff, build, preset
+
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "distill_loss", "EMA", "paper_recipe", "tiny_recipe"]
+
+
+class TrainingDiverged(EdgesegError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------------------
+# configuration
+# ----------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Every training setting; `edgeseg distill --help` documents each one."""
+
+    role: str = "student"  # "teacher" or "student"
+    preset: str = "tiny-student"
+    dataset: str = "synthetic"
+    data_dir: str | None = None
+    # objective
+    kd: str = "efkd"  # "efkd", "global" or "none" (students only)
+    tau: float = 0.6
+    lambda_e: float = 5.0
+    lambda_b: float = 2.0
+    w_l2: float = 1.0
+    w_kd: float = 0.25
+    w_boundary: float = 0.25
+    # optimisation
+    batch_size: int = 16  # global batch, split over ranks
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    epochs: int = 2000
+    max_steps: int | None = None  # stop after this many optimizer steps (whole run)
+    plateau_factor: float = 0.5
+    plateau_patience: int = 10
+    grad_clip: float | None = 1.0
+    ema_beta: float = 0.9999
+    ema_start: int = 500  # steps before the EMA starts averaging (copies weights until then)
+    # data
+    augment: bool = True
+    num_workers: int = 2
+    seed: int = 0
+    # validation / checkpoints
+    val_every: int = 1  # epochs
+    val_max_batches: int | None = None
+    save_every_steps: int = 0  # 0: at the end of every epoch only
+    bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU)
+    kernel_backend: str = "auto"  # fused loss: "auto", "triton" or "torch"
+
+    def __post_init__(self) -> None:
+        if self.role not in ("teacher", "student"):
+            raise EdgesegError(f"role must be 'teacher' or 'student', got {self.role!r}")
+        if self.kd not in ("efkd", "global", "none"):
+            raise EdgesegError(f"--kd must be one of efkd, global, none; got {self.kd!r}")
+        self.betas = tuple(self.betas)  # JSON round trips give lists
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise EdgesegError(f"unknown training settings {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+def paper_recipe(role: str, preset_name: str, dataset: str, data_dir: str | None = None) -> TrainConfig:
+    """The paper's recipe (Sec. IV-A): batch 16, 2000 epochs, EMA 0.9999 after 500 steps."""
+    if role == "teacher":
+        return TrainConfig(role="teacher", preset=preset_name, dataset=dataset, data_dir=data_dir,
+                           lr=1e-4, betas=(0.7, 0.99), plateau_patience=5)
+    return TrainConfig(role="student", preset=preset_name, dataset=dataset, data_dir=data_dir,
+                       lr=2e-4, plateau_patience=10)
+
+
+def tiny_recipe(role: str) -> TrainConfig:
+    """The CPU demo recipe for tiny presets on the synthetic set (README, "The main job")."""
+    if role == "teacher":
+        return TrainConfig(role="teacher", preset="tiny-teacher", lr=1e-3, epochs=12, batch_size=16,
+                           plateau_patience=2, ema_beta=0.995, ema_start=200, num_workers=1)
+    return TrainConfig(role="student", preset="tiny-student", lr=1e-3, epochs=5, batch_size=16,
+                       plateau_patience=2, ema_beta=0.995, ema_start=100, num_workers=1)
+
+
+# ----------------------------------------------------------------------------------------
+# loss dispatch and EMA
+# ----------------------------------------------------------------------------------------
+def distill_loss(pred_s, pred_t, target, d, t, T, cfg: TrainConfig):
+    """The student objective; EFKD goes through the fused kernel dispatch (Triton on CUDA)."""
+    if cfg.kd == "efkd":
+        from edgeseg.kernels import fused_distill_loss
+
+        total, terms = fused_distill_loss(
+            pred_s, pred_t, target, d, t, T, tau=cfg.tau, lambda_e=cfg.lambda_e, lambda_b=cfg.lambda_b,
+            weights=(cfg.w_l2, cfg.w_kd, cfg.w_boundary), backend=cfg.kernel_backend,
+        )
+        return total, {"l2": terms["l2"], "kd": terms["efkd"], "boundary": terms["boundary"]}
+    return student_objective(pred_s, pred_t, target, d, t, T, kd=cfg.kd, tau=cfg.tau, lambda_e=cfg.lambda_e,
+                             lambda_b=cfg.lambda_b, weights=(cfg.w_l2, cfg.w_kd, cfg.w_boundary))
+
+
+class EMA:
+    """Exponential moving average of weights; copies the online weights until `start` steps."""
+
+    def __init__(self, model: nn.Module, beta: float, start: int):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.beta, self.start = beta, start
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        src = [p.detach() for p in model.state_dict().values()]
+        dst = list(self.model.state_dict().values())
+        if step <= self.start:
+            torch._foreach_copy_(dst, src)
+        else:
+            torch._foreach_lerp_(dst, src, 1.0 - self.beta)
+
+
+# ----------------------------------------------------------------------------------------
+# trainer
+# ----------------------------------------------------------------------------------------
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> torch.device:
+    """Join the torchrun process group if launched by torchrun; pick the device."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class Trainer:
+    """Trains `cfg.preset` (against `teacher` for students) and writes into `out_dir`.
+
+    Files: `<out_dir>/<role>.safetensors|json` (EMA weights, written at the end),
+    `<out_dir>/state/<role>/` (resumable state, rewritten atomically each epoch / save_every_steps),
+    `<out_dir>/<role>-log.jsonl` (one JSON line per epoch) and `<out_dir>/<role>-curves.png`.
+    """
+
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, teacher: DermoSegDiff | None = None,
+                 train_ds=None, val_ds=None, device: torch.device | None = None, quiet: bool = False):
+        self.cfg, self.out_dir, self.quiet = cfg, Path(out_dir), quiet
+        self.device = device or init_distributed()
+        self.rank, self.world = _dist_info()
+        if cfg.batch_size % self.world:
+            raise EdgesegError(f"batch size {cfg.batch_size} is not divisible by {self.world} processes")
+        self.p = preset(cfg.preset)
+        if cfg.role == "student" and teacher is None and cfg.kd != "none":
+            raise EdgesegError("a student needs a teacher for KD (or use --kd none)")
+        if teacher is not None and teacher.preset.prediction_type != self.p.prediction_type:
+            raise EdgesegError(
+                f"teacher predicts {teacher.preset.prediction_type!r} but student {self.p.name} "
+                f"predicts {self.p.prediction_type!r}; they must match for distillation"
+            )
+        torch.manual_seed(cfg.seed)  # weight init
+        self.model = build(self.p).to(self.device)
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
+        self.ema = EMA(self.model, cfg.ema_beta, cfg.ema_start)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas)
+        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.opt, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience
+        )
+        self.schedule = NoiseSchedule()
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # timesteps + noise, checkpointed
+        self.step, self.epoch = 0, 0
+        self.history: list[dict] = []
+        self.ddp = None
+        if self.world > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.train_ds, self.val_ds = train_ds, val_ds
+        if self.train_ds is None:
+            from edgeseg.data import load_dataset
+
+            kw = dict(data_dir=cfg.data_dir, size=self.p.image_size, seed=cfg.seed)
+            self.train_ds = load_dataset(cfg.dataset, "train", augment=cfg.augment, **kw)
+            self.val_ds = load_dataset(cfg.dataset, "val", augment=False, **kw)
+
+    # ---- state ------------------------------------------------------------------------
+    @property
+    def state_dir(self) -> Path:
+        return self.out_dir / "state" / self.cfg.role
+
+    def save_state(self) -> None:
+        """Write the resumable state atomically: tensors to safetensors, the rest to JSON."""
+        if self.rank != 0:
+            return
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update({f"ema.{k}": v for k, v in self.ema.model.state_dict().items()})
+        opt = self.opt.state_dict()
+        for i, st in opt["state"].items():
+            for k, v in st.items():
+                tensors[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        tensors["rng.gen"] = self.gen.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        save_tensors(self.state_dir / "state.safetensors", tensors, metadata={"step": str(self.step)})
+        # JSON last; both record the step, so a crash between the two writes is detected on
+        # resume instead of silently mixing two states.
+        atomic_write_json(self.state_dir / "state.json", {
+            "step": self.step, "epoch": self.epoch, "config": self.cfg.to_dict(),
+            "param_groups": opt["param_groups"], "plateau": self.plateau.state_dict(),
+            "history": self.history,
+        })
+
+    def load_state(self) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        js, st = self.state_dir / "state.json", self.state_dir / "state.safetensors"
+        if not js.exists() or not st.exists():
+            raise EdgesegError(f"{self.state_dir}: no resumable state to continue from")
+        meta = json.loads(js.read_text())
+        with safe_open(str(st), "pt") as f:
+            tensor_step = int((f.metadata() or {}).get("step", -1))
+        if tensor_step != meta["step"]:
+            raise EdgesegError(
+                f"{self.state_dir}: state.json is at step {meta['step']} but state.safetensors at step "
+                f"{tensor_step} (interrupted while saving?); cannot resume exactly"
+            )
+        tensors = load_file(str(st))
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.ema.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        opt_state: dict[int, dict] = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                opt_state.setdefault(int(i), {})[name] = v
+        self.opt.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+        self.plateau.load_state_dict(meta["plateau"])
+        self.gen.set_state(tensors["rng.gen"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step, self.epoch, self.history = meta["step"], meta["epoch"], meta["history"]
+
+    # ---- one step ---------------------------------------------------------------------
+    def _draw(self, global_b: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps and noise for the global batch; this rank's rows (interleaved like the sampler)."""
+        t = torch.randint(0, self.schedule.T, (global_b,), generator=self.gen)
+        noise = torch.randn((global_b, *shape), generator=self.gen)
+        return t[self.rank :: self.world], noise[self.rank :: self.world]
+
+    def loss_on(self, model, image, mask, d, t, noise):
+        x_t = self.schedule.q_sample(mask, t, noise)
+        target = self.schedule.training_target(mask, noise, t, self.p.prediction_type)
+        use_bf16 = self.cfg.bf16 and self.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            pred = model(x_t, image, t)
+            if self.cfg.role == "teacher":
+                return teacher_objective(pred, target, d, t, self.schedule.T, self.cfg.w_l2, self.cfg.w_boundary)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    pred_t = self.teacher(x_t, image, t)
+            else:
+                pred_t = torch.zeros_like(pred)
+        return distill_loss(pred.float(), pred_t.float(), target, d, t, self.schedule.T, self.cfg)
+
+    def train_step(self, batch) -> dict[str, float]:
+        image, mask, d = (x.to(self.device, non_blocking=True) for x in batch)
+        t, noise = self._draw(self.cfg.batch_size, tuple(mask.shape[1:]))
+        t, noise = t.to(self.device), noise.to(self.device)
+        self.model.train()
+        total, terms = self.loss_on(self.ddp if self.ddp is not None else self.model, image, mask, d, t, noise)
+        if not torch.isfinite(total):
+            raise TrainingDiverged(
+                f"loss became {total.item()} at step {self.step + 1} (epoch {self.epoch + 1}); stopped. "
+                f"The last good checkpoint is kept in {self.state_dir}"
+            )
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.step += 1
+        self.ema.update(self.model, self.step)
+        return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean objective on the validation split with fixed timesteps/noise (comparable across epochs)."""
+        if self.val_ds is None or len(self.val_ds) == 0:
+            return float("nan")
+        self.model.eval()
+        gen = torch.Generator().manual_seed(12345)
+        sampler = DistributedSampler(self.val_ds, self.world, self.rank, shuffle=False) if self.world > 1 else None
+        loader = DataLoader(self.val_ds, batch_size=max(1, self.cfg.batch_size // self.world), sampler=sampler)
+        tot, n = torch.zeros((), dtype=torch.float64), 0
+        for i, (image, mask, d) in enumerate(loader):
+            if self.cfg.val_max_batches is not None and i >= self.cfg.val_max_batches:
+                break
+            b = mask.shape[0]
+            t = torch.randint(0, self.schedule.T, (b,), generator=gen)
+            noise = torch.randn(mask.shape, generator=gen)
+            dev = [x.to(self.device) for x in (image, mask, d, t, noise)]
+            loss, _ = self.loss_on(self.model, *dev)
+            tot += float(loss) * b
+            n += b
+        if self.world > 1:
+            buf = torch.tensor([float(tot), float(n)], device=self.device, dtype=torch.float64)
+            dist.all_reduce(buf)
+            tot, n = buf[0].cpu(), int(buf[1])
+        return float(tot) / max(n, 1)
+
+    # ---- the loop ---------------------------------------------------------------------
+    def _loader(self, epoch: int, skip_batches: int = 0) -> DataLoader:
+        """This rank's batches of `epoch`; `skip_batches` resumes in the middle of an epoch."""
+        from edgeseg.data import worker_init_fn
+
+        sampler = DistributedSampler(self.train_ds, self.world, self.rank, shuffle=True,
+                                     seed=self.cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        local_b = self.cfg.batch_size // self.world
+        indices = list(sampler)[skip_batches * local_b:]
+        if hasattr(self.train_ds, "set_epoch"):
+            self.train_ds.set_epoch(epoch)
+        return DataLoader(
+            self.train_ds, batch_size=local_b, sampler=indices, drop_last=True,
+            num_workers=self.cfg.num_workers, worker_init_fn=worker_init_fn,
+            generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch),
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+        )
+
+    def total_steps(self) -> int:
+        per_epoch = len(self.train_ds) // self.cfg.batch_size
+        if per_epoch == 0:
+            raise EdgesegError(
+                f"the {self.cfg.dataset} train split has {len(self.train_ds)} images, fewer than one batch "
+                f"of {self.cfg.batch_size}"
+            )
+        total = per_epoch * self.cfg.epochs
+        return min(total, self.cfg.max_steps) if self.cfg.max_steps else total
+
+    def fit(self, on_epoch_end: Callable[["Trainer", dict], None] | None = None,
+            stop_after_steps: int | None = None) -> nn.Module:
+        """Train to the end (or `stop_after_steps` more steps, for tests); returns the EMA model."""
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        total = self.total_steps()
+        budget = None if stop_after_steps is None else self.step + stop_after_steps
+        show = self.rank == 0 and not self.quiet
+        progress = Progress(
+            TextColumn(f"[bold]{self.cfg.role} {self.p.name}[/]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            disable=not show, transient=False,
+        )
+        with progress:
+            task = progress.add_task("train", total=total, completed=self.step, info="")
+            per_epoch = len(self.train_ds) // self.cfg.batch_size
+            while self.step < total and (budget is None or self.step < budget):
+                t0, run, nb = time.time(), {}, 0
+                skip = self.step - self.epoch * per_epoch  # > 0 after resuming mid-epoch
+                for batch in self._loader(self.epoch, skip):
+                    if self.step >= total or (budget is not None and self.step >= budget):
+                        break
+                    try:
+                        logs = self.train_step(batch)
+                    except TrainingDiverged:
+                        progress.stop()
+                        raise
+                    for k, v in logs.items():
+                        run[k] = run.get(k, 0.0) + v
+                    nb += 1
+                    info = " ".join(f"{k} {v / nb:.4f}" for k, v in run.items() if k in ("loss", "kd"))
+                    progress.update(task, completed=self.step, info=f"ep {self.epoch + 1} {info} lr {self.lr:.1e}")
+                    if self.cfg.save_every_steps and self.step % self.cfg.save_every_steps == 0:
+                        self.save_state()
+                else:
+                    # a full epoch: validate, step the plateau scheduler, log, checkpoint
+                    self.epoch += 1
+                    rec = {"epoch": self.epoch, "step": self.step, "lr": self.lr,
+                           "seconds": round(time.time() - t0, 2),
+                           **{f"train_{k}": v / max(nb, 1) for k, v in run.items()}}
+                    if self.epoch % self.cfg.val_every == 0:
+                        rec["val_loss"] = self.validate()
+                        if math.isfinite(rec["val_loss"]):
+                            self.plateau.step(rec["val_loss"])
+                    if on_epoch_end is not None:
+                        on_epoch_end(self, rec)
+                    self.history.append(rec)
+                    self._write_log(rec)
+                    self.save_state()
+                    continue
+                break  # stopped inside the epoch by max_steps / budget
+            self.save_state()
+        if self.rank == 0:
+            self.save_final()
+        return self.ema.model
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    def _write_log(self, rec: dict) -> None:
+        if self.rank != 0:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / f"{self.cfg.role}-log.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        try:
+            from edgeseg.viz import plot_curves
+
+            plot_curves(self.history, self.out_dir / f"{self.cfg.role}-curves.png", title=f"{self.cfg.role} {self.p.name}")
+        except Exception as e:  # a plot must never stop training
+            if not self.quiet:
+                print(f"warning: could not draw curves: {e}")
+
+    def save_final(self) -> Path:
+        return save_model(self.ema.model, self.out_dir / f"{self.cfg.role}.safetensors",
+                          extra={"train_config": self.cfg.to_dict(), "steps": self.step, "epochs": self.epoch})
