@@ -1,0 +1,389 @@
+"""Training engine: bit-exact resume, NaN stop, DDP equivalence, EMA, teacher/student checks.
+
+Everything runs on CPU with micro presets (32 px, ~0.1M parameters) on small subsets of the
+synthetic set, so the whole file takes seconds once the 32 px synthetic cache is built.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ddp_worker import (MICRO_STUDENT, MICRO_TEACHER, ddp_config, micro_datasets, micro_teacher,
+                        register_micro)
+import edgeseg.viz
+from edgeseg.errors import EdgesegError
+from edgeseg.models import Preset, build
+from edgeseg.train import EMA, TrainConfig, Trainer, TrainingDiverged
+
+CPU = torch.device("cpu")
+_REAL_PLOT_CURVES = edgeseg.viz.plot_curves
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def micro_env(tmp_path_factory):
+    """Micro presets registered, one synthetic cache shared by the session's test files, 1 thread."""
+    mp = pytest.MonkeyPatch()
+    register_micro(mp)
+    mp.setenv("EDGESEG_CACHE", str(tmp_path_factory.getbasetemp() / "edgeseg-cache"))
+    mp.setattr("edgeseg.viz.plot_curves", lambda *a, **k: None)  # ~1.5 s per epoch; one test draws them
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return micro_datasets(32, 8)
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(role="student", preset=MICRO_STUDENT, kd="efkd", batch_size=8, epochs=2, lr=1e-3,
+                num_workers=0, save_every_steps=3, ema_start=2, ema_beta=0.9, seed=0, plateau_patience=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def trainer(c: TrainConfig, out: Path, data, teacher=None) -> Trainer:
+    return Trainer(c, out, teacher=teacher, train_ds=data[0], val_ds=data[1], device=CPU, quiet=True)
+
+
+# ----------------------------------------------------------------------------------------
+# helpers to compare whole trainer states
+# ----------------------------------------------------------------------------------------
+def assert_sd_equal(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: {k} differs (max |diff| {(a[k] - b[k]).abs().max():.3g})"
+
+
+def _norm(x):
+    if isinstance(x, (list, tuple)):
+        return [_norm(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _norm(v) for k, v in x.items()}
+    return x
+
+
+def assert_trainers_equal(a: Trainer, b: Trainer, history: bool = True) -> None:
+    assert (a.step, a.epoch) == (b.step, b.epoch)
+    assert_sd_equal(a.model.state_dict(), b.model.state_dict(), "model")
+    assert_sd_equal(a.ema.model.state_dict(), b.ema.model.state_dict(), "ema")
+    sa, sb = a.opt.state_dict(), b.opt.state_dict()
+    assert sa["state"].keys() == sb["state"].keys()
+    for i in sa["state"]:
+        assert_sd_equal(sa["state"][i], sb["state"][i], f"optimizer state {i}")
+    assert _norm(sa["param_groups"]) == _norm(sb["param_groups"])
+    assert _norm(a.plateau.state_dict()) == _norm(b.plateau.state_dict())
+    assert torch.equal(a.gen.get_state(), b.gen.get_state())
+    if history:
+        strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+        assert strip(a.history) == strip(b.history)
+
+
+# ----------------------------------------------------------------------------------------
+# 1. resume
+# ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def resume_runs(tmp_path_factory, data):
+    """A: uninterrupted; B: stopped after 5 steps then resumed; C: 'killed' after the step-3 save."""
+    tmp = tmp_path_factory.mktemp("resume")
+    teacher = micro_teacher()
+    c = cfg(epochs=2)  # 4 steps per epoch, 8 in all; saves at 3, 4 (epoch end), 6, 8
+
+    a = trainer(c, tmp / "a", data, teacher)
+    a.fit()
+
+    b = trainer(c, tmp / "b", data, teacher)
+    orig_save = b.save_state
+    saved_steps = []
+
+    def spy():
+        orig_save()
+        saved_steps.append(b.step)
+        if b.step == 3 and not (tmp / "snap3").exists():  # a hard kill right after this save
+            shutil.copytree(b.state_dir, tmp / "snap3")
+
+    b.save_state = spy
+    b.fit(stop_after_steps=5)
+    assert b.step == 5
+    b_resumed = trainer(c, tmp / "b", data, teacher)
+    b_resumed.load_state()
+    assert b_resumed.step == 5 and b_resumed.epoch == 1
+    b_resumed.fit()
+
+    shutil.copytree(tmp / "snap3", tmp / "c" / "state" / c.role)
+    c_resumed = trainer(c, tmp / "c", data, teacher)
+    c_resumed.load_state()
+    assert c_resumed.step == 3 and c_resumed.epoch == 0
+    c_resumed.fit()
+    return dict(tmp=tmp, a=a, b=b_resumed, c=c_resumed, saved_steps=saved_steps)
+
+
+def test_resume_after_stop_is_bit_exact(resume_runs):
+    r = resume_runs
+    assert r["saved_steps"] == [3, 4, 5], "save_every_steps=3, the epoch end and the stop"
+    assert r["a"].step == r["b"].step == 8
+    assert_trainers_equal(r["a"], r["b"], history=False)
+    # the final EMA checkpoints on disk too
+    from safetensors.torch import load_file
+
+    fa = load_file(str(r["tmp"] / "a" / "student.safetensors"))
+    fb = load_file(str(r["tmp"] / "b" / "student.safetensors"))
+    assert_sd_equal(fa, fb, "student.safetensors")
+    assert_sd_equal(fa, dict(r["a"].ema.model.state_dict()), "final file holds the EMA weights")
+
+
+def test_resume_after_hard_kill_mid_epoch_is_bit_exact(resume_runs):
+    r = resume_runs
+    assert r["c"].step == 8
+    assert_trainers_equal(r["a"], r["c"], history=False)
+
+
+def test_resume_history_equal_except_train_averages(resume_runs):
+    """Epoch boundaries, val losses and LRs of the resumed runs equal the uninterrupted run's."""
+    a = resume_runs["a"].history
+    for name in ("b", "c"):
+        h = resume_runs[name].history
+        assert [(r["epoch"], r["step"], r["lr"], r["val_loss"]) for r in h] == \
+               [(r["epoch"], r["step"], r["lr"], r["val_loss"]) for r in a]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "train.py Trainer.fit: the per-epoch running sums (`run`, `nb`) are not part of the saved state, "
+    "so after resuming mid-epoch the epoch's train_* averages cover only the batches after the resume"))
+def test_resume_history_train_averages_equal(resume_runs):
+    a = resume_runs["a"].history
+    for name in ("b", "c"):
+        h = resume_runs[name].history
+        strip = lambda hh: [{k: v for k, v in r.items() if k != "seconds"} for r in hh]  # noqa: E731
+        assert strip(h) == strip(a), name
+
+
+def test_resume_detects_torn_state(resume_runs, tmp_path, data):
+    """state.json from one save and state.safetensors from another: refused, not mixed."""
+    tmp = resume_runs["tmp"]
+    torn = tmp_path / "state" / "student"
+    torn.mkdir(parents=True)
+    shutil.copy(tmp / "b" / "state" / "student" / "state.json", torn / "state.json")  # step 8
+    shutil.copy(tmp / "snap3" / "state.safetensors", torn / "state.safetensors")  # step 3
+    t = trainer(cfg(epochs=2), tmp_path, data, micro_teacher())
+    with pytest.raises(EdgesegError, match="cannot resume exactly"):
+        t.load_state()
+    empty = trainer(cfg(epochs=2), tmp_path / "nothing", data, micro_teacher())
+    with pytest.raises(EdgesegError, match="no resumable state"):
+        empty.load_state()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "edgeseg/boundary.py distance_map: cv2.distanceTransform(DIST_L2, DIST_MASK_PRECISE) returns ~1-ulp different "
+    "float32 values depending on the memory alignment of its output buffer, so the same mask gives different "
+    "dist maps from call to call; SegDataset items, training and --resume on the real data are then not bit-exact"))
+def test_distance_map_is_reproducible():
+    import numpy as np
+
+    from edgeseg.boundary import distance_map
+
+    yy, xx = np.mgrid[:32, :32]
+    m = (((yy - 15.3) ** 2 / 90 + (xx - 16.7) ** 2 / 50) < 1).astype(np.float32)
+    ref, junk = distance_map(m), []
+    for i in range(2000):
+        junk.append(np.empty(1 + (i * 7) % 61, np.uint8))  # shift the heap, as a long run does
+        junk.append(np.empty(4096 + 16 * (i % 5), np.uint8))
+        out = distance_map(m)
+        assert np.array_equal(out, ref), f"call {i + 2} differs by {float(np.abs(out - ref).max()):.3g}"
+
+
+# ----------------------------------------------------------------------------------------
+# 2. NaN / inf stop
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_non_finite_loss_stops_and_keeps_last_good_state(tmp_path, data, bad, monkeypatch):
+    c = cfg(kd="none", save_every_steps=2)
+    t = trainer(c, tmp_path, data)
+    k = 3  # the step whose loss goes bad; the last save was at step 2
+    orig_forward = t.model.forward
+
+    def forward(*args, **kw):
+        out = orig_forward(*args, **kw)
+        if t.model.training and t.step + 1 == k:
+            out = out + float(bad)
+        return out
+
+    monkeypatch.setattr(t.model, "forward", forward)
+    with pytest.raises(TrainingDiverged) as ei:
+        t.fit()
+    msg = str(ei.value)
+    assert f"at step {k} " in msg and "epoch 1" in msg, msg
+    assert ("nan" in msg) or ("inf" in msg), msg
+    assert str(t.state_dir) in msg and "\n" not in msg
+    assert isinstance(ei.value, EdgesegError)  # the CLI turns it into one line + exit 2
+    assert not (tmp_path / "student.safetensors").exists()
+
+    meta = json.loads((t.state_dir / "state.json").read_text())
+    assert meta["step"] == k - 1
+    again = trainer(c, tmp_path, data)
+    again.load_state()
+    assert again.step == k - 1
+    for name, v in [*again.model.state_dict().items(), *again.ema.model.state_dict().items()]:
+        assert torch.isfinite(v).all(), name
+    # and training continues from there
+    again.fit(stop_after_steps=1)
+    assert again.step == k
+    assert all(torch.isfinite(v).all() for v in again.model.state_dict().values())
+
+
+# ----------------------------------------------------------------------------------------
+# 3. DDP equivalence (torchrun, 2 CPU processes, gloo)
+# ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp("ddp")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(TESTS / "ddp_worker.py"), str(out)]
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=TESTS.parent)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"torchrun timed out: {e.stdout}\n{e.stderr}")
+    assert p.returncode == 0, f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+
+    single = Trainer(ddp_config(), out / "single", teacher=micro_teacher(), train_ds=data[0], val_ds=data[1],
+                     device=CPU, quiet=True)
+    assert single.world == 1
+    single.fit()
+    return out, single
+
+
+def test_ddp_two_processes_match_single_process(ddp_run):
+    from safetensors.torch import load_file
+
+    out, single = ddp_run
+    info = json.loads((out / "ddp.json").read_text())
+    assert info["world"] == 2 and info["step"] == single.step == 4
+    worst = {}
+    for what, ref in (("model", single.model.state_dict()), ("ema", single.ema.model.state_dict())):
+        got = load_file(str(out / f"ddp_{what}.safetensors"))
+        assert got.keys() == ref.keys()
+        worst[what] = max(float((got[k] - ref[k]).abs().max()) for k in ref)
+        for k in ref:
+            assert torch.allclose(got[k], ref[k], atol=1e-5, rtol=0), (what, k, float((got[k] - ref[k]).abs().max()))
+    # the weights moved (so the comparison means something)
+    torch.manual_seed(0)  # the Trainer's init: manual_seed(cfg.seed), then build
+    init = build(MICRO_STUDENT)
+    moved = max(float((single.model.state_dict()[k] - v).abs().max()) for k, v in init.state_dict().items())
+    assert moved > 1e-3
+    print(f"DDP vs single process: max |diff| model {worst['model']:.3g}, ema {worst['ema']:.3g}")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "train.py Trainer.validate: timesteps/noise are drawn per local batch from the same seeded generator on "
+    "every rank, so under DDP the ranks reuse the same draws and val_loss (which drives ReduceLROnPlateau) "
+    "differs from a single-process run on the same global batch"))
+def test_ddp_validation_loss_matches_single_process(ddp_run):
+    out, single = ddp_run
+    info = json.loads((out / "ddp.json").read_text())
+    ddp_val = [r["val_loss"] for r in info["history"]]
+    one_val = [r["val_loss"] for r in single.history]
+    assert ddp_val == pytest.approx(one_val, rel=1e-5, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# 4. EMA
+# ----------------------------------------------------------------------------------------
+def test_ema_copies_until_start_then_lerps():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.GroupNorm(2, 4))
+    beta, start = 0.75, 2
+    ema = EMA(m, beta, start)
+    assert ema.model is not m and not ema.model.training
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+    def perturb():
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p))
+
+    for step in (1, 2):  # step <= start: a copy of the online weights
+        perturb()
+        ema.update(m, step)
+        assert_sd_equal(ema.model.state_dict(), m.state_dict(), f"copy at step {step}")
+    for step in (3, 4):  # after: ema <- beta * ema + (1 - beta) * w
+        prev = {k: v.clone() for k, v in ema.model.state_dict().items()}
+        perturb()
+        ema.update(m, step)
+        for k, w in m.state_dict().items():
+            expect = beta * prev[k] + (1 - beta) * w
+            assert torch.allclose(ema.model.state_dict()[k], expect, atol=1e-6, rtol=0), (step, k)
+            assert not torch.allclose(ema.model.state_dict()[k], w)
+    # the online model is untouched by the EMA
+    assert all(p.requires_grad for p in m.parameters())
+
+
+def test_trainer_ema_before_start_equals_online_weights(tmp_path, data):
+    t = trainer(cfg(kd="none", ema_start=100, epochs=1, save_every_steps=0), tmp_path, data)
+    t.fit(stop_after_steps=2)
+    assert_sd_equal(t.ema.model.state_dict(), t.model.state_dict(), "EMA before ema_start")
+
+
+# ----------------------------------------------------------------------------------------
+# 5. teacher / student checks
+# ----------------------------------------------------------------------------------------
+def test_student_kd_none_needs_no_teacher(tmp_path, data):
+    t = trainer(cfg(kd="none"), tmp_path, data)
+    assert t.teacher is None
+    batch = next(iter(t._loader(0)))
+    logs = t.train_step(batch)
+    assert t.step == 1 and math.isfinite(logs["loss"]) and logs["kd"] == 0.0
+
+
+@pytest.mark.parametrize("kd", ["efkd", "global"])
+def test_student_kd_without_teacher_is_a_user_error(tmp_path, data, kd):
+    with pytest.raises(EdgesegError, match="needs a teacher"):
+        trainer(cfg(kd=kd), tmp_path, data)
+
+
+def test_teacher_student_prediction_type_mismatch(tmp_path, data):
+    p = micro_teacher().preset
+    eps_teacher = build(Preset.from_dict({**p.to_dict(), "name": "micro-teacher-eps", "prediction_type": "epsilon"}))
+    with pytest.raises(EdgesegError, match="must match"):
+        trainer(cfg(), tmp_path, data, teacher=eps_teacher)
+
+
+def test_config_errors():
+    with pytest.raises(EdgesegError, match="--kd"):
+        TrainConfig(kd="bogus")
+    with pytest.raises(EdgesegError, match="role"):
+        TrainConfig(role="pupil")
+    with pytest.raises(EdgesegError, match="unknown training settings"):
+        TrainConfig.from_dict({"learning_rate": 1.0})
+    assert TrainConfig.from_dict(TrainConfig(betas=[0.5, 0.9]).to_dict()).betas == (0.5, 0.9)
+
+
+def test_dataset_smaller_than_one_batch(tmp_path, data):
+    t = trainer(cfg(kd="none", batch_size=64), tmp_path, data)
+    with pytest.raises(EdgesegError, match="fewer than one batch"):
+        t.fit()
+
+
+def test_teacher_role_trains(tmp_path, data, monkeypatch):
+    monkeypatch.setattr(edgeseg.viz, "plot_curves", _REAL_PLOT_CURVES)
+    t = trainer(cfg(role="teacher", preset=MICRO_TEACHER, kd="none", epochs=1, save_every_steps=0), tmp_path, data)
+    t.fit()
+    assert t.step == 4 and len(t.history) == 1 and math.isfinite(t.history[0]["val_loss"])
+    for name in ("teacher.safetensors", "teacher.json", "teacher-log.jsonl", "teacher-curves.png"):
+        assert (tmp_path / name).is_file(), name
+    assert json.loads((tmp_path / "teacher-log.jsonl").read_text().splitlines()[0])["step"] == 4
