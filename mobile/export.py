@@ -98,21 +98,26 @@ def load_for_export(model_or_ckpt: nn.Module | str | Path | None) -> tuple[nn.Mo
     return model, str(path), meta
 
 
-def _dataset_of(meta: dict, dataset: str | None, data_dir) -> tuple[str, str | None]:
-    """The dataset for calibration/parity images: the argument, else the checkpoint's, else synthetic."""
-    data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+def _dataset_of(meta: dict, dataset: str | None, data_dir) -> tuple[str, str | None, int]:
+    """(dataset, data_dir, seed) for calibration/parity images: the arguments, else what the
+    checkpoint was trained on (its JSON's ``train_config``), else the built-in synthetic set.
+    The seed matters for ``synthetic`` only (it seeds the generator)."""
+    cfg = meta.get("train_config") if isinstance(meta.get("train_config"), dict) else {}
+    seed = int(cfg.get("seed", 0) or 0)
     if dataset is None:
-        dataset = meta.get("dataset") if isinstance(meta.get("dataset"), str) else data.get("name")
+        dataset = cfg.get("dataset") or meta.get("dataset")
         if data_dir is None:
-            data_dir = meta.get("data_dir") or data.get("data_dir")
-    return (dataset or "synthetic"), (str(data_dir) if data_dir is not None else None)
+            data_dir = cfg.get("data_dir") or meta.get("data_dir")
+    elif dataset != cfg.get("dataset"):
+        seed = 0
+    return (dataset or "synthetic"), (str(data_dir) if data_dir is not None else None), seed
 
 
-def load_images(dataset: str, split: str, n: int, size: int, data_dir=None) -> torch.Tensor:
+def load_images(dataset: str, split: str, n: int, size: int, data_dir=None, seed: int = 0) -> torch.Tensor:
     """`n` images (n x 3 x size x size, float32 [0, 1]) spread evenly over a split, as the dataset gives them."""
     from edgeseg.data import load_dataset
 
-    ds = load_dataset(dataset, split, data_dir=data_dir, size=size, augment=False)
+    ds = load_dataset(dataset, split, data_dir=data_dir, size=size, augment=False, seed=seed)
     total = len(ds)
     n = min(n, total)
     idx = torch.linspace(0, total - 1, n).round().long().unique().tolist()
@@ -136,17 +141,18 @@ def export_program(
     seg = FewStepSegmenter(prepare(model), steps, ensemble).eval()
     example = (torch.rand(batch, 3, s, s), torch.randn(batch * ensemble, 1, s, s))
     with _quiet(), torch.no_grad():
+        ep = torch.export.export(seg, example, strict=False)
+        if fold_constants:
+            # the K timesteps are fixed: their time embeddings and every block's scale/shift become
+            # constants. Folded BEFORE quantizing (after, it would un-quantize the int8 weights).
+            ep = constant_prop_pass(ep)
         if quantize == "int8":
             from edgeseg.mobile.quantize import calibration_batches, quantize_int8
 
             if calibration_images is None or len(calibration_images) < batch:
                 raise EdgesegError("int8 quantization needs calibration images")
             _say(progress, f"calibrating int8 on {len(calibration_images)} training images")
-            ep = quantize_int8(seg, example, calibration_batches(calibration_images, ensemble, batch))
-        else:
-            ep = torch.export.export(seg, example, strict=False)
-        if fold_constants:
-            ep = constant_prop_pass(ep)
+            ep = quantize_int8(ep, example, calibration_batches(calibration_images, ensemble, batch))
     return ep, seg
 
 
@@ -298,14 +304,14 @@ def export_executorch(
     if out.suffix != ".pte":
         raise EdgesegError(f"{out}: an ExecuTorch program must end in .pte")
     out.parent.mkdir(parents=True, exist_ok=True)
-    dataset, data_dir = _dataset_of(ck_meta, dataset, data_dir)
+    dataset, data_dir, data_seed = _dataset_of(ck_meta, dataset, data_dir)
     s = p.image_size
 
     _say(progress, f"loading held-out images ({dataset}, test split)")
-    parity_images = load_images(dataset, "test", n_parity_images, s, data_dir)
+    parity_images = load_images(dataset, "test", n_parity_images, s, data_dir, data_seed)
     calib = None
     if quantize == "int8":
-        calib = load_images(dataset, "train", n_calibration_images, s, data_dir)
+        calib = load_images(dataset, "train", n_calibration_images, s, data_dir, data_seed)
 
     _say(progress, f"exporting {p.name}: {steps} DDIM steps x ensemble {ensemble} unrolled")
     ep, _ = export_program(model, steps, ensemble, batch, quantize, calib, progress, prepare)
@@ -449,7 +455,7 @@ def export_coreml(
     if out.suffix != ".mlpackage":
         raise EdgesegError(f"{out}: a CoreML ML program must end in .mlpackage")
     out.parent.mkdir(parents=True, exist_ok=True)
-    dataset, data_dir = _dataset_of(ck_meta, dataset, data_dir)
+    dataset, data_dir, data_seed = _dataset_of(ck_meta, dataset, data_dir)
     s = p.image_size
 
     _say(progress, f"exporting {p.name}: {steps} DDIM steps x ensemble {ensemble} unrolled")
@@ -471,7 +477,7 @@ def export_coreml(
             _say(progress, f"compressing weights ({quantize})")
             mlmodel = _compress_coreml(mlmodel, quantize, nbits)
 
-    tmp = out.with_name(f".{out.name}.partial")
+    tmp = out.with_name(f".partial-{out.name}")  # coremltools insists on the .mlpackage suffix
     shutil.rmtree(tmp, ignore_errors=True)
     mlmodel.save(str(tmp))
     structure = inspect_mlpackage(tmp)
@@ -499,7 +505,8 @@ def export_coreml(
     meta["structure"] = structure
     meta["calibration"] = None  # weight-only compression needs no calibration
     if platform.system() == "Darwin":
-        meta["parity"] = _parity_coreml(tmp, model, dataset, data_dir, n_parity_images, steps, ensemble, batch, seed)
+        meta["parity"] = _parity_coreml(tmp, model, dataset, data_dir, data_seed, n_parity_images, steps, ensemble,
+                                        batch, seed)
     else:
         meta["parity"] = {"mask_dsc_vs_eager": None, "n_images": 0,
                           "note": "not measured: running a CoreML model requires macOS; on Linux the "
@@ -512,12 +519,12 @@ def export_coreml(
     return meta
 
 
-def _parity_coreml(path, model, dataset, data_dir, n, steps, ensemble, batch, seed) -> dict:  # pragma: no cover (macOS)
+def _parity_coreml(path, model, dataset, data_dir, data_seed, n, steps, ensemble, batch, seed) -> dict:  # pragma: no cover (macOS)
     import coremltools as ct
     import numpy as np
 
     s = model.preset.image_size
-    images = load_images(dataset, "test", n, s, data_dir)
+    images = load_images(dataset, "test", n, s, data_dir, data_seed)
     n = images.shape[0] - images.shape[0] % batch
     images = images[:n]
     noises = _noise_for(n, batch, ensemble, s, seed)

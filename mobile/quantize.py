@@ -37,13 +37,16 @@ def calibration_batches(
 
 
 def quantize_int8(
-    module: nn.Module,
+    module: nn.Module | torch.export.ExportedProgram,
     example_inputs: tuple[torch.Tensor, ...],
     calibration: Iterable[tuple[torch.Tensor, ...]],
     progress: Callable[[int], None] | None = None,
 ) -> torch.export.ExportedProgram:
-    """Export `module`, quantize it (int8, per-channel symmetric weights) and re-export.
+    """Quantize (int8, per-channel symmetric weights) and re-export.
 
+    `module` is an nn.Module (exported here) or an ExportedProgram (for instance one whose
+    constant subgraphs were already folded; export.py folds before quantizing, because folding
+    after would turn the int8 weights' dequantize nodes back into float constants).
     `calibration` yields input tuples of the same shapes as `example_inputs`. Returns the
     ExportedProgram of the quantized (q/dq) graph, ready for ``to_edge_transform_and_lower``.
     """
@@ -53,8 +56,10 @@ def quantize_int8(
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    module = module.eval()
-    captured = torch.export.export(module, example_inputs, strict=False).module()
+    if isinstance(module, torch.export.ExportedProgram):
+        captured = module.module()
+    else:
+        captured = torch.export.export(module.eval(), example_inputs, strict=False).module()
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     prepared = prepare_pt2e(captured, quantizer)
     n = 0
