@@ -62,10 +62,9 @@ def export_cmd(
 ):
     """Export the student with K DDIM steps and an N-member ensemble unrolled inside the program.
 
-    Writes the model and a JSON sidecar next to it (<out>.json: preprocessing, K, timesteps, N,
-    threshold, sha256, parity). ExecuTorch exports are checked against eager PyTorch on held-out
-    images in ExecuTorch's runtime; below 0.99 (fp32) / 0.97 (int8) mask Dice the export fails
-    (exit 2) and the program is left as <out>.failed.
+    Writes the model and a JSON sidecar next to it (<out>.json: preprocessing, K, timesteps, N, threshold, sha256, parity).
+
+    ExecuTorch exports are checked against eager PyTorch on held-out images in ExecuTorch's runtime; below 0.99 (fp32) / 0.97 (int8) mask Dice the export fails (exit 2) and the program is left as <out>.failed.
     """
     from rich.console import Console
     from rich.table import Table
