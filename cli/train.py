@@ -39,7 +39,9 @@ def distill(
     seed: Optional[int] = typer.Option(None, help="seed for init, data order, noise and timesteps"),
     num_workers: Optional[int] = typer.Option(None, help="data-loader worker processes"),
     config: Optional[Path] = typer.Option(None, help="TOML/YAML/JSON file of training settings"),
-    set_: List[str] = typer.Option([], "--set", help="any training setting as name=value (repeatable)"),
+    set_: List[str] = typer.Option([], "--set", help="any student training setting as name=value (repeatable)"),
+    teacher_set: List[str] = typer.Option([], "--teacher-set", help="a teacher training setting as name=value, "
+                                          "when the teacher is trained here (repeatable)"),
     run_name: Optional[str] = typer.Option(None, help="run folder name under --runs-dir"),
     runs_dir: Path = typer.Option(Path("runs"), help="where run folders go"),
     resume: bool = typer.Option(False, help="continue the run folder --run-name from its last checkpoint"),
@@ -59,7 +61,8 @@ def distill(
     job = DistillJob(
         dataset=dataset, data_dir=str(data_dir) if data_dir else None, teacher=str(teacher) if teacher else None,
         teacher_preset=teacher_preset, student_preset=student_preset, run_name=run_name, runs_dir=str(runs_dir),
-        resume=resume, overrides=overrides, eval=SamplerSettings("ddim", eval_steps, eval_ensemble),
+        resume=resume, overrides=overrides, teacher_overrides=parse_sets(teacher_set),
+        eval=SamplerSettings("ddim", eval_steps, eval_ensemble),
         eval_images=eval_images,
     )
     run_distill(job)
@@ -107,6 +110,7 @@ def _settings(protocol: str, steps: Optional[int], ensemble: Optional[int]):
 def evaluate_cmd(
     checkpoint: Optional[Path] = typer.Option(None, help="weights file or run folder; default: newest run"),
     which: str = typer.Option("student", help="student or teacher, when --checkpoint is a run folder"),
+    runs_dir: Path = typer.Option(Path("runs"), help="where to look for the newest run"),
     dataset: str = typer.Option("synthetic", help="dataset to evaluate on"),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder"),
     split: str = typer.Option("test", help="train | val | test"),
@@ -126,7 +130,7 @@ def evaluate_cmd(
     from edgeseg.models import count_params
     from edgeseg.runs import resolve_checkpoint
 
-    path = resolve_checkpoint(checkpoint, which)
+    path = resolve_checkpoint(checkpoint, which, runs_dir)
     model = load_model(path)
     ds = load_dataset(dataset, split, data_dir=str(data_dir) if data_dir else None, size=model.preset.image_size)
     settings = _settings(protocol, steps, ensemble)
@@ -146,6 +150,7 @@ def segment(
     images: List[Path] = typer.Argument(..., help="image files (jpg/png)"),
     checkpoint: Optional[Path] = typer.Option(None, help="weights file or run folder; default: newest run's student"),
     model: Optional[Path] = typer.Option(None, "--model", help="an exported .pte to run with the ExecuTorch runtime"),
+    runs_dir: Path = typer.Option(Path("runs"), help="where to look for the newest run"),
     steps: Optional[int] = typer.Option(None, help="DDIM steps (eager checkpoints; default 2)"),
     ensemble: Optional[int] = typer.Option(None, help="ensemble size (eager checkpoints; default 3)"),
     out: Path = typer.Option(Path("segmentations"), help="output folder"),
@@ -170,7 +175,7 @@ def segment(
         from edgeseg.evaluate import predict
         from edgeseg.runs import resolve_checkpoint
 
-        net = load_model(resolve_checkpoint(checkpoint, "student"))
+        net = load_model(resolve_checkpoint(checkpoint, "student", runs_dir))
         size = net.preset.image_size
         settings = _settings("ddim", steps, ensemble)
         run = lambda x: predict(net, x, settings, generator=torch.Generator().manual_seed(seed))  # noqa: E731

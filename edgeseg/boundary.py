@@ -52,7 +52,10 @@ def distance_map(mask: np.ndarray) -> np.ndarray:
     if not edges.any():
         return np.ones((h, w), np.float32)
     dist = cv2.distanceTransform((1 - edges).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    tmp = np.float32(w * _OFFSET) - dist.astype(np.float32)
+    # OpenCV's result can differ by 1 ulp with the output buffer's alignment; squared distances
+    # between pixels are integers, so snap to the correctly rounded sqrt: deterministic maps.
+    dist = np.sqrt(np.rint(dist.astype(np.float64) ** 2)).astype(np.float32)
+    tmp = np.float32(w * _OFFSET) - dist
     lo, hi = tmp.min(), tmp.max()
     if hi == lo:  # every pixel is contour
         return np.ones((h, w), np.float32)

@@ -140,6 +140,9 @@ def run_distill(job: DistillJob) -> dict:
     t_name = job.teacher_preset or s_preset.teacher or t_default
     preset(t_name)
     run = _run_dir(job, s_name)
+    # settings first: a typo must fail now, not after the teacher has trained
+    cfg_t = _apply(recipe("teacher", t_name, job.dataset, job.data_dir), job.teacher_overrides)
+    cfg_s = _apply(recipe("student", s_name, job.dataset, job.data_dir), job.overrides)
     device = init_distributed()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
@@ -161,14 +164,12 @@ def run_distill(job: DistillJob) -> dict:
     else:
         _say(job, f"teacher: training {t_name} on {job.dataset} (no --teacher given)")
         tt = time.time()
-        cfg_t = _apply(recipe("teacher", t_name, job.dataset, job.data_dir), job.teacher_overrides)
         teacher = _train(cfg_t, run, None, job, job.eval)
         teacher_seconds = time.time() - tt
     if teacher.preset.image_size != size:
         raise EdgesegError(f"teacher {t_name} works at {teacher.preset.image_size}px, student {s_name} at {size}px")
 
     # ---- student
-    cfg_s = _apply(recipe("student", s_name, job.dataset, job.data_dir), job.overrides)
     _say(job, f"student: distilling {s_name} with KD={cfg_s.kd} (tau {cfg_s.tau}) into {run}")
     ts = time.time()
     student = _train(cfg_s, run, teacher, job, job.eval)

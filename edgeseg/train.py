@@ -207,6 +207,7 @@ class Trainer:
         self.schedule = NoiseSchedule()
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # timesteps + noise, checkpointed
         self.step, self.epoch = 0, 0
+        self.epoch_sums: dict[str, float] = {}
         self.history: list[dict] = []
         self.ddp = None
         if self.world > 1:
@@ -245,7 +246,7 @@ class Trainer:
         atomic_write_json(self.state_dir / "state.json", {
             "step": self.step, "epoch": self.epoch, "config": self.cfg.to_dict(),
             "param_groups": opt["param_groups"], "plateau": self.plateau.state_dict(),
-            "history": self.history,
+            "history": self.history, "epoch_sums": self.epoch_sums,
         })
 
     def load_state(self) -> None:
@@ -276,6 +277,7 @@ class Trainer:
         self.gen.set_state(tensors["rng.gen"])
         torch.set_rng_state(tensors["rng.torch"])
         self.step, self.epoch, self.history = meta["step"], meta["epoch"], meta["history"]
+        self.epoch_sums = meta.get("epoch_sums", {})
 
     # ---- one step ---------------------------------------------------------------------
     def _draw(self, global_b: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,9 +334,11 @@ class Trainer:
         for i, (image, mask, d) in enumerate(loader):
             if self.cfg.val_max_batches is not None and i >= self.cfg.val_max_batches:
                 break
+            # draws for the global batch, this rank's interleaved rows: DDP == one process
             b = mask.shape[0]
-            t = torch.randint(0, self.schedule.T, (b,), generator=gen)
-            noise = torch.randn(mask.shape, generator=gen)
+            t = torch.randint(0, self.schedule.T, (self.cfg.batch_size,), generator=gen)
+            noise = torch.randn((self.cfg.batch_size, *mask.shape[1:]), generator=gen)
+            t, noise = t[self.rank :: self.world][:b], noise[self.rank :: self.world][:b]
             dev = [x.to(self.device) for x in (image, mask, d, t, noise)]
             loss, _ = self.loss_on(self.model, *dev)
             tot += float(loss) * b
@@ -391,8 +395,11 @@ class Trainer:
             task = progress.add_task("train", total=total, completed=self.step, info="")
             per_epoch = len(self.train_ds) // self.cfg.batch_size
             while self.step < total and (budget is None or self.step < budget):
-                t0, run, nb = time.time(), {}, 0
+                t0 = time.time()
                 skip = self.step - self.epoch * per_epoch  # > 0 after resuming mid-epoch
+                if skip == 0:
+                    self.epoch_sums = {}
+                run = self.epoch_sums  # running loss sums of this epoch (checkpointed)
                 for batch in self._loader(self.epoch, skip):
                     if self.step >= total or (budget is not None and self.step >= budget):
                         break
@@ -403,9 +410,13 @@ class Trainer:
                         raise
                     for k, v in logs.items():
                         run[k] = run.get(k, 0.0) + v
-                    nb += 1
+                    nb = self.step - self.epoch * per_epoch
                     info = " ".join(f"{k} {v / nb:.4f}" for k, v in run.items() if k in ("loss", "kd"))
                     progress.update(task, completed=self.step, info=f"ep {self.epoch + 1} {info} lr {self.lr:.1e}")
+                    if show and not progress.console.is_terminal and self.step % 50 == 0:
+                        # logs and pipes get a line now and then instead of a live bar
+                        progress.console.print(f"{self.cfg.role} step {self.step}/{total} {info} "
+                                               f"({time.time() - t0:.0f} s into epoch {self.epoch + 1})")
                     if self.cfg.save_every_steps and self.step % self.cfg.save_every_steps == 0:
                         self.save_state()
                 else:
@@ -413,13 +424,19 @@ class Trainer:
                     self.epoch += 1
                     rec = {"epoch": self.epoch, "step": self.step, "lr": self.lr,
                            "seconds": round(time.time() - t0, 2),
-                           **{f"train_{k}": v / max(nb, 1) for k, v in run.items()}}
+                           **{f"train_{k}": v / per_epoch for k, v in run.items()}}
                     if self.epoch % self.cfg.val_every == 0:
                         rec["val_loss"] = self.validate()
                         if math.isfinite(rec["val_loss"]):
                             self.plateau.step(rec["val_loss"])
                     if on_epoch_end is not None:
                         on_epoch_end(self, rec)
+                    if show:
+                        progress.console.print(
+                            f"{self.cfg.role} epoch {self.epoch} step {self.step}: "
+                            + " ".join(f"{k} {v:.4g}" for k, v in rec.items()
+                                       if k not in ("epoch", "step") and isinstance(v, float))
+                        )
                     self.history.append(rec)
                     self._write_log(rec)
                     self.save_state()

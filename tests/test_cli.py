@@ -136,9 +136,6 @@ def test_existing_run_folder_needs_resume(tmp_path):
                       "does not exist")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "edgeseg/pipeline.py run_distill: the student settings (job.overrides) are only turned into a TrainConfig "
-    "after the teacher is loaded/trained, so a typo in --set/--config surfaces after teacher training, not at once"))
 def test_unknown_setting_is_reported_before_any_training(tmp_path, monkeypatch):
     import edgeseg.pipeline
 

@@ -160,9 +160,6 @@ def test_resume_history_equal_except_train_averages(resume_runs):
                [(r["epoch"], r["step"], r["lr"], r["val_loss"]) for r in a]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "train.py Trainer.fit: the per-epoch running sums (`run`, `nb`) are not part of the saved state, "
-    "so after resuming mid-epoch the epoch's train_* averages cover only the batches after the resume"))
 def test_resume_history_train_averages_equal(resume_runs):
     a = resume_runs["a"].history
     for name in ("b", "c"):
@@ -186,10 +183,6 @@ def test_resume_detects_torn_state(resume_runs, tmp_path, data):
         empty.load_state()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "edgeseg/boundary.py distance_map: cv2.distanceTransform(DIST_L2, DIST_MASK_PRECISE) returns ~1-ulp different "
-    "float32 values depending on the memory alignment of its output buffer, so the same mask gives different "
-    "dist maps from call to call; SegDataset items, training and --resume on the real data are then not bit-exact"))
 def test_distance_map_is_reproducible():
     import numpy as np
 
@@ -289,10 +282,6 @@ def test_ddp_two_processes_match_single_process(ddp_run):
     print(f"DDP vs single process: max |diff| model {worst['model']:.3g}, ema {worst['ema']:.3g}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "train.py Trainer.validate: timesteps/noise are drawn per local batch from the same seeded generator on "
-    "every rank, so under DDP the ranks reuse the same draws and val_loss (which drives ReduceLROnPlateau) "
-    "differs from a single-process run on the same global batch"))
 def test_ddp_validation_loss_matches_single_process(ddp_run):
     out, single = ddp_run
     info = json.loads((out / "ddp.json").read_text())
