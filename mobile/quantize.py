@@ -36,11 +36,37 @@ def calibration_batches(
         yield img, noise
 
 
+def _single_input_channel_conv(n) -> bool:
+    """A conv with one input channel and several outputs (the network's ``init_x``, 1 -> dim_x).
+
+    XNNPACK treats it as a depthwise conv; quantized (int8, per-channel) it is rejected when the
+    program is loaded ("Failed to create depthwise convolution node ... invalid_parameter") for
+    the unrolled steps after the first. It holds a few dozen weights, so it stays fp32.
+    """
+    if n.op != "call_function" or n.target not in (torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default):
+        return False
+    w = n.args[1]
+    shape = getattr(getattr(w, "meta", {}).get("val"), "shape", None)
+    return shape is not None and len(shape) == 4 and shape[1] == 1 and shape[0] > 1
+
+
+def _quantizable(skip_modules: tuple[str, ...]):
+    from torchao.quantization.pt2e.quantizer import get_module_name_filter
+
+    name_filters = [get_module_name_filter(m) for m in skip_modules]
+
+    def keep(n) -> bool:
+        return not _single_input_channel_conv(n) and not any(f(n) for f in name_filters)
+
+    return keep
+
+
 def quantize_int8(
     module: nn.Module | torch.export.ExportedProgram,
     example_inputs: tuple[torch.Tensor, ...],
     calibration: Iterable[tuple[torch.Tensor, ...]],
     progress: Callable[[int], None] | None = None,
+    skip_modules: tuple[str, ...] = (),
 ) -> torch.export.ExportedProgram:
     """Quantize (int8, per-channel symmetric weights) and re-export.
 
@@ -61,6 +87,7 @@ def quantize_int8(
     else:
         captured = torch.export.export(module.eval(), example_inputs, strict=False).module()
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    quantizer.set_filter_function(_quantizable(skip_modules))
     prepared = prepare_pt2e(captured, quantizer)
     n = 0
     with torch.no_grad():

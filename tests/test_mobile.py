@@ -279,3 +279,14 @@ def test_coreml_export_structure_and_compression(tiny, tmp_path):
         sizes[q] = file_digest(path)[1]
     print(f"CoreML sizes: fp16 {size}, int8 {sizes['int8']}, palettize6 {sizes['palettize']}")
     assert sizes["int8"] < 0.75 * size and sizes["palettize"] < 0.75 * size
+
+
+@pytest.mark.slow
+def test_pte_int8_two_steps_loads_and_passes(tmp_path):
+    """Regression: with K >= 2 an int8 1 -> C input conv made XNNPACK refuse the program at load."""
+    from edgeseg.mobile.export import export_executorch
+
+    m = _tiny(dim_x_mults=(1,), dim_g_mults=(1,))
+    meta = export_executorch(m, tmp_path / "k2.pte", 2, 2, "int8", n_parity_images=4, n_calibration_images=8)
+    assert meta["status"] == "ok" and meta["parity"]["mask_dsc_vs_eager"] >= 0.97
+    assert meta["delegate_calls"] <= 3, meta["non_delegated_ops"]
