@@ -80,6 +80,7 @@ class TrainConfig:
     save_every_steps: int = 0  # 0: at the end of every epoch only
     bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU)
     kernel_backend: str = "auto"  # fused loss: "auto", "triton" or "torch"
+    init_from_teacher: bool = False  # start the student from the teacher's matching stages
 
     def __post_init__(self) -> None:
         if self.role not in ("teacher", "student"):
@@ -114,8 +115,10 @@ def tiny_recipe(role: str) -> TrainConfig:
     if role == "teacher":
         return TrainConfig(role="teacher", preset="tiny-teacher", lr=1e-3, epochs=12, batch_size=16,
                            plateau_patience=2, ema_beta=0.995, ema_start=200, num_workers=1)
+    # init_from_teacher: the 15-minute CPU budget of the demo; the paper trains students from scratch
     return TrainConfig(role="student", preset="tiny-student", lr=1e-3, epochs=5, batch_size=16,
-                       plateau_patience=2, ema_beta=0.995, ema_start=100, num_workers=1)
+                       plateau_patience=2, ema_beta=0.995, ema_start=100, num_workers=1,
+                       init_from_teacher=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -150,6 +153,28 @@ class EMA:
             torch._foreach_copy_(dst, src)
         else:
             torch._foreach_lerp_(dst, src, 1.0 - self.beta)
+
+
+@torch.no_grad()
+def init_from_teacher(student: DermoSegDiff, teacher: DermoSegDiff) -> int:
+    """Copy the teacher's weights into the student wherever a stage has the same shape.
+
+    A student is the teacher's depth cut, so its first stages (and the decoder stages that mirror
+    them, plus the input/output layers) exist in the teacher. Decoder stage j of the student is
+    decoder stage j + (teacher depth - student depth) of the teacher. Returns tensors copied.
+    """
+    shift = len(teacher.downs) - len(student.downs)
+    t_state = teacher.state_dict()
+    copied = 0
+    for name, tensor in student.state_dict().items():
+        src = name
+        if name.startswith("ups."):
+            j, rest = name[4:].split(".", 1)
+            src = f"ups.{int(j) + shift}.{rest}"
+        if src in t_state and t_state[src].shape == tensor.shape:
+            tensor.copy_(t_state[src])
+            copied += 1
+    return copied
 
 
 # ----------------------------------------------------------------------------------------
@@ -199,6 +224,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # weight init
         self.model = build(self.p).to(self.device)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
+        if cfg.init_from_teacher and self.teacher is not None:
+            init_from_teacher(self.model, self.teacher)
         self.ema = EMA(self.model, cfg.ema_beta, cfg.ema_start)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas)
         self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
