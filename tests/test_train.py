@@ -376,3 +376,18 @@ def test_teacher_role_trains(tmp_path, data, monkeypatch):
     for name in ("teacher.safetensors", "teacher.json", "teacher-log.jsonl", "teacher-curves.png"):
         assert (tmp_path / name).is_file(), name
     assert json.loads((tmp_path / "teacher-log.jsonl").read_text().splitlines()[0])["step"] == 4
+
+
+def test_init_from_teacher_copies_matching_stages():
+    """The tiny student starts from the teacher's shared stages; decoder stages are shifted."""
+    from edgeseg.models import build
+    from edgeseg.train import init_from_teacher
+
+    student, teacher = build("tiny-student"), build("tiny-teacher")
+    copied = init_from_teacher(student, teacher)
+    s, t = student.state_dict(), teacher.state_dict()
+    assert 0 < copied < len(s)
+    assert torch.equal(s["downs.0.rb_x1.block1.proj.weight"], t["downs.0.rb_x1.block1.proj.weight"])
+    # student decoder stage 0 (deepest, stage 2) is the teacher's decoder stage 1
+    assert torch.equal(s["ups.0.rb1.block1.proj.weight"], t["ups.1.rb1.block1.proj.weight"])
+    assert torch.equal(s["final_conv.weight"], t["final_conv.weight"])
