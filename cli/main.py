@@ -17,18 +17,13 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from edgeseg.cli import data, train
+    from edgeseg.cli import data, export, train
 
     app.command("distill")(train.distill)
     app.command("train-teacher")(train.train_teacher)
     app.command("evaluate")(train.evaluate_cmd)
     app.command("segment")(train.segment)
-    try:
-        from edgeseg.cli.export import export_cmd
-    except ImportError:  # the export command needs edgeseg.mobile
-        export_cmd = None
-    if export_cmd is not None:
-        app.command("export")(export_cmd)
+    app.command("export")(export.export_cmd)
     app.add_typer(data.app, name="data")
 
 

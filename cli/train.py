@@ -168,7 +168,7 @@ def segment(
         from edgeseg.mobile.runtime import PteSegmenter
 
         seg = PteSegmenter(model)
-        size = seg.image_size
+        size, threshold = seg.image_size[0], seg.threshold
         run = lambda x: seg(x, seed=seed)  # noqa: E731
     else:
         from edgeseg.checkpoint import load_model
@@ -176,7 +176,7 @@ def segment(
         from edgeseg.runs import resolve_checkpoint
 
         net = load_model(resolve_checkpoint(checkpoint, "student", runs_dir))
-        size = net.preset.image_size
+        size, threshold = net.preset.image_size, 0.0
         settings = _settings("ddim", steps, ensemble)
         run = lambda x: predict(net, x, settings, generator=torch.Generator().manual_seed(seed))  # noqa: E731
     out.mkdir(parents=True, exist_ok=True)
@@ -188,7 +188,7 @@ def segment(
         rgb = cv2.cvtColor(cv2.resize(bgr, (size, size), interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB)
         x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0
         mean, std = run(x)
-        mask = (mean[0, 0] > 0).numpy().astype(np.uint8)
+        mask = (mean[0, 0] > threshold).numpy().astype(np.uint8)
         full = cv2.resize(mask * 255, (w, h), interpolation=cv2.INTER_NEAREST)
         cv2.imwrite(str(out / f"{path.stem}_mask.png"), full)
         overlay = draw_outlines(x[0], None, mean[0], scale=max(1, 256 // size))
