@@ -13,6 +13,10 @@ import torch
 
 __all__ = ["distance_map", "attention", "t_power", "canny_edges"]
 
+# OpenCV's own thread pool deadlocks in DataLoader workers forked after the parent used it
+# (seen: the second epoch's worker hung). The maps are per-image and small: no threads needed.
+cv2.setNumThreads(0)
+
 # The reference computes `W * 1.1415 - D` before min-max normalising; the constant cancels
 # but we keep it so float32 rounding matches the golden vectors to the last ulp.
 _OFFSET = 1.1415
