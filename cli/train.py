@@ -141,7 +141,7 @@ def evaluate_cmd(
     write_overlays(r["keep"], out / "overlays" / f"{tag}.png", title_prefix=f"{path.stem} ")
     atomic_write_json(out / f"eval-{tag}.json", {"checkpoint": str(path), "dataset": dataset, "split": split,
                                                  "params": r["params"], **metrics_summary(r)})
-    Console().print(format_table({path.stem: r}, title=f"{dataset}/{split} ({r['n']} images)"))
+    Console(width=max(120, Console().width)).print(format_table({path.stem: r}, title=f"{dataset}/{split} ({r['n']} images)"))
     typer.echo(f"wrote {out / f'eval-{tag}.json'} and {out / 'overlays' / f'{tag}.png'}")
 
 

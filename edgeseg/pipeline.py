@@ -197,6 +197,6 @@ def run_distill(job: DistillJob) -> dict:
     if not job.quiet:
         from rich.console import Console
 
-        Console().print(format_table(results, title=f"{job.dataset} test split ({results['student']['n']} images)"))
+        Console(width=max(120, Console().width)).print(format_table(results, title=f"{job.dataset} test split ({results['student']['n']} images)"))
         Console().print(f"run folder: {run}   ({metrics['seconds']['total']:.0f} s)")
     return metrics
