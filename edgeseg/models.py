@@ -345,7 +345,10 @@ class DermoSegDiff(nn.Module):
         return 2 ** (len(self.downs) - 1)
 
     def forward(self, x_t: torch.Tensor, g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        tx, tg = self.time_x(t), self.time_g(t)
+        return self.denoise(x_t, g, self.time_x(t), self.time_g(t))
+
+    def denoise(self, x_t: torch.Tensor, g: torch.Tensor, tx: torch.Tensor, tg: torch.Tensor) -> torch.Tensor:
+        """The network given precomputed time embeddings (exported programs store them as constants)."""
         x, gg = self.init_x(x_t), self.init_g(g)
         r_x, r_g = x, gg
         skips = []

@@ -66,23 +66,6 @@ class FewStepSegmenter(nn.Module):
                 self.register_buffer(f"temb_x{i}", net.time_x(tt).detach().clone())
                 self.register_buffer(f"temb_g{i}", net.time_g(tt).detach().clone())
 
-    # the body of DermoSegDiff.forward after its time embeddings (kept in step with models.py;
-    # tests compare against sample_masks on the unmodified network)
-    def _denoise(self, x_t: torch.Tensor, g: torch.Tensor, tx: torch.Tensor, tg: torch.Tensor) -> torch.Tensor:
-        net = self.net
-        x, gg = net.init_x(x_t), net.init_g(g)
-        r_x, r_g = x, gg
-        skips = []
-        for stage in net.downs:
-            x, gg, h, b = stage(x, gg, tx, tg)
-            skips.append((h, b))
-        x = net.mid(x, gg, tx)
-        for stage in net.ups:
-            h, b = skips.pop()
-            x = stage(x, h, b, tx)
-        x = net.final_block(torch.cat([x, r_x, r_g], dim=1), tx)
-        return net.final_conv(x)
-
     def _ddim_step(self, out: torch.Tensor, x: torch.Tensor, coef, last: bool) -> torch.Tensor:
         sa, s1, sa_prev, s1_prev = coef
         p = self.prediction_type
@@ -117,7 +100,7 @@ class FewStepSegmenter(nn.Module):
                     for m, b_i in zip(self._bias_owners, self.step_biases[i - 1]):
                         m.bias = b_i
                 tx, tg = getattr(self, f"temb_x{i}"), getattr(self, f"temb_g{i}")
-                out = self._denoise(x, g, tx, tg)
+                out = self.net.denoise(x, g, tx, tg)
                 x = self._ddim_step(out, x, coef, last=i == len(self.plan) - 1)
         finally:
             for m, b0 in zip(self._bias_owners, originals):
