@@ -73,6 +73,10 @@ class NoiseSchedule:
     def T(self) -> int:
         return self.num_train_timesteps
 
+    def posterior_std(self, t: int) -> torch.Tensor:
+        """sqrt of the posterior variance, from the log-variance clipped as in the reference (var[0] == 0)."""
+        return torch.exp(0.5 * torch.log(self.posterior_variance[t].clamp(min=1e-20)))
+
     # ---- forward process ---------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (t indexes the arrays directly)."""
@@ -160,9 +164,7 @@ class DDPMScheduler(_SchedulerBase):
             return mean
         if noise is None:
             noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        # log-variance clipped as in the reference (posterior_variance[0] == 0)
-        std = torch.exp(0.5 * torch.log(s.posterior_variance[t].clamp(min=1e-20)))
-        return mean + std * noise
+        return mean + s.posterior_std(t) * noise
 
 
 class DDIMScheduler(_SchedulerBase):

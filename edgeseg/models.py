@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Preset", "PRESETS", "DermoSegDiff", "build", "preset", "list_presets", "count_params"]
+__all__ = ["Preset", "PRESETS", "DermoSegDiff", "build", "preset", "list_presets", "count_params", "flops_per_call"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -113,6 +113,22 @@ def build(name_or_preset: str | Preset, **overrides) -> "DermoSegDiff":
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_call(name: str, device: str = "meta") -> tuple[int, torch.Size]:
+    """FLOPs of one forward call at the preset's image size, batch 1 (2 FLOPs per multiply-add).
+
+    On the meta device the counter sees the same ops and shapes without computing anything.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    s = preset(name).image_size
+    with torch.device(device):
+        model = build(name).eval()
+        x, g, t = torch.randn(1, 1, s, s), torch.randn(1, 3, s, s), torch.tensor([10])
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        out = model(x, g, t)
+    return fc.get_total_flops(), out.shape
 
 
 # ----------------------------------------------------------------------------------------

@@ -189,7 +189,7 @@ class FusedDDPMScheduler(DDPMScheduler):
         if t > 0 and noise is None:
             # drawn exactly as DDPMScheduler.step draws it (same generator consumption)
             noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        std = float(torch.exp(0.5 * torch.log(s.posterior_variance[t].clamp(min=1e-20)))) if t > 0 else 0.0
+        std = float(s.posterior_std(t)) if t > 0 else 0.0
         return fused_sampler_step(
             model_output, x_t, self.prediction_type, "ddpm",
             float(s.sqrt_alphas_cumprod[t]), float(s.sqrt_one_minus_alphas_cumprod[t]),

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from edgeseg.errors import EdgesegError
-from edgeseg.models import PRESETS, DermoSegDiff, Preset, build, count_params, list_presets, preset
+from edgeseg.models import PRESETS, DermoSegDiff, Preset, build, count_params, flops_per_call, list_presets, preset
 
 # Paper Table II (millions of parameters)
 TABLE_II = {
@@ -22,20 +21,6 @@ TABLE_II = {
 }
 STAGES = {"teacher": 6, "student5": 5, "student4": 4, "student": 3}
 
-
-def flops_per_call(name: str, device: str = "meta") -> tuple[int, torch.Size]:
-    """FLOPs of one forward call at the preset's image size, batch 1 (2 FLOPs per multiply-add).
-
-    On the meta device the counter sees the same ops and shapes without computing anything.
-    """
-    p = preset(name)
-    s = p.image_size
-    with torch.device(device):
-        model = build(name).eval()
-        x, g, t = torch.randn(1, 1, s, s), torch.randn(1, 3, s, s), torch.tensor([10])
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        out = model(x, g, t)
-    return fc.get_total_flops(), out.shape
 
 
 # ----------------------------------------------------------------------------------------
