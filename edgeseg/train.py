@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -81,12 +81,15 @@ class TrainConfig:
     bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU)
     kernel_backend: str = "auto"  # fused loss: "auto", "triton" or "torch"
     init_from_teacher: bool = False  # start the student from the teacher's matching stages
+    prediction_type: str | None = None  # override the preset's ("epsilon", "sample", "v_prediction")
 
     def __post_init__(self) -> None:
         if self.role not in ("teacher", "student"):
             raise EdgesegError(f"role must be 'teacher' or 'student', got {self.role!r}")
         if self.kd not in ("efkd", "global", "none"):
             raise EdgesegError(f"--kd must be one of efkd, global, none; got {self.kd!r}")
+        if self.prediction_type not in (None, "epsilon", "sample", "v_prediction"):
+            raise EdgesegError(f"prediction_type must be epsilon, sample or v_prediction; got {self.prediction_type!r}")
         self.betas = tuple(self.betas)  # JSON round trips give lists
 
     def to_dict(self) -> dict:
@@ -214,13 +217,10 @@ class Trainer:
         if cfg.batch_size % self.world:
             raise EdgesegError(f"batch size {cfg.batch_size} is not divisible by {self.world} processes")
         self.p = preset(cfg.preset)
+        if cfg.prediction_type is not None:
+            self.p = replace(self.p, prediction_type=cfg.prediction_type)
         if cfg.role == "student" and teacher is None and cfg.kd != "none":
             raise EdgesegError("a student needs a teacher for KD (or use --kd none)")
-        if teacher is not None and teacher.preset.prediction_type != self.p.prediction_type:
-            raise EdgesegError(
-                f"teacher predicts {teacher.preset.prediction_type!r} but student {self.p.name} "
-                f"predicts {self.p.prediction_type!r}; they must match for distillation"
-            )
         torch.manual_seed(cfg.seed)  # weight init
         self.model = build(self.p).to(self.device)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
@@ -321,11 +321,16 @@ class Trainer:
             pred = model(x_t, image, t)
             if self.cfg.role == "teacher":
                 return teacher_objective(pred, target, d, t, self.schedule.T, self.cfg.w_l2, self.cfg.w_boundary)
-            if self.teacher is not None:
+            if self.teacher is not None and self.cfg.kd != "none":
                 with torch.no_grad():
                     pred_t = self.teacher(x_t, image, t)
-            else:
+            else:  # no KD: a teacher given anyway only initialises the student (init_from_teacher)
                 pred_t = torch.zeros_like(pred)
+        if self.teacher is not None and self.cfg.kd != "none" and self.teacher.preset.prediction_type != self.p.prediction_type:
+            # distil across parameterisations: the teacher's output, read as (x0, eps), re-expressed
+            # in the student's (x0 clipped to [-1, 1], as the sampler does)
+            x0_t, eps_t = self.schedule.to_x0_eps(pred_t.float(), x_t, t, self.teacher.preset.prediction_type)
+            pred_t = self.schedule.training_target(x0_t, eps_t, t, self.p.prediction_type)
         return distill_loss(pred.float(), pred_t.float(), target, d, t, self.schedule.T, self.cfg)
 
     def train_step(self, batch) -> dict[str, float]:

@@ -339,17 +339,63 @@ def test_student_kd_none_needs_no_teacher(tmp_path, data):
     assert t.step == 1 and math.isfinite(logs["loss"]) and logs["kd"] == 0.0
 
 
+def test_kd_none_with_a_teacher_only_initialises(tmp_path, data):
+    teacher = micro_teacher()
+    t = trainer(cfg(kd="none", init_from_teacher=True), tmp_path, data, teacher=teacher)
+    ts = teacher.state_dict()
+    copied = [k for k, v in t.model.state_dict().items() if k in ts and ts[k].shape == v.shape and torch.equal(ts[k], v)]
+    assert copied, "init_from_teacher copied nothing"
+
+    def boom(*_):
+        raise AssertionError("the teacher ran although kd is none")
+
+    teacher.forward = boom
+    logs = t.train_step(next(iter(t._loader(0))))
+    assert math.isfinite(logs["loss"]) and logs["kd"] == 0.0
+
+
 @pytest.mark.parametrize("kd", ["efkd", "global"])
 def test_student_kd_without_teacher_is_a_user_error(tmp_path, data, kd):
     with pytest.raises(EdgesegError, match="needs a teacher"):
         trainer(cfg(kd=kd), tmp_path, data)
 
 
-def test_teacher_student_prediction_type_mismatch(tmp_path, data):
-    p = micro_teacher().preset
-    eps_teacher = build(Preset.from_dict({**p.to_dict(), "name": "micro-teacher-eps", "prediction_type": "epsilon"}))
-    with pytest.raises(EdgesegError, match="must match"):
-        trainer(cfg(), tmp_path, data, teacher=eps_teacher)
+@pytest.mark.parametrize("student_type", ["epsilon", "sample", "v_prediction"])
+def test_kd_across_prediction_types_converts_the_teacher(tmp_path, data, student_type):
+    """A student of another parameterisation learns from the teacher's output re-expressed in its own:
+    with the student initialised to the teacher (same network) and sample -> other -> sample, the KD
+    term compares like with like, so a student equal to an x0 teacher converted gets KD loss 0 only
+    when the conversion is right."""
+    teacher = micro_teacher()  # predicts "sample"
+    t = trainer(cfg(kd="global", prediction_type=student_type), tmp_path, data, teacher=teacher)
+    assert t.p.prediction_type == student_type and t.model.preset.prediction_type == student_type
+    image, mask, d = next(iter(t._loader(0)))
+    tt, noise = t._draw(len(image), tuple(mask.shape[1:]))
+    x_t = t.schedule.q_sample(mask, tt, noise)
+    with torch.no_grad():
+        x0 = teacher(x_t, image, tt).clamp(-1, 1)
+        eps = (x_t - t.schedule.sqrt_alphas_cumprod[tt].view(-1, 1, 1, 1) * x0) / \
+            t.schedule.sqrt_one_minus_alphas_cumprod[tt].view(-1, 1, 1, 1)
+        want = t.schedule.training_target(x0, eps, tt, student_type)
+        if student_type == "sample":  # same parameterisation: the raw output, no conversion
+            want = teacher(x_t, image, tt)
+
+    class Echo(torch.nn.Module):  # a "student" that outputs exactly the converted teacher
+        def forward(self, *_):
+            return want
+
+    _, terms = t.loss_on(Echo(), image, mask, d, tt, noise)
+    assert terms["kd"] < 1e-8, terms
+
+
+def test_prediction_type_override_is_saved_with_the_model(tmp_path, data):
+    from edgeseg.checkpoint import load_model
+
+    t = trainer(cfg(kd="none", prediction_type="v_prediction", epochs=1), tmp_path, data)
+    t.fit()
+    assert load_model(tmp_path / "student.safetensors").preset.prediction_type == "v_prediction"
+    with pytest.raises(EdgesegError, match="prediction_type"):
+        TrainConfig(prediction_type="x0")
 
 
 def test_config_errors():
