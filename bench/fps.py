@@ -5,7 +5,8 @@
     python bench/fps.py --quick --out /tmp/b    # smoke run: tiny-student, 3 configs, seconds
     python bench/fps.py --checkpoint runs/x/student.safetensors --pte my.pte
 
-For every preset (default: tiny-student, student-mobile, student-isic2018 and teacher-isic2018):
+For every preset (default: tiny-student, tiny-teacher, student-mobile, student-isic2018, teacher-isic2018;
+the tiny ones trained: the newest run's checkpoints, else those shipped in the package):
 
 * eager PyTorch, the paper's protocol (ancestral DDPM, 250 steps x 9 samples): the network is
   timed on a few calls at batch 9 (the ensemble as a batch) and the per-image latency is
@@ -14,6 +15,8 @@ For every preset (default: tiny-student, student-mobile, student-isic2018 and te
 * eager PyTorch, few-step DDIM at the default K and N (``edgeseg.mobile.export.DEFAULTS``);
 * the fp32 and the int8 ExecuTorch ``.pte`` (XNNPACK) at the default K and N, exported into
   ``--export-dir`` (reused when already there) or given with ``--pte``;
+* untrained presets above ``LARGE_GFLOP`` per call (the paper's 128 px networks): eager only, and the
+  few-step row is extrapolated like the paper's (``--measure-large`` measures them in full, with .pte);
 * for presets with a trained checkpoint, the sweep K in (1, 2, 4, 8, 16) x N in (1, 3, 9) in
   eager PyTorch (``--pte-sweep`` adds the int8 .pte): the accuracy-vs-latency curve.
 
@@ -43,7 +46,11 @@ if str(REPO) not in sys.path:
 
 from bench import common  # noqa: E402
 
-DEFAULT_PRESETS = ("tiny-student", "student-mobile", "student-isic2018", "teacher-isic2018")
+DEFAULT_PRESETS = ("tiny-student", "tiny-teacher", "student-mobile", "student-isic2018", "teacher-isic2018")
+# Untrained presets above this many GFLOP per call (the paper's 128 px networks, ~54-56 GFLOP) are
+# timed per network call and extrapolated (K x one call at batch N), without .pte exports, so the
+# default run fits 30 minutes on 2 cores; --measure-large runs them in full.
+LARGE_GFLOP = 20.0
 SWEEP_K = (1, 2, 4, 8, 16)
 SWEEP_N = (1, 3, 9)
 PAPER_STEPS, PAPER_ENSEMBLE = 250, 9
@@ -107,8 +114,8 @@ def measure_one(spec: dict) -> dict:
 
     if spec["backend"] == "eager":
         model = _load_eager(spec)
-        if spec["sampler"] == "ddpm":
-            # the paper protocol, extrapolated: 250 x one network call at batch 9
+        if spec["sampler"] == "ddpm" or spec.get("extrapolate"):
+            # the paper protocol (or a large untrained preset), extrapolated: K x one network call at batch N
             x = torch.randn(N, 1, s, s, generator=gen)
             g = image.repeat_interleave(N, 0)
             with torch.no_grad():
@@ -121,7 +128,7 @@ def measure_one(spec: dict) -> dict:
                         times.append(dt * K)
             out["extrapolated"] = True
             out["extrapolation"] = (f"{K} x the median of {repeats} timed network calls at batch {N} (the ensemble as "
-                                    f"a batch, after {warmup} warm-up); DDPM step arithmetic not included")
+                                    f"a batch, after {warmup} warm-up); sampler step arithmetic not included")
         else:
             from edgeseg.evaluate import SamplerSettings, predict
 
@@ -201,7 +208,8 @@ def _gflop_per_call(name: str, cache: dict) -> float:
 
 
 def resolve_checkpoints(args) -> dict[str, str]:
-    """{preset: checkpoint path}: every --checkpoint, else the newest run's student/teacher."""
+    """{preset: checkpoint path}: every --checkpoint, else the newest run's student/teacher, else the
+    checkpoints shipped in the package (tiny-teacher, tiny-student on the synthetic set)."""
     from edgeseg.checkpoint import load_preset
 
     found: dict[str, str] = {}
@@ -217,6 +225,14 @@ def resolve_checkpoints(args) -> dict[str, str]:
     for p in paths:
         preset, _ = load_preset(p)
         found.setdefault(preset.name, str(Path(p).resolve()))
+    if not args.checkpoint and not args.no_run_checkpoint:
+        # a fresh clone has no runs: the package ships the trained tiny teacher and student
+        from edgeseg.pipeline import shipped_checkpoint
+
+        for name in args.presets:
+            shipped = shipped_checkpoint(name, "synthetic")
+            if name not in found and shipped is not None:
+                found[name] = str(shipped)
     return found
 
 
@@ -257,8 +273,10 @@ def build_plan(args, checkpoints: dict[str, str]) -> list[dict]:
             job(backend="eager", precision="fp32", sampler="ddpm", steps=PAPER_STEPS, ensemble=PAPER_ENSEMBLE,
                 repeats=args.paper_calls, dice_images=args.paper_dice_images,
                 dice_reason=base["dice_reason"] or (None if args.paper_dice_images > 0 else "skipped (--paper-dice-images 0)"))
-        job(backend="eager", precision="fp32", sampler="ddim", steps=dk, ensemble=dn, default=True)
-        if not args.skip_pte and not args.quick:
+        large = base["gflop"] > LARGE_GFLOP and ck is None and not args.measure_large
+        job(backend="eager", precision="fp32", sampler="ddim", steps=dk, ensemble=dn, default=True,
+            extrapolate=large, repeats=args.paper_calls if large else args.repeats)
+        if not args.skip_pte and not args.quick and not large:
             for q in ("fp32", "int8"):
                 job(backend="executorch", precision=q, sampler="ddim", steps=dk, ensemble=dn, default=True,
                     pte="export")
@@ -315,7 +333,7 @@ def probe_gflops(threads: int) -> float:
 
 def estimate_s(job: dict, gflops: float, exported: set) -> float:
     calls = job["steps"] * job["ensemble"]
-    if job["sampler"] == "ddpm":
+    if job["sampler"] == "ddpm" or job.get("extrapolate"):
         timing = (job["warmup"] + job["repeats"]) * job["ensemble"] * job["gflop"] / gflops
         dice = job["dice_images"] * calls * job["gflop"] / gflops if job["dice_reason"] is None else 0
     else:
@@ -466,7 +484,8 @@ def parse_args(argv):
     ap.add_argument("--checkpoint", action="append", help="trained checkpoint (repeatable; its preset is read from "
                     "its JSON). Default: the newest run's student and teacher under --runs-dir")
     ap.add_argument("--runs-dir", default="runs")
-    ap.add_argument("--no-run-checkpoint", action="store_true", help="do not look for a run's checkpoints")
+    ap.add_argument("--no-run-checkpoint", action="store_true",
+                    help="do not look for a run's or the package's checkpoints (every preset untrained)")
     ap.add_argument("--pte", action="append", help="also benchmark this exported .pte (needs its .pte.json sidecar)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--export-dir", type=Path, default=REPO / ".cache" / "bench-exports")
@@ -487,6 +506,8 @@ def parse_args(argv):
     ap.add_argument("--skip-pte", action="store_true", help="no .pte exports")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep-all", action="store_true", help="sweep untrained presets too (latency only)")
+    ap.add_argument("--measure-large", action="store_true",
+                    help=f"measure untrained presets above {LARGE_GFLOP:g} GFLOP/call in full (.pte included; hours)")
     ap.add_argument("--pte-sweep", action="store_true", help="also export and time the int8 .pte over the sweep")
     ap.add_argument("--parity-images", type=int, default=4, help="held-out images for each export's parity check")
     ap.add_argument("--calibration-images", type=int, default=8, help="training images for int8 calibration")

@@ -20,7 +20,7 @@ from edgeseg.models import count_params, preset
 from edgeseg.runs import RUNS_DIR
 from edgeseg.train import TrainConfig, Trainer, init_distributed, paper_recipe, tiny_recipe
 
-__all__ = ["DistillJob", "run_distill", "run_train_teacher", "default_presets", "shipped_teacher",
+__all__ = ["DistillJob", "run_distill", "run_train_teacher", "default_presets", "shipped_teacher", "shipped_checkpoint",
            "DEFAULT_EVAL"]
 
 # Few-step evaluation used by the main job (x0-prediction presets); see README "Sampling defaults".
@@ -42,12 +42,22 @@ def default_presets(dataset: str) -> tuple[str, str]:
     return _PAPER_PRESETS[dataset]
 
 
-def shipped_teacher(preset_name: str, dataset: str) -> Path | None:
-    """The teacher checkpoint shipped inside the package for (preset, dataset), if any."""
-    if (preset_name, dataset) != ("tiny-teacher", "synthetic"):
+SHIPPED = {("tiny-teacher", "synthetic"): "tiny-teacher-synthetic", ("tiny-student", "synthetic"): "tiny-student-synthetic"}
+
+
+def shipped_checkpoint(preset_name: str, dataset: str) -> Path | None:
+    """The checkpoint shipped inside the package for (preset, dataset), if any: the tiny teacher
+    (1500 steps) and the main job's distilled tiny student, both on the synthetic set."""
+    stem = SHIPPED.get((preset_name, dataset))
+    if stem is None:
         return None
-    path = Path(str(resources.files("edgeseg") / "assets" / "tiny-teacher-synthetic.safetensors"))
+    path = Path(str(resources.files("edgeseg") / "assets" / f"{stem}.safetensors"))
     return path if path.exists() else None
+
+
+def shipped_teacher(preset_name: str, dataset: str) -> Path | None:
+    """The shipped teacher for (preset, dataset), if any."""
+    return shipped_checkpoint(preset_name, dataset) if preset_name.endswith("teacher") else None
 
 
 def recipe(role: str, preset_name: str, dataset: str, data_dir: str | None) -> TrainConfig:

@@ -90,3 +90,61 @@ def test_android_dry_run(tmp_path):
     r = subprocess.run(["bash", str(REPO / "bench" / "phone" / "android.sh"), "--dry-run", str(pte)],
                        capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode != 0 and "sidecar" in r.stderr
+
+
+def test_fps_plan_extrapolates_large_untrained_presets_and_uses_shipped_checkpoints(capsys):
+    from bench import fps
+
+    args = fps.parse_args(["--plan"])
+    checkpoints = fps.resolve_checkpoints(args)
+    plan = fps.build_plan(args, checkpoints)
+    # a fresh clone: the shipped tiny teacher and student are trained checkpoints
+    assert {"tiny-student", "tiny-teacher"} <= set(checkpoints)
+    large = [j for j in plan if j["preset"] in ("student-isic2018", "teacher-isic2018")]
+    assert large and all(j["backend"] == "eager" for j in large)
+    assert all(j["sampler"] == "ddpm" or j["extrapolate"] for j in large)
+    small_pte = {(j["preset"], j["precision"]) for j in plan if j["backend"] == "executorch"}
+    assert {("tiny-student", "fp32"), ("tiny-student", "int8"), ("student-mobile", "int8")} <= small_pte
+    measured = fps.build_plan(fps.parse_args(["--plan", "--measure-large"]), checkpoints)
+    assert any(j["preset"] == "student-isic2018" and j["backend"] == "executorch" for j in measured)
+
+
+def test_ablation_quick_writes_table_curve_overlays(tmp_path):
+    out, work = tmp_path / "res", tmp_path / "work"
+    cmd = [sys.executable, str(REPO / "bench" / "ablation.py"), "--quick", "--out", str(out), "--work", str(work),
+           "--only", "teacher,no-kd,global-kd,efkd-tau0.6,efkd-tau0.9,efkd-epsilon,unet", "--jobs", "2"]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads((out / "ablation.json").read_text())
+    assert doc["quick"] is True and doc["budget"]["seeds"] == 2
+    agg = doc["aggregate"]
+    assert set(agg) == {"teacher", "no-kd", "global-kd", "efkd-tau0.6", "efkd-tau0.9", "efkd-epsilon", "unet"}
+    for name, a in agg.items():
+        assert a["seeds"] == [0, 1], name
+        for m in ("dsc", "iou", "hd95", "bf", "se", "sp", "acc"):
+            assert a["metrics"][m]["n"] == 2 and a["metrics"][m]["std"] >= 0, (name, m)
+        assert 0 <= a["metrics"]["dsc"]["mean"] <= 1
+    # the seeds really differ (different init/data order/noise), the teacher's only in eval noise
+    runs = {(r["variant"], r["seed"]): r for r in doc["runs"]}
+    assert runs[("efkd-tau0.6", 0)]["metrics"] != runs[("efkd-tau0.6", 1)]["metrics"]
+    # prediction-type variants: K sweep and the paper protocol (seed 0 only)
+    for name in ("efkd-tau0.6", "efkd-epsilon"):
+        assert set(agg[name]["by_steps"]) == {"1", "2"} and agg[name]["paper_protocol"]["dsc"]["n"] == 1
+    assert doc["cost"]["unet"]["params"] < 200_000
+    assert doc["cost"]["student"]["params"] < doc["cost"]["teacher"]["params"]
+    md = (out / "ablation.md").read_text()
+    for text in ("Objective (Table I style)", "EFKD tau sweep", "Prediction type", "U-Net", "±"):
+        assert text in md, text
+    for png in ("ablation-tau.png", "ablation-overlays.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second run reuses every finished run (resumable) and reproduces the table
+    r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert r2.returncode == 0 and "14 already done" in r2.stdout.replace("\n", " ")
+    assert json.loads((out / "ablation.json").read_text())["aggregate"] == agg
+
+
+def test_ablation_unknown_variant_is_a_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "ablation.py"), "--quick", "--only", "efkd-tau7",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown variants" in r.stdout and "Traceback" not in r.stderr
