@@ -220,6 +220,28 @@ def measure_cost(teacher_path: str, student_preset: str, budget: Budget, threads
     return cost
 
 
+def paper_subset_ddim(runs: list[dict], work: Path, job: dict, budget: Budget) -> None:
+    """For runs with a paper-protocol score, the DDIM K-step scores on the SAME few images (the
+    paper subset), so the comparison is like for like. Cheap; added in place as ``paper_subset``."""
+    import torch
+
+    from edgeseg.checkpoint import load_model
+    from edgeseg.data import load_dataset
+
+    torch.set_num_threads(job["threads"])
+    test_ds = None
+    for r in runs:
+        if "paper_protocol" not in r or "paper_subset" in r:
+            continue
+        f = work / f"{r['variant']}-s{r['seed']}" / "student.safetensors"
+        model = load_model(f if f.exists() else job["teacher"]).eval()
+        if test_ds is None:
+            test_ds = load_dataset(job["dataset"], "test", data_dir=job["data_dir"], size=model.preset.image_size)
+        r["paper_subset"] = {str(k): _evaluate(model, test_ds, ("ddim", k, budget.eval_ensemble), budget.paper_images,
+                                               r["seed"]) for k in budget.pred_steps}
+        write_json(work / f"{r['variant']}-s{r['seed']}.json", r)
+
+
 # ----------------------------------------------------------------------------------------
 # aggregation, table, pictures
 # ----------------------------------------------------------------------------------------
@@ -246,6 +268,9 @@ def aggregate(runs: list[dict]) -> dict:
         pp = [r["paper_protocol"] for r in rs if "paper_protocol" in r]
         if pp:
             a["paper_protocol"] = {m: mean_std([p[m] for p in pp]) for m in METRICS}
+        ps = [r["paper_subset"] for r in rs if "paper_subset" in r]
+        if ps:
+            a["paper_subset"] = {k: {m: mean_std([p[k][m] for p in ps]) for m in METRICS} for k in ps[0]}
         out[name] = a
     return out
 
@@ -305,6 +330,14 @@ def markdown(doc: dict) -> str:
         pp = a.get("paper_protocol")
         cells.append(f"{_pm(pp['dsc'])} / {_pm(pp['bf'])} (n={pp['dsc']['n']})" if pp else "-")
         lines.append(f"| {v.prediction_type or doc['teacher_prediction_type']} | " + " | ".join(cells) + " |")
+    for v in vs:
+        a = agg.get(v.name, {})
+        if "pred" not in v.groups or "paper_subset" not in a:
+            continue
+        sub = a["paper_subset"]
+        cells = [f"{_pm(sub[k]['dsc'])} / {_pm(sub[k]['bf'])}" if k in sub else "-" for k in ks]
+        lines.append(f"| {v.prediction_type or doc['teacher_prediction_type']}, same {budget.paper_images} images as "
+                     f"the paper protocol | " + " | ".join(cells) + " | (as above) |")
     lines.append("| student latency (ms/img) | " + " | ".join(
         f"{scost[f'ddim{k}x{budget.eval_ensemble}']['latency_ms']:.0f}" for k in ks)
         + f" | {scost['paper']['latency_ms']:.0f} (extrapolated) |")
@@ -487,6 +520,10 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(r)
             prog.update(task, advance=1, last=f"{v.name} s{s}: DSC {100 * r['metrics']['dsc']:.2f} ({r['seconds']:.0f} s)")
     run_seconds = time.time() - t0
+    wall_file = work / "wall.json"  # run-phase wall time, summed over invocations (resumed runs)
+    wall = (json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else 0.0) + (run_seconds if todo else 0.0)
+    write_json(wall_file, {"seconds": round(wall, 1), "jobs": args.jobs, "threads": args.threads})
+    paper_subset_ddim(runs, work, job, budget)
 
     console.print("measuring cost (params, GFLOP, latency per image)")
     cost = measure_cost(str(teacher), args.student_preset, budget, args.threads, repeats=3 if args.quick else 10)
@@ -497,18 +534,21 @@ def main(argv: list[str] | None = None) -> int:
         "student_preset": args.student_preset, "budget": asdict(budget),
         "variants": [asdict(v) for v in vs], "cost": cost,
         "aggregate": aggregate(runs), "runs": sorted(runs, key=lambda r: (r["variant"], r["seed"])),
-        "seconds": {"runs": round(run_seconds, 1), "total": None},
+        "seconds": {"runs_wall": round(wall, 1), "runs_sum": round(sum(r["seconds"] for r in runs), 1),
+                    "this_invocation": None},
     }
     suffix = "" if args.dataset == "synthetic" else f"-{args.dataset}"
     plot_tau(doc, out / f"ablation{suffix}-tau.png")
     plot_overlays(doc, work, str(teacher), out / f"ablation{suffix}-overlays.png", job, budget)
-    doc["seconds"]["total"] = round(time.time() - t0, 1)
+    doc["seconds"]["this_invocation"] = round(time.time() - t0, 1)
     write_json(out / f"ablation{suffix}.json", doc)
     md = markdown(doc)
-    (out / f"ablation{suffix}.md").write_text(md + f"\nWall time: {doc['seconds']['total'] / 60:.1f} min "
-                                              f"({args.jobs} jobs x {args.threads} thread(s)).\n")
+    (out / f"ablation{suffix}.md").write_text(
+        md + f"\nRun time: {wall / 60:.1f} min wall for the {len(tasks)} runs ({args.jobs} jobs x {args.threads} "
+        f"thread(s); {doc['seconds']['runs_sum'] / 60:.1f} min summed over runs), then "
+        f"{doc['seconds']['this_invocation'] - run_seconds:.0f} s for cost, pictures and tables.\n")
     console.print(md)
-    console.print(f"wrote {out}/ablation{suffix}.{{json,md}}, -tau.png, -overlays.png in {doc['seconds']['total']:.0f} s")
+    console.print(f"wrote {out}/ablation{suffix}.{{json,md}}, -tau.png, -overlays.png")
     return 0
 
 

@@ -17,8 +17,9 @@ the tiny ones trained: the newest run's checkpoints, else those shipped in the p
   ``--export-dir`` (reused when already there) or given with ``--pte``;
 * untrained presets above ``LARGE_GFLOP`` per call (the paper's 128 px networks): eager only, and the
   few-step row is extrapolated like the paper's (``--measure-large`` measures them in full, with .pte);
-* for presets with a trained checkpoint, the sweep K in (1, 2, 4, 8, 16) x N in (1, 3, 9) in
-  eager PyTorch (``--pte-sweep`` adds the int8 .pte): the accuracy-vs-latency curve.
+* for student presets with a trained checkpoint, the sweep K in (1, 2, 4, 8, 16) x N in (1, 3, 9) in
+  eager PyTorch (``--pte-sweep`` adds the int8 .pte): the accuracy-vs-latency curve;
+* teachers: eager rows only (``--teacher-pte`` exports them too).
 
 Every configuration runs in its own child process (``--measure-one``), which times one image
 per run after warm-up (median and IQR over the runs), reads its own peak resident memory
@@ -254,6 +255,11 @@ def build_plan(args, checkpoints: dict[str, str]) -> list[dict]:
     for name in args.presets:
         p = get_preset(name)
         ck = checkpoints.get(name)
+        # a checkpoint may carry another prediction type than its preset's default (ablation students)
+        if ck:
+            from edgeseg.checkpoint import load_preset
+
+            p = load_preset(ck)[0]
         dk, dn = default_steps_ensemble(p.prediction_type)
         if args.steps:
             dk = args.steps
@@ -276,17 +282,18 @@ def build_plan(args, checkpoints: dict[str, str]) -> list[dict]:
         large = base["gflop"] > LARGE_GFLOP and ck is None and not args.measure_large
         job(backend="eager", precision="fp32", sampler="ddim", steps=dk, ensemble=dn, default=True,
             extrapolate=large, repeats=args.paper_calls if large else args.repeats)
-        if not args.skip_pte and not args.quick and not large:
+        if not args.skip_pte and not args.quick and not large and (p.role == "student" or args.teacher_pte):
             for q in ("fp32", "int8"):
                 job(backend="executorch", precision=q, sampler="ddim", steps=dk, ensemble=dn, default=True,
                     pte="export")
-        do_sweep = (ck is not None or args.sweep_all) and not args.no_sweep
+        do_sweep = (ck is not None or args.sweep_all) and not args.no_sweep and p.role == "student"
         if do_sweep:
             grid = [(k, n) for k in SWEEP_K for n in SWEEP_N] if not args.quick else [(1, 1)]
             for k, n in grid:
                 if (k, n) == (dk, dn):
                     continue
-                job(backend="eager", precision="fp32", sampler="ddim", steps=k, ensemble=n, sweep=True)
+                job(backend="eager", precision="fp32", sampler="ddim", steps=k, ensemble=n, sweep=True,
+                    dice_images=args.sweep_dice_images)
                 if args.pte_sweep and not args.quick:
                     job(backend="executorch", precision="int8", sampler="ddim", steps=k, ensemble=n, sweep=True,
                         pte="export")
@@ -501,11 +508,14 @@ def parse_args(argv):
                     "extrapolation (default 5, --quick 2)")
     ap.add_argument("--dice-images", type=int, default=None, help="test images for Dice (default 32, --quick 4)")
     ap.add_argument("--paper-dice-images", type=int, default=None,
-                    help="test images for the paper protocol's Dice (250 x 9 calls each; default 4, --quick 0)")
+                    help="test images for the paper protocol's Dice (250 x 9 calls each; default 2, --quick 0)")
     ap.add_argument("--skip-paper", action="store_true", help="no paper-protocol rows")
     ap.add_argument("--skip-pte", action="store_true", help="no .pte exports")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep-all", action="store_true", help="sweep untrained presets too (latency only)")
+    ap.add_argument("--teacher-pte", action="store_true", help="export and time the teachers' .pte too")
+    ap.add_argument("--sweep-dice-images", type=int, default=None, help="test images for the sweep's Dice "
+                    "(default 16, --quick 4)")
     ap.add_argument("--measure-large", action="store_true",
                     help=f"measure untrained presets above {LARGE_GFLOP:g} GFLOP/call in full (.pte included; hours)")
     ap.add_argument("--pte-sweep", action="store_true", help="also export and time the int8 .pte over the sweep")
@@ -522,7 +532,8 @@ def parse_args(argv):
     args.warmup = dflt(args.warmup, 2, 1)
     args.paper_calls = dflt(args.paper_calls, 5, 2)
     args.dice_images = dflt(args.dice_images, 32, 4)
-    args.paper_dice_images = dflt(args.paper_dice_images, 4, 0)
+    args.paper_dice_images = dflt(args.paper_dice_images, 2, 0)
+    args.sweep_dice_images = dflt(args.sweep_dice_images, 16, 4)
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -589,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup, "paper_calls": args.paper_calls,
         "dice_images": args.dice_images, "paper_dice_images": args.paper_dice_images,
+        "sweep_dice_images": args.sweep_dice_images,
         "dice_dataset": "synthetic test split (first images, seed of the checkpoint's training config)",
         "sweep_k": list(SWEEP_K), "sweep_n": list(SWEEP_N), "presets": args.presets,
         "checkpoints": checkpoints, "probe_gflops": round(gflops, 2), "estimated_s": round(est_total, 1),

@@ -31,6 +31,7 @@ import platform
 import shutil
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -117,6 +118,37 @@ def _dataset_of(meta: dict, dataset: str | None, data_dir) -> tuple[str, str | N
     elif dataset != cfg.get("dataset"):
         seed = 0
     return (dataset or "synthetic"), (str(data_dir) if data_dir is not None else None), seed
+
+
+@dataclass
+class _ExportJob:
+    """What both exports resolve first: the model, K and N, the output path, the images' dataset."""
+
+    model: nn.Module
+    checkpoint: str | None
+    steps: int
+    ensemble: int
+    out: Path
+    dataset: str
+    data_dir: str | None
+    data_seed: int
+
+    @classmethod
+    def resolve(cls, model_or_ckpt, out, steps, ensemble, quantize: str, dataset, data_dir, target: str, ext: str,
+                tags: dict[str, str]) -> "_ExportJob":
+        if quantize not in tags:
+            raise EdgesegError(f"--quantize must be one of {', '.join(tags)} for {target}, got {quantize!r}")
+        model, checkpoint, ck_meta = load_for_export(model_or_ckpt)
+        p = model.preset
+        dk, dn = default_steps_ensemble(p.prediction_type)
+        steps, ensemble = int(steps or dk), int(ensemble or dn)
+        out = Path(out) if out is not None else Path(f"{p.name}-k{steps}n{ensemble}-{tags[quantize]}{ext}")
+        if out.suffix != ext:
+            raise EdgesegError(f"{out}: {'an ExecuTorch program' if ext == '.pte' else 'a CoreML ML program'} "
+                               f"must end in {ext}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        dataset, data_dir, data_seed = _dataset_of(ck_meta, dataset, data_dir)
+        return cls(model, checkpoint, steps, ensemble, out, dataset, data_dir, data_seed)
 
 
 def load_images(dataset: str, split: str, n: int, size: int, data_dir=None, seed: int = 0) -> torch.Tensor:
@@ -303,18 +335,11 @@ def export_executorch(
     Raises EdgesegError when the parity gate fails (see the module docstring). `prepare` is the
     network rewrite (tests pass a broken one to check the gate).
     """
-    model, checkpoint, ck_meta = load_for_export(model_or_ckpt)
-    p = model.preset
-    dk, dn = default_steps_ensemble(p.prediction_type)
-    steps, ensemble = int(steps or dk), int(ensemble or dn)
-    if quantize not in PARITY_THRESHOLDS:
-        raise EdgesegError(f"--quantize must be one of {', '.join(PARITY_THRESHOLDS)} for ExecuTorch, got {quantize!r}")
+    job = _ExportJob.resolve(model_or_ckpt, out, steps, ensemble, quantize, dataset, data_dir, "ExecuTorch", ".pte",
+                             {"none": "fp32", "int8": "int8"})
+    model, checkpoint, p, out = job.model, job.checkpoint, job.model.preset, job.out
+    steps, ensemble, dataset, data_dir, data_seed = job.steps, job.ensemble, job.dataset, job.data_dir, job.data_seed
     threshold = PARITY_THRESHOLDS[quantize] if parity_threshold is None else parity_threshold
-    out = Path(out) if out is not None else Path(f"{p.name}-k{steps}n{ensemble}-{'int8' if quantize == 'int8' else 'fp32'}.pte")
-    if out.suffix != ".pte":
-        raise EdgesegError(f"{out}: an ExecuTorch program must end in .pte")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    dataset, data_dir, data_seed = _dataset_of(ck_meta, dataset, data_dir)
     s = p.image_size
 
     _say(progress, f"loading held-out images ({dataset}, test split)")
@@ -375,7 +400,6 @@ def export_executorch(
 # ----------------------------------------------------------------------------------------
 # CoreML
 # ----------------------------------------------------------------------------------------
-COREML_QUANTIZE = ("none", "int8", "palettize")
 
 
 def _compress_coreml(mlmodel, quantize: str, nbits: int):
@@ -458,18 +482,10 @@ def export_coreml(
     """
     import coremltools as ct
 
-    model, checkpoint, ck_meta = load_for_export(model_or_ckpt)
-    p = model.preset
-    dk, dn = default_steps_ensemble(p.prediction_type)
-    steps, ensemble = int(steps or dk), int(ensemble or dn)
-    if quantize not in COREML_QUANTIZE:
-        raise EdgesegError(f"--quantize must be one of {', '.join(COREML_QUANTIZE)} for CoreML, got {quantize!r}")
-    suffix = {"none": "fp16", "int8": "int8", "palettize": f"pal{nbits}"}[quantize]
-    out = Path(out) if out is not None else Path(f"{p.name}-k{steps}n{ensemble}-{suffix}.mlpackage")
-    if out.suffix != ".mlpackage":
-        raise EdgesegError(f"{out}: a CoreML ML program must end in .mlpackage")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    dataset, data_dir, data_seed = _dataset_of(ck_meta, dataset, data_dir)
+    job = _ExportJob.resolve(model_or_ckpt, out, steps, ensemble, quantize, dataset, data_dir, "CoreML", ".mlpackage",
+                             {"none": "fp16", "int8": "int8", "palettize": f"pal{nbits}"})
+    model, checkpoint, p, out = job.model, job.checkpoint, job.model.preset, job.out
+    steps, ensemble, dataset, data_dir, data_seed = job.steps, job.ensemble, job.dataset, job.data_dir, job.data_seed
     s = p.image_size
 
     _say(progress, f"exporting {p.name}: {steps} DDIM steps x ensemble {ensemble} unrolled")
