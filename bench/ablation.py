@@ -379,8 +379,13 @@ def plot_tau(doc: dict, path: Path) -> Path:
     return path
 
 
+SHORT = {"teacher": "teacher", "no-kd": "no KD", "global-kd": "global", "efkd-tau0.6": "EFKD", "unet": "U-Net"}
+
+
 def plot_overlays(doc: dict, work: Path, teacher_path: str, path: Path, job: dict, budget: Budget) -> Path:
-    """The same hard test images (lowest teacher boundary F-score) under each variant (seed 0)."""
+    """The same hard test images (lowest teacher boundary F-score) under each variant (seed 0).
+
+    One row per image; labels are "variant DSC/BF" in %; true outline green, prediction magenta."""
     import torch
 
     from edgeseg.baselines import SmallUNet
@@ -425,7 +430,7 @@ def plot_overlays(doc: dict, work: Path, teacher_path: str, path: Path, job: dic
             d = float(dice(mean > 0, masks[i : i + 1] > 0)[0])
             b = float(boundary_fscore(mean > 0, masks[i : i + 1] > 0)[0])
             tiles.append(draw_outlines(imgs[i], masks[i], mean[0]))
-            labels.append(f"#{i} {name}: DSC {100 * d:.1f} BF {100 * b:.1f}")
+            labels.append(f"{SHORT.get(name, name)} {100 * d:.0f}/{100 * b:.0f}")
     return save_grid(tiles, path, cols=len(cols), labels=labels)
 
 
