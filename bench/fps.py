@@ -55,7 +55,7 @@ LARGE_GFLOP = 20.0
 SWEEP_K = (1, 2, 4, 8, 16)
 SWEEP_N = (1, 3, 9)
 PAPER_STEPS, PAPER_ENSEMBLE = 250, 9
-FALLBACK_DEFAULTS = {"sample": (2, 3), "v_prediction": (4, 3), "epsilon": (10, 3)}
+FALLBACK_DEFAULTS = {"sample": (1, 3), "v_prediction": (1, 3), "epsilon": (10, 3)}
 RESULT_TAG = "BENCH-RESULT "
 
 

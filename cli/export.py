@@ -27,10 +27,10 @@ class Quantize(str, Enum):
 
 
 _STEPS_HELP = (
-    "DDIM steps K baked into the program (default by prediction type: x0 models 2, v 4, epsilon 10; "
-    "PROVISIONAL until measured on a trained student)"
+    "DDIM steps K baked into the program (default by prediction type, measured: x0 and v models 1, "
+    "epsilon 10 (provisional); see bench/README.md)"
 )
-_ENSEMBLE_HELP = "ensemble size N, run as a batch dimension (default 3, provisional)"
+_ENSEMBLE_HELP = "ensemble size N, run as a batch dimension (default 3: the uncertainty map needs N > 1)"
 
 
 def _size(n: int) -> str:

@@ -48,12 +48,17 @@ __all__ = [
     "lower_executorch", "count_delegates", "export_executorch", "export_coreml", "inspect_mlpackage",
 ]
 
-# Default (K, N) per prediction type. PROVISIONAL: not yet chosen by an accuracy-vs-time sweep on a
-# trained student (none existed when this was written). x0 models keep their quality at 1-2 DDIM
-# steps (DESIGN.md section 3: Dice 0.98 at one step), epsilon models do not (0.31 at one step).
+# Default (K, N) per prediction type, chosen by measurement on trained tiny students (2 cores):
+# x0 ("sample"): DDIM K = 1, 2, 4 give the same Dice within the seed spread (bench/README.md,
+#   ablation, 150 images x 3 seeds: 82.7 / 82.5 / 82.2 +- ~1; bench/fps.py sweep, 16 images:
+#   0.791 / 0.794 / 0.791 at N = 3) and K = 1 costs half of K = 2, so K = 1. N = 3: as accurate
+#   as N = 9 at a third of the time, and an ensemble is what yields the uncertainty map (N = 1
+#   has none). v-prediction: the same shape in the ablation (78.3 / 77.7 / 76.8 at K = 1, 2, 4).
+# epsilon: PROVISIONAL (no converged epsilon student was trained here; DESIGN.md section 3
+#   measured 0.31 Dice at one step, so 10).
 DEFAULTS: dict[str, dict] = {
-    "sample": {"steps": 2, "ensemble": 3, "provisional": True},
-    "v_prediction": {"steps": 4, "ensemble": 3, "provisional": True},
+    "sample": {"steps": 1, "ensemble": 3, "provisional": False},
+    "v_prediction": {"steps": 1, "ensemble": 3, "provisional": False},
     "epsilon": {"steps": 10, "ensemble": 3, "provisional": True},
 }
 PARITY_THRESHOLDS = {"none": 0.99, "int8": 0.97}
