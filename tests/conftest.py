@@ -17,7 +17,9 @@ def _golden_candidates() -> list[Path]:
     if env:
         p = Path(env).expanduser()
         out.append(p if p.suffix == ".npz" else p / GOLDEN_NAME)
-    # CI and the dev machines keep shared/ beside the clone: <parent>/shared/golden
+    # a copy lives in the repository (tests/golden/, with its README), so a clean clone checks it;
+    # dev machines also keep the original beside the clone: <parent>/shared/golden
+    out.append(REPO_ROOT / "tests" / "golden" / GOLDEN_NAME)
     out.append(Path(__file__).resolve().parents[2] / "shared" / "golden" / GOLDEN_NAME)
     return out
 
@@ -31,7 +33,7 @@ def golden_path() -> Path | None:
 
 @pytest.fixture(scope="session")
 def golden() -> dict[str, np.ndarray]:
-    """The paper authors' EFKD reference vectors (../shared/golden/efkd_reference.npz)."""
+    """The paper authors' EFKD reference vectors (tests/golden/efkd_reference.npz)."""
     p = golden_path()
     if p is None:
         tried = ", ".join(str(c) for c in _golden_candidates())
