@@ -79,7 +79,7 @@ class Budget:
     batch_size: int = 8
     unet_steps: int = 800
     eval_images: int = 150  # test images for the main metrics
-    eval_steps: int = 2  # DDIM K x N of the main table (the export default)
+    eval_steps: int = 2  # DDIM K x N of the main table (the main job's evaluation setting)
     eval_ensemble: int = 3
     pred_steps: tuple[int, ...] = (1, 2, 4)  # DDIM K for the prediction-type table
     paper_images: int = 4  # the paper's protocol costs 375x the default: a subset
