@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import machine_info, now_iso, write_json  # noqa: E402
+from bench.common import machine_info, median_ms, now_iso, write_json  # noqa: E402
 
 METRICS = ("dsc", "iou", "hd95", "bf", "se", "sp", "acc")
 TAUS = (0.3, 0.45, 0.6, 0.75, 0.9)
@@ -170,16 +170,6 @@ def run_one(v: Variant, seed: int, budget: Budget, job: dict) -> dict:
 # ----------------------------------------------------------------------------------------
 # cost: params, GFLOP and latency per image (main process, after the runs, one setting each)
 # ----------------------------------------------------------------------------------------
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
-
-
 def measure_cost(teacher_path: str, student_preset: str, budget: Budget, threads: int, repeats: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -201,12 +191,12 @@ def measure_cost(teacher_path: str, student_preset: str, budget: Budget, threads
         gf = flops_per_call(model.preset.name if name == "student" else teacher.preset.name)[0] / 1e9
         row = {"params": count_params(model), "gflop_per_call": round(gf, 3), "settings": {}}
         for key, st in settings.items():
-            ms = _median_ms(lambda: predict(model, img, st, torch.Generator().manual_seed(0)), repeats)
+            ms = median_ms(lambda: predict(model, img, st, torch.Generator().manual_seed(0)), repeats)
             row["settings"][key] = {"gflop": round(gf * st.steps * st.ensemble, 2), "latency_ms": round(ms, 2)}
         sampler, k, n = budget.paper_sampler
         x, g, t = torch.randn(n, 1, s, s), img.expand(n, -1, -1, -1), torch.full((n,), 100)
         with torch.no_grad():  # one network call at the paper's ensemble, x K steps
-            ms = _median_ms(lambda: model(x, g, t), repeats)
+            ms = median_ms(lambda: model(x, g, t), repeats)
         row["settings"]["paper"] = {"gflop": round(gf * k * n, 1), "latency_ms": round(ms * k, 1),
                                     "extrapolated": f"{k} x one network call at ensemble {n}"}
         cost[name] = row
@@ -214,7 +204,7 @@ def measure_cost(teacher_path: str, student_preset: str, budget: Budget, threads
     with FlopCounterMode(display=False) as fc:
         unet(img)
     with torch.no_grad():
-        ms = _median_ms(lambda: unet(img), repeats * 4)
+        ms = median_ms(lambda: unet(img), repeats * 4)
     cost["unet"] = {"params": unet_params(unet), "gflop_per_call": round(fc.get_total_flops() / 1e9, 3),
                     "settings": {"single": {"gflop": round(fc.get_total_flops() / 1e9, 3), "latency_ms": round(ms, 2)}}}
     return cost

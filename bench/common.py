@@ -152,6 +152,19 @@ def machine_info(threads: int | None = None) -> dict:
 # ----------------------------------------------------------------------------------------
 # statistics and memory
 # ----------------------------------------------------------------------------------------
+def median_ms(fn, repeats: int = 3) -> float:
+    """Median wall time of `fn()` in ms over `repeats` calls, after one warm-up call (CPU timing)."""
+    import time
+
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
 def latency_stats(ms: list[float]) -> dict:
     """Median, quartiles, IQR, min, max (ms) of per-image latencies; the raw values are kept."""
     v = sorted(float(x) for x in ms)

@@ -23,9 +23,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,6 +33,10 @@ if "--cpu-smoke" in sys.argv:  # the interpreter must be chosen before Triton is
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from bench import common  # noqa: E402
+
 DEFAULT_OUT = REPO / "bench" / "results"
 
 # Peak memory bandwidth in bytes/s, matched against torch.cuda.get_device_name() (first match
@@ -113,16 +115,6 @@ def bench_cuda(fn, reps_ms: int = 100) -> float:
     return float(do_bench(fn, warmup=25, rep=reps_ms, return_mode="median"))
 
 
-def bench_cpu(fn, iters: int = 3) -> float:
-    fn()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
-
-
 def run(args) -> dict:
     smoke = args.cpu_smoke
     device = "cpu" if smoke else "cuda"
@@ -152,7 +144,7 @@ def run(args) -> dict:
                         total, _ = fn(sg, te, y, d, t, T)
                         total.backward()
                 try:
-                    ms = bench_cpu(call) if smoke else bench_cuda(call)
+                    ms = common.median_ms(call) if smoke else bench_cuda(call)
                     err = None
                 except Exception as e:  # e.g. torch.compile unavailable: record, don't invent
                     ms, err = None, f"{type(e).__name__}: {e}"[:300]

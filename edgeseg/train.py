@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -324,13 +324,14 @@ class Trainer:
             if self.teacher is not None and self.cfg.kd != "none":
                 with torch.no_grad():
                     pred_t = self.teacher(x_t, image, t)
+                    t_type = self.teacher.preset.prediction_type
+                    if t_type != self.p.prediction_type:
+                        # distil across parameterisations: the teacher's output, read as (x0, eps),
+                        # re-expressed in the student's (x0 clipped to [-1, 1], as the sampler does)
+                        x0_t, eps_t = self.schedule.to_x0_eps(pred_t.float(), x_t, t, t_type)
+                        pred_t = self.schedule.training_target(x0_t, eps_t, t, self.p.prediction_type)
             else:  # no KD: a teacher given anyway only initialises the student (init_from_teacher)
                 pred_t = torch.zeros_like(pred)
-        if self.teacher is not None and self.cfg.kd != "none" and self.teacher.preset.prediction_type != self.p.prediction_type:
-            # distil across parameterisations: the teacher's output, read as (x0, eps), re-expressed
-            # in the student's (x0 clipped to [-1, 1], as the sampler does)
-            x0_t, eps_t = self.schedule.to_x0_eps(pred_t.float(), x_t, t, self.teacher.preset.prediction_type)
-            pred_t = self.schedule.training_target(x0_t, eps_t, t, self.p.prediction_type)
         return distill_loss(pred.float(), pred_t.float(), target, d, t, self.schedule.T, self.cfg)
 
     def train_step(self, batch) -> dict[str, float]:
