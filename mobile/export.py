@@ -215,13 +215,19 @@ def count_delegates(lowered) -> tuple[int, dict[str, int]]:
     return calls, dict(other)
 
 
-def lower_executorch(ep: torch.export.ExportedProgram):
-    """to_edge_transform_and_lower with the XNNPACK partitioner -> (EdgeProgramManager, calls, others)."""
+def lower_executorch(ep: torch.export.ExportedProgram, quantize: str = "none"):
+    """to_edge_transform_and_lower with the XNNPACK partitioner -> (EdgeProgramManager, calls, others).
+
+    `quantize` is how `ep` was made: "int8" programs need the partitioner that matches the quantizer.
+    """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
+    from edgeseg.mobile.quantize import int8_partitioner
+
+    partitioner = int8_partitioner() if quantize == "int8" else XnnpackPartitioner()
     with _quiet():
-        lowered = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+        lowered = to_edge_transform_and_lower(ep, partitioner=[partitioner])
     calls, others = count_delegates(lowered)
     return lowered, calls, others
 
@@ -356,7 +362,7 @@ def export_executorch(
     _say(progress, f"exporting {p.name}: {steps} DDIM steps x ensemble {ensemble} unrolled")
     ep, _ = export_program(model, steps, ensemble, batch, quantize, calib, progress, prepare)
     _say(progress, "lowering to XNNPACK (the slow part)")
-    lowered, calls, others = lower_executorch(ep)
+    lowered, calls, others = lower_executorch(ep, quantize)
     with _quiet():
         program = lowered.to_executorch()
 
