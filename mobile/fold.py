@@ -8,8 +8,10 @@ copies between them (DESIGN.md section 8):
 * ``WSConv2d`` standardises its kernel at every call: folded once into a plain ``nn.Conv2d``
   holding the standardised weights (eps 1e-5, fp32, as in training);
 * ``nn.GroupNorm`` lowers to ``native_group_norm``, which XNNPACK does not take: replaced by
-  :class:`ExportGroupNorm`, reshape to ``B x G x C/G x HW`` and mean / variance over the last
-  two dims (XNNPACK's global average pooling), same affine parameters;
+  :class:`ExportGroupNorm`, per-channel spatial means (XNNPACK's global average pooling) and a
+  group average as a 1x1 conv, with no reshape (a reshape needs NCHW and costs two layout
+  transposes in XNNPACK's NHWC graph), same affine parameters; in each conv ``Block`` the affine
+  and the time scale/shift become one multiply-add (:class:`ExportBlock`);
 * nearest 2x upsampling followed by a 3x3 conv (the decoder's ``upsample``) lowers to
   ``upsample_nearest2d``, which XNNPACK does not take: replaced by the single equivalent
   transposed convolution (stride 2, kernel 4, padding 1), :func:`fold_upsample_conv`.
@@ -28,22 +30,41 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from edgeseg.models import Attention, LinearAttention, WSConv2d
+from edgeseg.models import Attention, Block, LinearAttention, WSConv2d
 
-__all__ = ["ExportGroupNorm", "ExportLinearAttention", "ExportAttention", "fold_ws_conv", "fold_upsample_conv", "prepare_for_export", "count_modules"]
+__all__ = ["ExportGroupNorm", "ExportBlock", "ExportLinearAttention", "ExportAttention", "fold_ws_conv", "fold_upsample_conv", "prepare_for_export", "count_modules"]
 
 
 class ExportGroupNorm(nn.Module):
-    """GroupNorm as reshape + mean/variance over the last two dims (delegated by XNNPACK).
+    """GroupNorm as XNNPACK runs it best: channels-last, no reshape, no transposes.
 
-    Same parameters (``weight``, ``bias``) and eps as the ``nn.GroupNorm`` it replaces, so a
-    state dict moves across unchanged. Variance is the biased one, as in GroupNorm.
+    XNNPACK runs the network in NHWC; an op it considers layout-bound (a reshape, a binary op
+    with an NCHW constant) costs a transpose on each side. Measured on the tiny student, the
+    straightforward ``reshape(B, G, C/G, HW)`` GroupNorm, then its per-channel constants
+    (eps, affine), put 473 and then 348 transposes into the XNNPACK graph (of ~1,700 nodes).
+    Here every step is a global average pool or a conv, which XNNPACK runs in NHWC:
+
+    * statistics: per-channel spatial means (``mean(dims=(2, 3))``: global average pooling),
+      then a fixed 1x1 conv that averages them over each group of C/G channels (every channel
+      has H*W pixels, so the mean of the means is the group mean): block-diagonal C -> C, or
+      C -> 1 for a single group (broadcast over channels; C times fewer constant bytes); eps is
+      that conv's bias in the variance branch;
+    * affine, with ``Block``'s time scale/shift folded in when given:
+      ``(y w + b)(scale + 1) + shift = y [w (scale + 1)] + [b (scale + 1) + shift]``, as a
+      depthwise 1x1 conv; once the timestep is fixed its weight and bias are constants.
+
+    Same parameters (``weight``, ``bias``) and eps as the ``nn.GroupNorm`` it replaces, so a state
+    dict moves across unchanged; biased variance, as in GroupNorm. The constant buffers are
+    non-persistent, and the int8 quantizer leaves all of these convs in fp32 (mobile/quantize.py).
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True):
         super().__init__()
+        if num_channels % num_groups:
+            raise ValueError(f"num_channels {num_channels} is not divisible by num_groups {num_groups}")
         self.num_groups, self.num_channels, self.eps = num_groups, num_channels, eps
         if affine:
             self.weight = nn.Parameter(torch.ones(num_channels))
@@ -51,6 +72,12 @@ class ExportGroupNorm(nn.Module):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
+        # one group: C -> 1 (the statistics broadcast over channels); else block-diagonal C -> C
+        group = torch.arange(num_channels) // (num_channels // num_groups)
+        rows = torch.zeros(1, dtype=torch.long) if num_groups == 1 else group
+        avg = (rows[:, None] == group[None, :]).float() / (num_channels // num_groups)
+        self.register_buffer("group_avg", avg[:, :, None, None], persistent=False)
+        self.register_buffer("eps_bias", torch.full((avg.shape[0],), float(eps)), persistent=False)
 
     @classmethod
     def from_group_norm(cls, gn: nn.GroupNorm) -> "ExportGroupNorm":
@@ -60,20 +87,39 @@ class ExportGroupNorm(nn.Module):
             m.bias.data.copy_(gn.bias.detach())
         return m.to(gn.weight.device if gn.affine else "cpu")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        g = self.num_groups
-        xg = x.reshape(b, g, c // g, h * w)
-        mean = xg.mean(dim=(2, 3), keepdim=True)
-        d = xg - mean
-        var = (d * d).mean(dim=(2, 3), keepdim=True)
-        y = (d * torch.rsqrt(var + self.eps)).reshape(b, c, h, w)
-        if self.weight is not None:
-            y = y * self.weight.reshape(1, c, 1, 1) + self.bias.reshape(1, c, 1, 1)
-        return y
+    def forward(self, x: torch.Tensor, scale_shift=None) -> torch.Tensor:
+        """GroupNorm(x), then ``* (scale + 1) + shift`` if given (``Block``'s time conditioning)."""
+        d = x - F.conv2d(x.mean(dim=(2, 3), keepdim=True), self.group_avg)
+        var_eps = F.conv2d((d * d).mean(dim=(2, 3), keepdim=True), self.group_avg, self.eps_bias)
+        y = d * torch.rsqrt(var_eps)
+        c = self.num_channels
+        w = self.weight.reshape(1, c, 1, 1) if self.weight is not None else None
+        b = self.bias.reshape(1, c, 1, 1) if self.bias is not None else None
+        if scale_shift is not None:
+            scale, shift = scale_shift
+            w = scale + 1 if w is None else w * (scale + 1)
+            b = shift if b is None else b * (scale + 1) + shift
+        if w is None:
+            return y
+        if w.shape[0] != 1:  # per-sample conditioning (eager use with a batch of timesteps)
+            return y * w + b
+        return F.conv2d(y, w.reshape(c, 1, 1, 1), b.reshape(c), groups=c)
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}"
+
+
+class ExportBlock(nn.Module):
+    """``Block`` whose GroupNorm takes the time scale/shift (see :meth:`ExportGroupNorm.forward`)."""
+
+    def __init__(self, m: Block):
+        super().__init__()
+        if not isinstance(m.norm, ExportGroupNorm):
+            raise TypeError("ExportBlock needs the block's GroupNorm rewritten as ExportGroupNorm first")
+        self.proj, self.norm, self.act = m.proj, m.norm, m.act
+
+    def forward(self, x: torch.Tensor, scale_shift=None) -> torch.Tensor:
+        return self.act(self.norm(self.proj(x), scale_shift))
 
 
 class ExportLinearAttention(nn.Module):
@@ -164,7 +210,10 @@ def _is_nearest_up2(m: nn.Module) -> bool:
 
 def _rewrite(module: nn.Module, ws: bool, gn: bool, up: bool, attn: bool) -> None:
     for name, child in list(module.named_children()):
-        if attn and type(child) is LinearAttention:
+        if gn and type(child) is Block:
+            _rewrite(child, ws, gn, up, attn)
+            setattr(module, name, ExportBlock(child))
+        elif attn and type(child) is LinearAttention:
             new = ExportLinearAttention(child)
             _rewrite(new, ws, gn, up, attn)
             setattr(module, name, new)
@@ -209,6 +258,7 @@ def prepare_for_export(
 def count_modules(model: nn.Module) -> dict[str, int]:
     """How many modules of each kind the rewrites look at (for reports and tests)."""
     kinds = {"WSConv2d": WSConv2d, "GroupNorm": nn.GroupNorm, "ExportGroupNorm": ExportGroupNorm,
+             "Block": Block, "ExportBlock": ExportBlock,
              "Upsample": nn.Upsample, "ConvTranspose2d": nn.ConvTranspose2d,
              "LinearAttention": LinearAttention, "Attention": Attention,
              "ExportLinearAttention": ExportLinearAttention, "ExportAttention": ExportAttention}

@@ -50,13 +50,20 @@ def _single_input_channel_conv(n) -> bool:
     return shape is not None and len(shape) == 4 and shape[1] == 1 and shape[0] > 1
 
 
+def _group_norm_conv(n) -> bool:
+    """The group-average 1x1 conv of an ExportGroupNorm (statistics: they stay fp32)."""
+    stack = n.meta.get("nn_module_stack", {}) if n.op == "call_function" else {}
+    return any(str(t).endswith("ExportGroupNorm") or getattr(t, "__name__", "") == "ExportGroupNorm"
+               for _, t in stack.values())
+
+
 def _quantizable(skip_modules: tuple[str, ...]):
     from torchao.quantization.pt2e.quantizer import get_module_name_filter
 
     name_filters = [get_module_name_filter(m) for m in skip_modules]
 
     def keep(n) -> bool:
-        return not _single_input_channel_conv(n) and not any(f(n) for f in name_filters)
+        return not (_single_input_channel_conv(n) or _group_norm_conv(n) or any(f(n) for f in name_filters))
 
     return keep
 

@@ -19,6 +19,8 @@ takes them (see fold.py).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -38,7 +40,7 @@ class FewStepSegmenter(nn.Module):
     """K unrolled DDIM steps of a DermoSegDiff network with an N-member ensemble as batch."""
 
     def __init__(self, net: nn.Module, steps: int, ensemble: int, prediction_type: str | None = None,
-                 schedule: NoiseSchedule | None = None, per_step_bias: bool = False):
+                 schedule: NoiseSchedule | None = None, copy_per_step: bool = False):
         super().__init__()
         if steps < 1 or ensemble < 1:
             raise ValueError(f"steps and ensemble must be >= 1, got {steps}, {ensemble}")
@@ -49,17 +51,13 @@ class FewStepSegmenter(nn.Module):
             raise ValueError(f"unknown prediction type {self.prediction_type!r}")
         self.plan = ddim_plan(self.steps, schedule)
         self.timesteps = [t for t, _ in self.plan]
-        # int8 XNNPACK needs each conv's int32 bias quantized with ITS input scale
-        # (bias_scale = input_scale * weight_scale); the unrolled steps share weights but see
-        # different input ranges, so every step after the first gets its own copy of the biases.
-        self.per_step_bias = bool(per_step_bias)
-        self._bias_owners = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))
-                             and m.bias is not None]
-        self.step_biases = nn.ModuleList()
-        if self.per_step_bias:
-            for _ in range(1, len(self.plan)):
-                self.step_biases.append(nn.ParameterList(
-                    [nn.Parameter(m.bias.detach().clone(), requires_grad=False) for m in self._bias_owners]))
+        # For int8: PT2E annotates a conv only if its weight node is not yet annotated, so with one
+        # shared set of weights only the first unrolled step would be quantized (the others stay
+        # fp32, and their fp32 weights land in the file). Each step after the first gets its own
+        # copy; quantized with the same per-channel observers, the copies are byte-identical and
+        # the .pte stores them once (XNNPACK keys its constants by sha256). Each step's int32
+        # conv biases still differ: they carry that step's input scale.
+        self.step_nets = nn.ModuleList(copy.deepcopy(net) for _ in range(1, len(self.plan))) if copy_per_step else None
         with torch.no_grad():
             for i, (t, _) in enumerate(self.plan):
                 tt = torch.tensor([t], dtype=torch.long)
@@ -93,18 +91,11 @@ class FewStepSegmenter(nn.Module):
         # repeat_interleave(n, 0) written as cat along channels + reshape
         g = torch.cat([image] * n, dim=1).reshape(b * n, 3, h, w) if n > 1 else image
         x = noise
-        originals = [m.bias for m in self._bias_owners]
-        try:
-            for i, (_, coef) in enumerate(self.plan):
-                if self.per_step_bias and i > 0:
-                    for m, b_i in zip(self._bias_owners, self.step_biases[i - 1]):
-                        m.bias = b_i
-                tx, tg = getattr(self, f"temb_x{i}"), getattr(self, f"temb_g{i}")
-                out = self.net.denoise(x, g, tx, tg)
-                x = self._ddim_step(out, x, coef, last=i == len(self.plan) - 1)
-        finally:
-            for m, b0 in zip(self._bias_owners, originals):
-                m.bias = b0
+        for i, (_, coef) in enumerate(self.plan):
+            net = self.net if i == 0 or self.step_nets is None else self.step_nets[i - 1]
+            tx, tg = getattr(self, f"temb_x{i}"), getattr(self, f"temb_g{i}")
+            out = net.denoise(x, g, tx, tg)
+            x = self._ddim_step(out, x, coef, last=i == len(self.plan) - 1)
         xr, mean = self._ensemble_mean(x, b, h * w)
         d = xr - mean
         std = torch.sqrt((d * d).mean(dim=(2, 3), keepdim=True))
