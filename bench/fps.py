@@ -382,7 +382,8 @@ def fit_repeats(plan: list[dict], gflops: float, budget_s: float, min_repeats: i
 
 # --- exports ------------------------------------------------------------------------------
 def ensure_export(job: dict, export_dir: Path, n_parity: int, n_calib: int) -> dict:
-    """The .pte for a job: reused from export_dir when its sidecar matches, else exported now."""
+    """The .pte for a job: reused from export_dir when its sidecar matches (same file, same export
+    recipe), else exported now."""
     import hashlib
 
     from edgeseg.mobile import sidecar as sc
@@ -395,7 +396,10 @@ def ensure_export(job: dict, export_dir: Path, n_parity: int, n_calib: int) -> d
     if out.exists() and sc.sidecar_path(out).exists():
         try:
             meta = sc.read_sidecar(out)
-            if meta.get("status", "ok") == "ok" and sc.file_digest(out)[0] == meta.get("sha256"):
+            from edgeseg.mobile.export import EXPORT_RECIPE
+
+            if (meta.get("status", "ok") == "ok" and meta.get("recipe") == EXPORT_RECIPE
+                    and sc.file_digest(out)[0] == meta.get("sha256")):
                 return {"path": str(out), "meta": meta, "reused": True}
         except Exception:  # noqa: BLE001
             pass

@@ -62,6 +62,9 @@ DEFAULTS: dict[str, dict] = {
     "epsilon": {"steps": 10, "ensemble": 3, "provisional": True},
 }
 PARITY_THRESHOLDS = {"none": 0.99, "int8": 0.97}
+# Bumped whenever the exported program changes for the same model, K and N (caches compare it).
+# 2: conv-only int8 with per-step weight copies, reshape-free GroupNorm, short constant keys.
+EXPORT_RECIPE = 2
 CALIBRATION_IMAGES = 32
 # Submodules of FewStepSegmenter left in fp32 by the int8 quantizer (see export_program).
 INT8_SKIP_MODULES: tuple[str, ...] = ()
@@ -338,6 +341,7 @@ def _common_sidecar(model, target, out: Path, steps, ensemble, batch, quantize, 
     return {
         "format": sc.FORMAT,
         "format_version": sc.FORMAT_VERSION,
+        "recipe": EXPORT_RECIPE,
         "target": target,
         "file": out.name,
         "status": "ok",

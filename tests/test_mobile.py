@@ -1,14 +1,16 @@
 """Mobile export: fold exactness, the few-step segmenter, ExecuTorch/CoreML exports, sidecar, parity gate.
 
 Exports are slow on a 2-core CPU (lowering a graph to XNNPACK runs many FX passes per node), so
-the exports use K=1, N=2 and a few parity images; the int8 export is marked slow.
-Random-init networks are fine here: parity compares the export with eager PyTorch on the same
-network, and the fixture checks that the masks are not trivially empty or full.
+the exports use K=1, N=2 and a few parity images; the int8 exports are marked slow.
+The exports use the shipped TRAINED tiny student: int8 parity on random weights once passed
+(0.973) while trained weights failed (0.63), so random-init networks only serve the tests of
+exact rewrites, where any weights will do.
 """
 from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +34,9 @@ SIDECAR_FIELDS = {
 }
 
 
+SHIPPED_STUDENT = Path(__file__).resolve().parents[1] / "edgeseg" / "assets" / "tiny-student-synthetic.safetensors"
+
+
 def _tiny(seed: int = 0, **overrides):
     torch.manual_seed(seed)
     return build("tiny-student", **overrides).eval()
@@ -39,7 +44,10 @@ def _tiny(seed: int = 0, **overrides):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return _tiny()
+    """The shipped tiny student (trained on the synthetic set, x0 prediction)."""
+    from edgeseg.checkpoint import load_model
+
+    return load_model(SHIPPED_STUDENT).eval()
 
 
 # ---------------------------------------------------------------------------------------- fold
@@ -65,12 +73,31 @@ def test_fold_is_exact(name):
     assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
 
 
-def test_group_norm_and_upsample_pieces_exact():
-    gn = torch.nn.GroupNorm(4, 16)
+@pytest.mark.parametrize("groups", [1, 4, 16])
+def test_group_norm_and_block_exact(groups):
+    gn = torch.nn.GroupNorm(groups, 16)
     gn.weight.data.normal_()
     gn.bias.data.normal_()
     x = torch.randn(3, 16, 8, 8) * 3 + 1
-    assert torch.allclose(gn(x), ExportGroupNorm.from_group_norm(gn)(x), atol=1e-5)
+    egn = ExportGroupNorm.from_group_norm(gn)
+    assert torch.allclose(gn(x), egn(x), atol=1e-5)
+    # the time scale/shift folded into the affine: per-sample (eager) and shared (exported) paths
+    for b in (3, 1):
+        scale, shift = torch.randn(b, 16, 1, 1), torch.randn(b, 16, 1, 1)
+        assert torch.allclose(gn(x) * (scale + 1) + shift, egn(x, (scale, shift)), atol=1e-5)
+    from edgeseg.mobile.fold import ExportBlock
+    from edgeseg.models import Block
+
+    blk = Block(8, 16, groups).eval()
+    prepared = prepare_for_export(torch.nn.Sequential(blk))[0]
+    assert isinstance(prepared, ExportBlock)
+    y = torch.randn(1, 8, 8, 8)
+    ss = (torch.randn(1, 16, 1, 1), torch.randn(1, 16, 1, 1))
+    with torch.no_grad():
+        assert torch.allclose(blk(y, ss), prepared(y, ss), atol=1e-5)
+
+
+def test_upsample_fold_exact():
     conv = torch.nn.Conv2d(5, 7, 3, padding=1)
     up = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2, mode="nearest"), conv)
     y = torch.randn(2, 5, 6, 9)
@@ -126,7 +153,7 @@ def test_pte_fp32_sidecar_and_parity(pte_fp32):
     digest, size = file_digest(out)
     assert side["sha256"] == digest and side["size_bytes"] == size == out.stat().st_size
     assert side["parity"]["n_images"] == 4 and side["parity"]["mask_dsc_vs_eager"] >= 0.99
-    # not a trivial comparison: the random-init network draws masks with both classes
+    # not a trivial comparison: the masks have both classes
     assert 0.05 < side["parity"]["eager_foreground_fraction"] < 0.95
     # the prepared graph goes to XNNPACK in one piece
     assert side["delegate_calls"] == 1, side["non_delegated_ops"]
@@ -223,23 +250,72 @@ def test_cli_parity_failure_exits_nonzero(tmp_path, monkeypatch):
     assert "parity check failed" in r.output
 
 
+def test_pte_constants_have_short_keys(pte_fp32):
+    """XNNPACK's 64-character sha256 constant names are replaced by short ids, deduplicated."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    out, _ = pte_fp32
+    named = deserialize_pte_binary(out.read_bytes()).named_data
+    keys = list(named.pte_data)
+    assert len(keys) > 100 and len(set(keys)) == len(keys)
+    assert max(len(k) for k in keys) <= 12, keys[:5]
+
+
+def test_int8_quantizer_annotates_convs_of_every_step_only():
+    """The quantizer: every unrolled step's feature convs int8, GroupNorm statistics and cats fp32.
+
+    Regressions: the stock XNNPACKQuantizer made all inputs of each concatenation share one scale
+    (trained tiny student: parity 0.63); with weights shared across the unrolled steps, only the
+    first step was quantized and the others' fp32 weights went into the file.
+    """
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from edgeseg.mobile.quantize import _xnnpack_conv_quantizer
+
+    m = _tiny(dim_x_mults=(1, 2), dim_g_mults=(1, 2))
+    steps, s = 2, m.preset.image_size
+    seg = FewStepSegmenter(prepare_for_export(m), steps, 2, copy_per_step=True).eval()
+    ex = (torch.rand(1, 3, s, s), torch.randn(2, 1, s, s))
+    gm = torch.export.export(seg, ex, strict=False).module()
+    prepared = prepare_pt2e(gm, _xnnpack_conv_quantizer(()))
+
+    def annotated(n):
+        a = n.meta.get("quantization_annotation")
+        return bool(a and a._annotated)
+
+    def owner(n):
+        stack = list(n.meta.get("nn_module_stack", {}).values())
+        return str(stack[-1][1]).split(".")[-1].strip("'>") if stack else ""
+
+    calls = [n for n in prepared.graph.nodes if n.op == "call_function"]
+    convs = [n for n in calls if "conv" in str(n.target)]
+    feature_convs = sum(isinstance(mod, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for mod in seg.net.modules())
+    # every feature conv of every step, except the 1 -> C input conv (kept fp32 for XNNPACK)
+    assert sum(annotated(n) for n in convs) == steps * (feature_convs - 1)
+    assert not any(annotated(n) for n in convs if owner(n) == "ExportGroupNorm")
+    assert any(owner(n) == "ExportGroupNorm" for n in convs)
+    assert not any(annotated(n) for n in calls if "conv" not in str(n.target) and "linear" not in str(n.target))
+
+
 @pytest.mark.slow
 def test_pte_int8_size_and_parity(tiny, pte_fp32, tmp_path):
+    """Issue targets on the trained tiny student: parity >= 0.97 and at most 35% of the fp32 file."""
     from edgeseg.mobile.export import export_executorch
     from edgeseg.mobile.runtime import PteSegmenter
 
     out = tmp_path / "tiny-int8.pte"
-    meta = export_executorch(tiny, out, K, N, "int8", n_parity_images=4, n_calibration_images=8)
+    # the export's defaults: 32 calibration images, 16 parity images (with 16 calibration images
+    # some held-out lesions flip: mean Dice 0.96-0.97 over 64 test images, 0.986 with 32)
+    meta = export_executorch(tiny, out, K, N, "int8")
     assert meta["quantize"] == "int8" and meta["parity"]["mask_dsc_vs_eager"] >= 0.97
-    assert meta["calibration"]["split"] == "train" and meta["calibration"]["n_images"] == 8
+    assert meta["calibration"]["split"] == "train" and meta["calibration"]["n_images"] == 32
+    assert meta["delegate_calls"] == 1, meta["non_delegated_ops"]
     ratio = meta["size_bytes"] / pte_fp32[1]["size_bytes"]
-    print(f"int8/fp32 .pte size: {meta['size_bytes']}/{pte_fp32[1]['size_bytes']} = {ratio:.3f}")
-    assert ratio < 0.5
+    print(f"int8/fp32 .pte size: {meta['size_bytes']}/{pte_fp32[1]['size_bytes']} = {ratio:.3f}, "
+          f"parity {meta['parity']['mask_dsc_vs_eager']}")
+    assert ratio <= 0.35
     mean, std = PteSegmenter(out)(torch.rand(1, 3, 64, 64))
     assert mean.shape == (1, 1, 64, 64)
-    if ratio > 0.35:
-        pytest.xfail(f"int8 .pte is {ratio:.1%} of fp32 for the tiny student (issue target 35%): its 0.6M "
-                     "weights are small next to the int8 XNNPACK graph description")
 
 
 # ---------------------------------------------------------------------------------------- CoreML
@@ -282,11 +358,15 @@ def test_coreml_export_structure_and_compression(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_pte_int8_two_steps_loads_and_passes(tmp_path):
-    """Regression: with K >= 2 an int8 1 -> C input conv made XNNPACK refuse the program at load."""
+def test_pte_int8_two_steps_loads_passes_and_stays_small(tmp_path):
+    """Regressions at K >= 2: XNNPACK refused an int8 1 -> C input conv at load; the second
+    step's weights were stored in fp32 (the int8 file was larger than the fp32 one)."""
     from edgeseg.mobile.export import export_executorch
 
     m = _tiny(dim_x_mults=(1,), dim_g_mults=(1,))
     meta = export_executorch(m, tmp_path / "k2.pte", 2, 2, "int8", n_parity_images=4, n_calibration_images=8)
     assert meta["status"] == "ok" and meta["parity"]["mask_dsc_vs_eager"] >= 0.97
-    assert meta["delegate_calls"] <= 3, meta["non_delegated_ops"]
+    assert meta["delegate_calls"] == 1, meta["non_delegated_ops"]
+    fp32 = export_executorch(m, tmp_path / "k2-fp32.pte", 2, 2, "none", n_parity_images=1)
+    # a one-stage network: its graph outweighs its weights (was: int8 larger than fp32)
+    assert meta["size_bytes"] < 0.75 * fp32["size_bytes"], (meta["size_bytes"], fp32["size_bytes"])
