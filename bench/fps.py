@@ -526,7 +526,8 @@ def parse_args(argv):
                     help=f"measure untrained presets above {LARGE_GFLOP:g} GFLOP/call in full (.pte included; hours)")
     ap.add_argument("--pte-sweep", action="store_true", help="also export and time the int8 .pte over the sweep")
     ap.add_argument("--parity-images", type=int, default=4, help="held-out images for each export's parity check")
-    ap.add_argument("--calibration-images", type=int, default=8, help="training images for int8 calibration")
+    ap.add_argument("--calibration-images", type=int, default=32,
+                    help="training images for int8 calibration (default 32, as edgeseg export)")
     ap.add_argument("--budget-min", type=float, default=30.0, help="lower repeats (not below 3) to fit this estimate")
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds per configuration")
     ap.add_argument("--measure-one", metavar="SPEC_JSON", help=argparse.SUPPRESS)

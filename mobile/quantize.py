@@ -1,18 +1,24 @@
 """PT2E int8 post-training quantization for XNNPACK.
 
-Static int8: activations per tensor (histogram observers), weights per output channel,
-symmetric (``get_symmetric_quantization_config(is_per_channel=True)``), as XNNPACK runs them.
+Static int8 on the convolutions and linears only: activations per tensor (histogram observers),
+weights per output channel, symmetric (``get_symmetric_quantization_config(is_per_channel=True)``),
+as XNNPACK runs them. Everything else (concatenations, residual adds, the gating multiply,
+GroupNorm statistics, softmax, the DDIM arithmetic) stays fp32 inside the same XNNPACK delegate,
+with a convert on each side of each int8 conv (:func:`int8_partitioner`). On the trained tiny
+student (K=1, N=3) this gives mask Dice 0.98 vs eager; the stock quantizer gave 0.63 (see
+``_xnnpack_conv_quantizer`` for why).
 
 What is quantized is the whole exported segmenter, so every unrolled DDIM step of the network
 is its own copy in the graph with its own activation observers. Calibration runs that program on
 real training images with fresh Gaussian noise: each copy then sees exactly the timestep it
 runs at (the K chosen timesteps) and the x_t distribution the sampler actually produces at that
 step (the model's own trajectory from x_T), which is what "calibrated at sampled timesteps"
-must mean for a K-step program. Weights are shared across steps and quantized once.
+must mean for a K-step program. Each step has its own copy of the weights (PT2E would otherwise
+quantize only the first step's convs); the int8 copies are identical and stored once.
 
 APIs (torch 2.13, torchao 0.18, executorch 1.5): ``torch.export.export(...).module()`` ->
 ``torchao.quantization.pt2e.quantize_pt2e.prepare_pt2e`` -> calibrate -> ``convert_pt2e``;
-the quantizer is ``executorch.backends.xnnpack.quantizer.xnnpack_quantizer.XNNPACKQuantizer``.
+the quantizer is a subclass of ``executorch.backends.xnnpack.quantizer.xnnpack_quantizer.XNNPACKQuantizer``.
 """
 from __future__ import annotations
 
@@ -51,7 +57,7 @@ def _single_input_channel_conv(n) -> bool:
 
 
 def _group_norm_conv(n) -> bool:
-    """The group-average 1x1 conv of an ExportGroupNorm (statistics: they stay fp32)."""
+    """A conv inside an ExportGroupNorm (group statistics, affine): normalisation stays fp32."""
     stack = n.meta.get("nn_module_stack", {}) if n.op == "call_function" else {}
     return any(str(t).endswith("ExportGroupNorm") or getattr(t, "__name__", "") == "ExportGroupNorm"
                for _, t in stack.values())
