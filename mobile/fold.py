@@ -10,8 +10,8 @@ copies between them (DESIGN.md section 8):
 * ``nn.GroupNorm`` lowers to ``native_group_norm``, which XNNPACK does not take: replaced by
   :class:`ExportGroupNorm`, per-channel spatial means (XNNPACK's global average pooling) and a
   group average as a 1x1 conv, with no reshape (a reshape needs NCHW and costs two layout
-  transposes in XNNPACK's NHWC graph), same affine parameters; in each conv ``Block`` the affine
-  and the time scale/shift become one multiply-add (:class:`ExportBlock`);
+  transposes in XNNPACK's NHWC graph), same affine parameters; the affine, with a conv
+  ``Block``'s time scale/shift folded in, is one depthwise 1x1 conv (:class:`ExportBlock`);
 * nearest 2x upsampling followed by a 3x3 conv (the decoder's ``upsample``) lowers to
   ``upsample_nearest2d``, which XNNPACK does not take: replaced by the single equivalent
   transposed convolution (stride 2, kernel 4, padding 1), :func:`fold_upsample_conv`.

@@ -4,7 +4,7 @@ The sidecar is the contract with the app: how to preprocess an image, what the i
 outputs are, which sampler settings are baked in, how to threshold, and which file it describes
 (sha256 + size). Fields (all exports):
 
-``format``, ``format_version``, ``target`` ("executorch" | "coreml"), ``file``, ``status``
+``format``, ``format_version``, ``recipe`` (export recipe version), ``target`` ("executorch" | "coreml"), ``file``, ``status``
 ("ok" or "failed"), ``preset`` (name), ``preset_config``, ``prediction_type``, ``checkpoint``,
 ``image_size`` [H, W], ``preprocessing`` (see :func:`preprocessing_for`), ``inputs``,
 ``outputs``, ``sampler``, ``steps``, ``timesteps``, ``ensemble``, ``batch``, ``threshold``,
