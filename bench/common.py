@@ -35,7 +35,7 @@ ROW_KEYS = (
     "config", "preset", "role", "backend", "precision", "sampler", "steps", "ensemble", "default", "sweep",
     "params", "gflop_per_call", "calls_per_image", "gflop_per_image",
     "latency_ms", "fps", "extrapolated", "extrapolation",
-    "peak_rss_mb", "baseline_rss_mb", "model_rss_mb",
+    "peak_rss_mb", "baseline_rss_mb", "model_rss_mb", "program_rss_mb",
     "file", "file_mb", "sha256",
     "dice", "dice_std", "dice_images", "dice_reason",
     "speedup_vs_paper", "checkpoint", "status", "note",

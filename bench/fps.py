@@ -24,7 +24,9 @@ the tiny ones trained: the newest run's checkpoints, else those shipped in the p
 Every configuration runs in its own child process (``--measure-one``), which times one image
 per run after warm-up (median and IQR over the runs), reads its own peak resident memory
 (VmHWM, i.e. ru_maxrss; the Python interpreter and torch are included, ``model_rss_mb`` is the
-peak above the process's memory after imports) and then scores Dice on the first
+peak above the process's memory after imports, and for a .pte ``program_rss_mb`` the peak above
+the process with the ExecuTorch runtime loaded: what loading and running the program costs) and
+then scores Dice on the first
 ``--dice-images`` images of the synthetic test split with the same K, N. Dice is null with the
 reason "untrained" for presets without a trained checkpoint: numbers are never invented.
 
@@ -141,8 +143,14 @@ def measure_one(spec: dict) -> dict:
                 if i >= warmup:
                     times.append(dt)
     else:  # executorch .pte
+        from executorch.runtime import Runtime
+
         from edgeseg.mobile.runtime import PteSegmenter
 
+        # the runtime's Python bindings load torch's and ExecuTorch's libraries (~200 MB): a phone
+        # app links the runtime, not these, so the program's own memory is counted from here
+        Runtime.get()
+        out["runtime_rss_mb"] = common.rss_mb()["rss_mb"]
         seg = PteSegmenter(spec["pte"])
         if seg.batch != 1:
             raise SystemExit(f"{spec['pte']}: batch {seg.batch} programs are not benchmarked (export with batch 1)")
@@ -473,6 +481,9 @@ def to_row(job: dict, res: dict | None, error: str | None, params: dict, export:
                peak_rss_mb=res["peak_rss_mb"], baseline_rss_mb=res["baseline_rss_mb"],
                model_rss_mb=round(res["peak_rss_mb"] - res["baseline_rss_mb"], 1)
                if res.get("baseline_rss_mb") is not None else None,
+               # .pte only: peak above the process with the ExecuTorch runtime loaded (load + run)
+               program_rss_mb=round(res["peak_rss_mb"] - res["runtime_rss_mb"], 1)
+               if res.get("runtime_rss_mb") is not None else None,
                threads=res.get("threads"))
     if "dice" in res:
         row.update(dice=res["dice"], dice_std=res["dice_std"], dice_images=res["dice_images"], dice_reason=None)
@@ -620,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         "Dice is null with reason 'untrained' where no trained checkpoint exists for the preset.",
         ".pte exports of untrained presets record their parity but are not gated by it.",
         "peak MB includes the Python interpreter and torch; model_rss_mb in the JSON is the peak above "
-        "the memory after imports. A phone app without Python uses less.",
+        "the memory after imports, program_rss_mb (.pte) the peak above the process with the ExecuTorch "
+        "runtime loaded: the program's own load and run. A phone app without Python uses less.",
     ]
     doc = common.result_doc("mobile-cpu", common.machine_info(args.threads), settings, rows, notes, quick=args.quick)
     out = args.out
