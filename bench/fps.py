@@ -395,6 +395,7 @@ def ensure_export(job: dict, export_dir: Path, n_parity: int, n_calib: int) -> d
     import hashlib
 
     from edgeseg.mobile import sidecar as sc
+    from edgeseg.mobile.export import EXPORT_RECIPE
 
     tag = "untrained"
     if job["checkpoint"]:
@@ -404,8 +405,6 @@ def ensure_export(job: dict, export_dir: Path, n_parity: int, n_calib: int) -> d
     if out.exists() and sc.sidecar_path(out).exists():
         try:
             meta = sc.read_sidecar(out)
-            from edgeseg.mobile.export import EXPORT_RECIPE
-
             if (meta.get("status", "ok") == "ok" and meta.get("recipe") == EXPORT_RECIPE
                     and sc.file_digest(out)[0] == meta.get("sha256")):
                 return {"path": str(out), "meta": meta, "reused": True}

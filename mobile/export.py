@@ -230,11 +230,8 @@ def _compact_constant_keys():
     different data never shares one. If ExecuTorch no longer names constants this way, this
     does nothing and the keys stay long.
     """
-    try:
-        from executorch.backends.xnnpack.operators import node_visitor
-    except ImportError:  # pragma: no cover
-        yield
-        return
+    from executorch.backends.xnnpack.operators import node_visitor
+
     real = getattr(node_visitor, "hashlib", None)
     if real is None or not hasattr(real, "sha256"):  # pragma: no cover
         yield

@@ -27,6 +27,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from edgeseg.mobile.fold import ExportGroupNorm
+
 __all__ = ["quantize_int8", "calibration_batches", "int8_partitioner"]
 
 
@@ -56,11 +58,13 @@ def _single_input_channel_conv(n) -> bool:
     return shape is not None and len(shape) == 4 and shape[1] == 1 and shape[0] > 1
 
 
+_EXPORT_GROUP_NORM = f"{ExportGroupNorm.__module__}.{ExportGroupNorm.__qualname__}"
+
+
 def _group_norm_conv(n) -> bool:
     """A conv inside an ExportGroupNorm (group statistics, affine): normalisation stays fp32."""
     stack = n.meta.get("nn_module_stack", {}) if n.op == "call_function" else {}
-    return any(str(t).endswith("ExportGroupNorm") or getattr(t, "__name__", "") == "ExportGroupNorm"
-               for _, t in stack.values())
+    return any(t == _EXPORT_GROUP_NORM for _, t in stack.values())  # (path, qualified type name)
 
 
 def _quantizable(skip_modules: tuple[str, ...]):
