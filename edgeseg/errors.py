@@ -12,3 +12,7 @@ class DatasetError(EdgesegError):
 
 class CheckpointError(EdgesegError):
     """A checkpoint is missing, corrupt, or does not match the requested preset."""
+
+
+class ImageReadError(DatasetError):
+    """An image file is not a regular file, cannot be decoded, is truncated or is too large."""

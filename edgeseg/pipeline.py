@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from edgeseg.checkpoint import atomic_write_json, load_model, save_model
+from edgeseg.checkpoint import atomic_write_json, load_model, load_preset, save_model
 from edgeseg.errors import EdgesegError
 from edgeseg.evaluate import SamplerSettings, evaluate, format_table, metrics_summary, write_overlays
 from edgeseg.models import count_params, preset
@@ -25,8 +25,13 @@ __all__ = ["DistillJob", "run_distill", "run_train_teacher", "default_presets", 
 
 # Few-step evaluation used by the main job (x0-prediction presets); see README "Sampling defaults".
 DEFAULT_EVAL = SamplerSettings("ddim", steps=2, ensemble=3)
+# Per-epoch validation Dice for model selection: one deterministic step, cheap enough for every epoch.
+VAL_SELECT = SamplerSettings("ddim", steps=1, ensemble=1)
 
+# isic2017 and ph2 default to the tiny CPU presets: the models shipped for real lesions
 _PAPER_PRESETS = {
+    "isic2017": ("tiny-teacher", "tiny-student"),
+    "ph2": ("tiny-teacher", "tiny-student"),
     "isic2018": ("teacher-isic2018", "student-isic2018"),
     "ham10000": ("teacher-ham10000", "student-ham10000"),
     "folder": ("teacher-isic2018", "student-isic2018"),
@@ -42,7 +47,8 @@ def default_presets(dataset: str) -> tuple[str, str]:
     return _PAPER_PRESETS[dataset]
 
 
-SHIPPED = {("tiny-teacher", "synthetic"): "tiny-teacher-synthetic", ("tiny-student", "synthetic"): "tiny-student-synthetic"}
+SHIPPED = {("tiny-teacher", "synthetic"): "tiny-teacher-synthetic", ("tiny-student", "synthetic"): "tiny-student-synthetic",
+           ("tiny-teacher", "isic2017"): "tiny-teacher-isic2017", ("tiny-student", "isic2017"): "tiny-student-isic2017"}
 
 
 def shipped_checkpoint(preset_name: str, dataset: str) -> Path | None:
@@ -82,7 +88,7 @@ class DistillJob:
     teacher_overrides: dict = field(default_factory=dict)
     eval: SamplerSettings = DEFAULT_EVAL
     eval_images: int | None = None  # None: the whole test split
-    val_dsc_images: int = 32  # per-epoch validation Dice (EMA model) for the curves
+    val_dsc_images: int = 150  # per-epoch validation Dice (EMA model): curves and model selection
     quiet: bool = False
 
 
@@ -100,14 +106,20 @@ def _apply(cfg: TrainConfig, overrides: dict) -> TrainConfig:
     return TrainConfig.from_dict({**cfg.to_dict(), **overrides})
 
 
-def _val_dsc_hook(val_ds, n: int, settings: SamplerSettings):
-    """Per-epoch validation Dice of the EMA model on the first n validation images (for curves)."""
+def _val_dsc_hook(val_ds, n: int, settings: SamplerSettings, best_path: Path):
+    """Per-epoch validation Dice of the EMA model on the first n validation images (curves and
+    model selection): the best epoch's EMA weights are kept in ``best_path``."""
 
     def hook(trainer: Trainer, rec: dict) -> None:
         if trainer.rank != 0 or n <= 0:
             return
         r = evaluate(trainer.ema.model, val_ds, settings, max_images=n, keep=0, progress=False)
         rec["val_dsc"] = r["metrics"]["dsc"]["mean"]
+        best = max((h.get("val_dsc", -1.0) for h in trainer.history), default=-1.0)
+        if rec["val_dsc"] > best:
+            save_model(trainer.ema.model, best_path, extra={
+                "epoch": trainer.epoch, "step": trainer.step, "val_dsc": rec["val_dsc"],
+                "selected_on": f"validation Dice, {min(n, len(val_ds))} images, {settings.describe()}"})
 
     return hook
 
@@ -119,14 +131,28 @@ def _say(job: DistillJob, msg: str) -> None:
         Console().print(msg)
 
 
-def _train(cfg: TrainConfig, run: Path, teacher, job: DistillJob, val_settings: SamplerSettings):
+def _train(cfg: TrainConfig, run: Path, teacher, job: DistillJob):
+    """Train (or resume) one model; returns the EMA weights of the epoch with the best validation
+    Dice, which are also what ``<run>/<role>.safetensors`` holds."""
     trainer = Trainer(cfg, run, teacher=teacher, quiet=job.quiet)
+    final = run / f"{cfg.role}.safetensors"
     if job.resume and (trainer.state_dir / "state.json").exists():
         trainer.load_state()
         _say(job, f"resuming {cfg.role} at step {trainer.step} (epoch {trainer.epoch})")
-    if trainer.step >= trainer.total_steps() and (run / f"{cfg.role}.safetensors").exists():
-        return load_model(run / f"{cfg.role}.safetensors")
-    return trainer.fit(on_epoch_end=_val_dsc_hook(trainer.val_ds, job.val_dsc_images, val_settings))
+    if trainer.step >= trainer.total_steps() and final.exists():
+        return load_model(final)
+    best_path = run / f"{cfg.role}-best.safetensors"
+    model = trainer.fit(on_epoch_end=_val_dsc_hook(trainer.val_ds, job.val_dsc_images, VAL_SELECT, best_path))
+    if trainer.rank != 0 or not best_path.exists():
+        return model
+    _, best = load_preset(best_path)
+    if best["epoch"] != trainer.epoch:  # an earlier epoch validated better: ship that one
+        model = load_model(best_path)
+        save_model(model, final, extra={"train_config": cfg.to_dict(), "steps": trainer.step,
+                                        "epochs": trainer.epoch, **{k: best[k] for k in
+                                        ("epoch", "step", "val_dsc", "selected_on")}})
+        _say(job, f"{cfg.role}: kept epoch {best['epoch']} (validation Dice {best['val_dsc']:.4f})")
+    return model
 
 
 def run_train_teacher(job: DistillJob) -> Path:
@@ -137,7 +163,7 @@ def run_train_teacher(job: DistillJob) -> Path:
     run = _run_dir(job, t_name)
     cfg = _apply(recipe("teacher", t_name, job.dataset, job.data_dir), job.teacher_overrides)
     init_distributed()
-    _train(cfg, run, None, job, job.eval)
+    _train(cfg, run, None, job)
     return run
 
 
@@ -174,7 +200,7 @@ def run_distill(job: DistillJob) -> dict:
     else:
         _say(job, f"teacher: training {t_name} on {job.dataset} (no --teacher given)")
         tt = time.time()
-        teacher = _train(cfg_t, run, None, job, job.eval)
+        teacher = _train(cfg_t, run, None, job)
         teacher_seconds = time.time() - tt
     if teacher.preset.image_size != size:
         raise EdgesegError(f"teacher {t_name} works at {teacher.preset.image_size}px, student {s_name} at {size}px")
@@ -182,7 +208,7 @@ def run_distill(job: DistillJob) -> dict:
     # ---- student
     _say(job, f"student: distilling {s_name} with KD={cfg_s.kd} (tau {cfg_s.tau}) into {run}")
     ts = time.time()
-    student = _train(cfg_s, run, teacher, job, job.eval)
+    student = _train(cfg_s, run, teacher, job)
     student_seconds = time.time() - ts
     if rank != 0:
         return {}

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from edgeseg.checkpoint import atomic_write_json, save_model, save_tensors
+from edgeseg.checkpoint import atomic_write_json, load_model, save_model, save_tensors
 from edgeseg.diffusion import NoiseSchedule
 from edgeseg.errors import EdgesegError
 from edgeseg.losses import student_objective, teacher_objective
@@ -81,6 +81,7 @@ class TrainConfig:
     bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU)
     kernel_backend: str = "auto"  # fused loss: "auto", "triton" or "torch"
     init_from_teacher: bool = False  # start the student from the teacher's matching stages
+    init_from: str | None = None  # fine-tune: start from this checkpoint's weights (same preset)
     prediction_type: str | None = None  # override the preset's ("epsilon", "sample", "v_prediction")
 
     def __post_init__(self) -> None:
@@ -224,6 +225,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # weight init
         self.model = build(self.p).to(self.device)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
+        if cfg.init_from is not None:
+            self.model.load_state_dict(load_model(cfg.init_from, expect_preset=self.p.name).state_dict())
         if cfg.init_from_teacher and self.teacher is not None:
             init_from_teacher(self.model, self.teacher)
         self.ema = EMA(self.model, cfg.ema_beta, cfg.ema_start)

@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from edgeseg.defaults import SAMPLER_DEFAULTS, sampler_defaults
 from edgeseg.errors import EdgesegError
 from edgeseg.mobile import sidecar as sc
 from edgeseg.mobile.fold import prepare_for_export
@@ -48,19 +49,8 @@ __all__ = [
     "lower_executorch", "to_program", "count_delegates", "export_executorch", "export_coreml", "inspect_mlpackage",
 ]
 
-# Default (K, N) per prediction type, chosen by measurement on trained tiny students (2 cores):
-# x0 ("sample"): DDIM K = 1, 2, 4 give the same Dice within the seed spread (bench/README.md,
-#   ablation, 150 images x 3 seeds: 82.7 / 82.5 / 82.2 +- ~1; bench/fps.py sweep, 16 images:
-#   0.791 / 0.794 / 0.791 at N = 3) and K = 1 costs half of K = 2, so K = 1. N = 3: as accurate
-#   as N = 9 at a third of the time, and an ensemble is what yields the uncertainty map (N = 1
-#   has none). v-prediction: the same shape in the ablation (78.3 / 77.7 / 76.8 at K = 1, 2, 4).
-# epsilon: PROVISIONAL (no converged epsilon student was trained here; DESIGN.md section 3
-#   measured 0.31 Dice at one step, so 10).
-DEFAULTS: dict[str, dict] = {
-    "sample": {"steps": 1, "ensemble": 3, "provisional": False},
-    "v_prediction": {"steps": 1, "ensemble": 3, "provisional": False},
-    "epsilon": {"steps": 10, "ensemble": 3, "provisional": True},
-}
+# Default (K, N) per prediction type: the one table in edgeseg.defaults.
+DEFAULTS = SAMPLER_DEFAULTS
 PARITY_THRESHOLDS = {"none": 0.99, "int8": 0.97}
 # Bumped whenever the exported program changes for the same model, K and N (caches compare it).
 # 2: conv-only int8 with per-step weight copies, reshape-free GroupNorm, short constant keys.
@@ -77,9 +67,7 @@ class ProgramLoadError(EdgesegError):
     """The written .pte does not initialise in the ExecuTorch runtime (e.g. XNNPACK rejects a node)."""
 
 
-def default_steps_ensemble(prediction_type: str) -> tuple[int, int]:
-    d = DEFAULTS[prediction_type]
-    return d["steps"], d["ensemble"]
+default_steps_ensemble = sampler_defaults
 
 
 def _say(progress: Progress | None, msg: str) -> None:

@@ -54,3 +54,53 @@ def make_folder(root: Path, n: int = 10, suffix: str = "_mask") -> Path:
         write_pair(root / "images" / f"case{i:03d}.png", root / "masks" / f"case{i:03d}{suffix}.png", i)
     (root / "README.txt").write_text("my lesions\n")
     return root
+
+
+ISIC17 = {  # split: (image folder, ground-truth folder), as in the official ISIC 2017 release
+    "train": ("ISIC-2017_Training_Data", "ISIC-2017_Training_Part1_GroundTruth"),
+    "val": ("ISIC-2017_Validation_Data", "ISIC-2017_Validation_Part1_GroundTruth"),
+    "test": ("ISIC-2017_Test_v2_Data", "ISIC-2017_Test_v2_Part1_GroundTruth"),
+}
+PH2_IMAGES = "PH2 Dataset images"
+
+
+def make_isic2017(root: Path, sizes=(5, 2, 3)) -> Path:
+    """Official ISIC 2017 Part 1 layout, with the superpixel PNGs and metadata CSVs it ships."""
+    start = 0
+    for (split, (img_dir, gt_dir)), n in zip(ISIC17.items(), sizes):
+        for i in range(start, start + n):
+            iid = f"ISIC_{i:07d}"
+            write_pair(root / img_dir / f"{iid}.jpg", root / gt_dir / f"{iid}_segmentation.png", i)
+            Image.fromarray(np.full((20, 24, 3), i, np.uint8)).save(root / img_dir / f"{iid}_superpixels.png")
+        (root / img_dir / f"{img_dir}_metadata.csv").write_text("image_id,age_approximate,sex\n")
+        start += n
+    return root
+
+
+def write_bmp_pair(img_path: Path, mask_path: Path, i: int, one_bit: bool, w: int = 24, h: int = 20) -> None:
+    """A PH2-style case: 24-bit BMP image, lesion mask as a 1-bit or 8-bit (0/255) BMP."""
+    rng = np.random.default_rng(i)
+    img = rng.integers(150, 230, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    mask[h // 5: 4 * h // 5, w // 5: 3 * w // 4] = 255
+    img[mask > 0] //= 3
+    img_path.parent.mkdir(parents=True, exist_ok=True)
+    mask_path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(img_path, format="BMP")
+    m = Image.fromarray(mask)
+    (m.convert("1") if one_bit else m).save(mask_path, format="BMP")
+
+
+def make_ph2(root: Path, n: int = 10) -> Path:
+    """Official PH2 layout: PH2Dataset/PH2 Dataset images/IMDxxx/{image, lesion, roi folders}."""
+    cases = root / PH2_IMAGES
+    for k in range(n):
+        cid = f"IMD{2 + 3 * k:03d}"
+        case = cases / cid
+        write_bmp_pair(case / f"{cid}_Dermoscopic_Image" / f"{cid}.bmp",
+                       case / f"{cid}_lesion" / f"{cid}_lesion.bmp", k, one_bit=k % 2 == 0)
+        (case / f"{cid}_roi").mkdir()
+        Image.fromarray(np.zeros((20, 24), np.uint8)).save(case / f"{cid}_roi" / f"{cid}_R1_Label4.bmp")
+    (root / "PH2_dataset.txt").write_text("|| Name || Histological Diagnosis ||\n")
+    (root / "PH2_dataset.xlsx").write_bytes(b"PK\x03\x04 not a real workbook")
+    return root

@@ -1,4 +1,5 @@
-"""Datasets: ISIC 2018 Task 1, HAM10000, a user's own folder and a built-in synthetic set.
+"""Datasets: ISIC 2017 Part 1, ISIC 2018 Task 1, HAM10000, PH2, a user's own folder and a
+built-in synthetic set.
 
 ``load_dataset(name, split, data_dir=None, size=128, augment=False, seed=0)`` returns a torch
 Dataset whose item ``i`` is ``(image, mask, dist)``:
@@ -24,8 +25,10 @@ from edgeseg.errors import DatasetError
 __all__ = ["DATASETS", "SPLITS", "load_dataset", "load_arrays", "SegDataset", "worker_init_fn",
            "cache_root"]
 
-DATASETS = ("isic2018", "ham10000", "folder", "synthetic")
-SPLITS = ("train", "val", "test")
+DATASETS = ("isic2017", "isic2018", "ham10000", "ph2", "folder", "synthetic")
+#: "all" is every image of the dataset (train, val and test in that order), e.g. PH2 as an
+#: external test set for a model trained on ISIC.
+SPLITS = ("train", "val", "test", "all")
 
 from edgeseg.data.augment import worker_init_fn  # noqa: E402
 from edgeseg.data.cache import cache_root  # noqa: E402
@@ -139,7 +142,8 @@ def load_arrays(name: str, data_dir=None, size: int = 128, seed: int = 0):
         images, masks = validate.read_all(pairs, size, root)
         index = {p.id: i for i, p in enumerate(pairs)}
         out = {}
-        for split, ids in layouts.split_ids([p.id for p in pairs], name, split_files).items():
+        splits = layouts.fixed_splits(pairs) or layouts.split_ids([p.id for p in pairs], name, split_files)
+        for split, ids in splits.items():
             sel = np.array([index[i] for i in ids], np.int64)
             out[split] = (images[sel], masks[sel], ids)
         return out
@@ -159,6 +163,10 @@ def load_dataset(name: str, split: str, data_dir=None, size: int = 128, augment:
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
     arrays, d = load_arrays(name, data_dir, size, seed if name == "synthetic" else 0)
+    if split == "all":
+        parts = [arrays[s] for s in ("train", "val", "test") if s in arrays]
+        arrays = {"all": (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                          [n for p in parts for n in p[2]])}
     if split not in arrays or len(arrays[split][2]) == 0:
         where = data_dir if data_dir is not None else name
         raise DatasetError(f"{where}: empty dataset, the {split} split has no images")

@@ -1,8 +1,10 @@
-"""Folder layouts (ISIC 2018 Task 1, HAM10000, a user's own folder), pairing and splits.
+"""Folder layouts (ISIC 2017 Part 1, ISIC 2018 Task 1, HAM10000, PH2, a user's own folder).
 
-Each layout turns a data directory into a sorted list of ``Pair(id, image, mask)``; the
-official releases carry extra files (licence, attribution, metadata CSVs) which are ignored.
-Every problem raises :class:`edgeseg.errors.DatasetError` with one line naming the file.
+Each layout turns a data directory into a sorted list of ``Pair(id, image, mask, split)``; the
+official releases carry extra files (licence, attribution, metadata CSVs, ISIC 2017's
+superpixel PNGs, PH2's ROI folders and spreadsheets) which are ignored. ``split`` is set where
+the release itself fixes the split (ISIC 2017's three folders). Every problem raises
+:class:`edgeseg.errors.DatasetError` with one line naming the file or folder.
 """
 from __future__ import annotations
 
@@ -14,16 +16,26 @@ from pathlib import Path
 from edgeseg.errors import DatasetError
 
 __all__ = ["Pair", "IMAGE_EXTS", "OFFICIAL_SPLITS", "FOLDER_FRACTIONS", "discover", "split_ids",
-           "split_counts", "LAYOUT_HELP"]
+           "split_counts", "fixed_splits", "LAYOUT_HELP"]
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 #: Official split sizes (train, val, test) in sorted id order.
-OFFICIAL_SPLITS = {"isic2018": (1815, 259, 520), "ham10000": (7200, 1800, 1015)}
+OFFICIAL_SPLITS = {"isic2018": (1815, 259, 520), "ham10000": (7200, 1800, 1015), "ph2": (80, 20, 100)}
 FOLDER_FRACTIONS = (0.7, 0.1, 0.2)
 ISIC_IMG, ISIC_GT = "ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1_Training_GroundTruth"
 HAM_PARTS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
 HAM_GT = "HAM10000_segmentations_lesion_tschandl"
+ISIC17_FOLDERS = {  # split: (image folder, ground-truth folder) of the official release
+    "train": ("ISIC-2017_Training_Data", "ISIC-2017_Training_Part1_GroundTruth"),
+    "val": ("ISIC-2017_Validation_Data", "ISIC-2017_Validation_Part1_GroundTruth"),
+    "test": ("ISIC-2017_Test_v2_Data", "ISIC-2017_Test_v2_Part1_GroundTruth"),
+}
+PH2_IMAGES = "PH2 Dataset images"
 LAYOUT_HELP = {
+    "isic2017": "ISIC-2017_{Training,Validation,Test_v2}_Data/ISIC_*.jpg + "
+                "ISIC-2017_{Training,Validation,Test_v2}_Part1_GroundTruth/ISIC_*_segmentation.png",
+    "ph2": f"PH2Dataset/{PH2_IMAGES}/IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp + "
+           "IMDxxx/IMDxxx_lesion/IMDxxx_lesion.bmp",
     "isic2018": f"{ISIC_IMG}/ISIC_*.jpg + {ISIC_GT}/ISIC_*_segmentation.png",
     "ham10000": f"{HAM_PARTS[0]}/ + {HAM_PARTS[1]}/ (ISIC_*.jpg) + {HAM_GT}/ISIC_*_segmentation.png",
     "folder": "images/<name>.<ext> + masks/<name>[_segmentation|_mask].png",
@@ -36,11 +48,13 @@ class Pair:
     id: str
     image: Path
     mask: Path
+    split: str | None = None  # fixed by the release's folders (ISIC 2017), else None
 
 
-def _files(folder: Path) -> list[Path]:
+def _files(folder: Path, skip_suffix: str | None = None) -> list[Path]:
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS)
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS
+                  and not (skip_suffix and p.stem.endswith(skip_suffix)))
 
 
 def _require_dir(root: Path, name: str, layout: str) -> Path:
@@ -108,11 +122,63 @@ def discover(name: str, data_dir: str | os.PathLike) -> list[Pair]:
         parts = [_require_dir(root, p, name) for p in HAM_PARTS]
         images = sorted((f for d in parts for f in _files(d)), key=lambda p: p.name)
         return _pair(images, _files(gt_dir), root, name, f"{HAM_GT}/{{id}}_segmentation.png")
+    if name == "isic2017":
+        return _discover_isic2017(root)
+    if name == "ph2":
+        return _discover_ph2(root)
     if name == "folder":
         img_dir = _require_dir(root, "images", name)
         mask_dir = _require_dir(root, "masks", name)
         return _pair(_files(img_dir), _files(mask_dir), root, name, "masks/{id}.png")
     raise DatasetError(f"unknown layout {name!r}")
+
+
+def _discover_isic2017(root: Path) -> list[Pair]:
+    """The three official splits, each from its own image and ground-truth folder."""
+    pairs: list[Pair] = []
+    for split, (img_name, gt_name) in ISIC17_FOLDERS.items():
+        img_dir, gt_dir = _require_dir(root, img_name, "isic2017"), _require_dir(root, gt_name, "isic2017")
+        found = _pair(_files(img_dir, skip_suffix="_superpixels"), _files(gt_dir), root, "isic2017",
+                      f"{gt_name}/{{id}}_segmentation.png")
+        pairs += [Pair(p.id, p.image, p.mask, split) for p in found]
+    seen: dict[str, Pair] = {}
+    for p in pairs:
+        if p.id in seen:
+            raise DatasetError(f"{p.image.relative_to(root)}: id {p.id} is in two splits (also "
+                               f"{seen[p.id].image.relative_to(root)})")
+        seen[p.id] = p
+    return sorted(pairs, key=lambda p: p.id)
+
+
+def _ph2_case(case: Path, root: Path) -> Pair:
+    cid = case.name
+    image = case / f"{cid}_Dermoscopic_Image" / f"{cid}.bmp"
+    mask = case / f"{cid}_lesion" / f"{cid}_lesion.bmp"
+    for path, what in ((image, "dermoscopic image"), (mask, "lesion mask")):
+        if not path.is_file():
+            raise DatasetError(f"{case.relative_to(root.parent)}: PH2 case folder has no {what} "
+                               f"(expected {path.relative_to(case)})")
+    return Pair(cid, image, mask)
+
+
+def _discover_ph2(root: Path) -> list[Pair]:
+    """PH2: ``root`` is ``PH2Dataset/`` or its ``PH2 Dataset images/`` folder of IMDxxx cases."""
+    cases_dir = root / PH2_IMAGES if (root / PH2_IMAGES).is_dir() else root
+    cases = sorted(p for p in cases_dir.iterdir() if p.is_dir() and p.name.startswith("IMD"))
+    if not cases:
+        raise DatasetError(f"{root}: no PH2 case folders IMDxxx/ found (expected the ph2 layout: "
+                           f"{LAYOUT_HELP['ph2']})")
+    return [_ph2_case(c, cases_dir) for c in cases]
+
+
+def fixed_splits(pairs: list[Pair]) -> dict[str, list[str]] | None:
+    """{split: ids} where the release fixes the splits by folder (ISIC 2017), else None."""
+    if not pairs or pairs[0].split is None:
+        return None
+    out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for p in pairs:
+        out[p.split].append(p.id)
+    return out
 
 
 def split_counts(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -133,9 +199,9 @@ def split_ids(ids: list[str], dataset: str, split_files: dict[str, list[str]] | 
               ) -> dict[str, list[str]]:
     """Split ids (sorted first) into train/val/test.
 
-    isic2018 and ham10000 use the official sizes (1815/259/520 of 2594, 7200/1800/1015 of
-    10015); with a different number of ids (fixtures, partial downloads) the same
-    proportions are used. ``folder`` uses 70/10/20, or ``split_files`` when given.
+    isic2018, ham10000 and ph2 use the official sizes (1815/259/520 of 2594, 7200/1800/1015 of
+    10015, DermoSegDiff's 80/20/100 of PH2's 200); with a different number of ids (fixtures,
+    partial downloads) the same proportions are used. ``folder`` uses 70/10/20, or ``split_files`` when given.
     """
     ids = sorted(ids)
     if split_files:

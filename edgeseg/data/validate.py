@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from edgeseg.errors import DatasetError
+from edgeseg.imageio import read_rgb, resize_rgb
 
 __all__ = ["read_pair", "read_all", "validate_dataset"]
 
@@ -28,6 +29,13 @@ def _open(path: Path, root: Path, what: str):
         raise DatasetError(f"{_rel(path, root)}: unreadable {what} ({_short(e)})") from None
 
 
+def _full_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:  # the header only: the size before any draft decoding
+        return im.size
+
+
 def _rel(p: Path, root: Path) -> str:
     try:
         return str(Path(p).relative_to(root))
@@ -41,13 +49,8 @@ def _short(e: Exception) -> str:
 
 def read_pair(image: Path, mask: Path, size: int, root: Path) -> tuple[np.ndarray, np.ndarray]:
     """Decode, check and resize one pair: (size x size x 3 uint8 RGB, size x size uint8 {0,1})."""
-    im, isz = _open(image, root, "image")
-    try:
-        if im.format == "JPEG":
-            im.draft("RGB", (2 * size, 2 * size))  # fast DCT-domain downscale, still >= 2x
-        rgb = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DatasetError(f"{_rel(image, root)}: truncated or unreadable image ({_short(e)})") from None
+    rgb = read_rgb(image, draft_size=2 * size, label=_rel(image, root))
+    isz = _full_size(image)
     mk, msz = _open(mask, root, "mask")
     try:
         m = np.asarray(mk.convert("L") if mk.mode not in ("L", "1", "P", "I", "I;16") else mk)
@@ -64,7 +67,7 @@ def read_pair(image: Path, mask: Path, size: int, root: Path) -> tuple[np.ndarra
                            f"values (expected 2, e.g. 0 and 255)")
     m01 = (m > vals.min()).astype(np.uint8) if vals.size == 2 else (
         np.full(m.shape, 1 if vals[0] > 0 else 0, np.uint8))
-    rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)
+    rgb = resize_rgb(rgb, size)
     m01 = cv2.resize(m01, (size, size), interpolation=cv2.INTER_NEAREST)
     return rgb, m01
 
