@@ -1,12 +1,22 @@
 """Model checkpoints: a safetensors file of weights plus a small JSON of the preset.
 
-Loading never unpickles. Every write is atomic (temp file in the same folder, then rename),
-so an interrupted save leaves the previous file intact.
+Loading never unpickles. Every write is atomic (temp file in the same folder, then rename, the
+file mode following the umask as for any new file), so an interrupted save leaves the previous
+file intact.
+
+Nothing in a checkpoint is trusted before it is checked (as safetensors checks its own header):
+the JSON's preset is validated field by field; the weights file's header must name the same
+preset (and, for files written by this version, hold the same preset config); every tensor's
+name and shape in the header must match the network the preset builds, compared before any
+memory is allocated; and the JSON's ``weights_sha256`` (written by :func:`save_model`; a JSON
+without it, such as an older checkpoint, is accepted as legacy) must be the weights file's.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,9 +26,40 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from edgeseg.errors import CheckpointError
-from edgeseg.models import DermoSegDiff, Preset, build
+from edgeseg.models import PRESETS, DermoSegDiff, Preset, build
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "save_tensors", "save_model", "load_model", "load_preset"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "save_tensors", "save_model", "load_model", "load_preset",
+           "file_sha256", "new_file_mode", "check_regular_file"]
+
+MAX_JSON_BYTES = 16 << 20  # a preset JSON is a few KB
+
+
+def new_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file (0666 minus the umask).
+
+    ``tempfile.mkstemp`` creates 0600 files; renamed into place they would stay private."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def check_regular_file(path: Path, what: str, error=CheckpointError) -> None:
+    """`error` unless `path` is a regular file (a named pipe or a device would block or never end)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise error(f"{path}: cannot open the {what} ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        raise error(f"{path}: the {what} is not a regular file")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -29,6 +70,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), new_file_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -48,10 +90,19 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _json_path(weights: Path) -> Path:
@@ -59,50 +110,124 @@ def _json_path(weights: Path) -> Path:
 
 
 def save_model(model: DermoSegDiff, path: str | Path, extra: dict | None = None) -> Path:
-    """Write `<path>` (.safetensors) and `<path minus suffix>.json` holding the preset (+ extra)."""
+    """Write `<path>` (.safetensors, its header holding the preset) and `<path minus suffix>.json`
+    holding the preset, the weights' sha256 and `extra`."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
-    save_tensors(path, model.state_dict(), metadata={"preset": model.preset.name})
-    atomic_write_json(_json_path(path), {"preset": model.preset.to_dict(), **(extra or {})})
+    p = model.preset
+    save_tensors(path, model.state_dict(), metadata={"preset": p.name, "preset_config": json.dumps(p.to_dict())})
+    extra = {k: v for k, v in (extra or {}).items() if k not in ("preset", "weights_sha256")}
+    atomic_write_json(_json_path(path), {"preset": p.to_dict(), "weights_sha256": file_sha256(path), **extra})
     return path
 
 
 def load_preset(path: str | Path) -> tuple[Preset, dict]:
-    """The preset (and the rest of the JSON) stored beside a weights file."""
+    """The preset (and the rest of the JSON) stored beside a weights file, validated."""
     path = Path(path)
     meta_path = _json_path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
+    check_regular_file(path, "checkpoint")
     if not meta_path.exists():
         raise CheckpointError(f"{path}: no preset file {meta_path.name} beside the weights")
+    check_regular_file(meta_path, "preset file")
+    if meta_path.stat().st_size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{meta_path}: preset file is {meta_path.stat().st_size} bytes, not a preset JSON")
     try:
         meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict) or "preset" not in meta:
+            raise ValueError("no 'preset' entry")
         return Preset.from_dict(meta["preset"]), meta
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{meta_path}: not a valid edgeseg preset file ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        msg = " ".join(str(e).split())
+        raise CheckpointError(f"{meta_path}: not a valid edgeseg preset file ({msg})") from None
 
 
-def load_model(path: str | Path, expect_preset: str | None = None, map_location: str = "cpu") -> DermoSegDiff:
-    """Rebuild the network from its preset JSON and load the safetensors weights (no pickle)."""
-    path = Path(path)
-    p, _ = load_preset(path)
-    if expect_preset is not None and p.name != expect_preset:
-        raise CheckpointError(f"{path}: checkpoint is preset {p.name!r}, expected {expect_preset!r}")
-    model = build(p)
+def _header(path: Path) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """(metadata, {tensor name: shape}) from the safetensors header, no tensor data read."""
+    from safetensors import safe_open
+
     try:
-        state = load_file(str(path), device=map_location)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
-    missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {}), {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({' '.join(str(e).split())})") from None
+
+
+def _differences(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def _check_against_header(path: Path, p: Preset, meta: dict) -> None:
+    header_meta, shapes = _header(path)
+    saved_as = header_meta.get("preset")
+    if saved_as is not None and saved_as != p.name:
+        raise CheckpointError(f"{path}: weights do not match preset {p.name!r} of {_json_path(path).name}: they "
+                              f"were saved as preset {saved_as!r}")
+    if "preset_config" in header_meta:
+        try:
+            stored = Preset.from_dict(json.loads(header_meta["preset_config"]))
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: the preset in the weights file's header is invalid ({e})") from None
+        diff = _differences({**stored.to_dict(), "note": ""}, {**p.to_dict(), "note": ""})
+        if diff:
+            raise CheckpointError(f"{path}: weights do not match preset {p.name!r} of {_json_path(path).name}: "
+                                  f"{', '.join(diff)} differ from the preset saved with the weights "
+                                  f"(was the JSON edited?)")
+    sha = meta.get("weights_sha256")
+    if sha is not None:
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            raise CheckpointError(f"{_json_path(path)}: weights_sha256 is not a sha256 hex digest ({sha!r})")
+        if file_sha256(path) != sha:
+            raise CheckpointError(f"{path}: weights do not match the sha256 recorded in {_json_path(path).name} "
+                                  "(file corrupted, truncated or changed after saving)")
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build(p).state_dict().items()}
+    except Exception as e:  # noqa: BLE001 - a preset that validates but cannot be built
+        raise CheckpointError(f"{_json_path(path)}: preset {p.name!r} cannot be built ({e})") from None
+    missing, unexpected = set(expected) - set(shapes), set(shapes) - set(expected)
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: weights do not match preset {p.name!r} "
             f"({len(missing)} missing, {len(unexpected)} unexpected tensors)"
         )
+    wrong = sorted(k for k in expected if expected[k] != shapes[k])
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(f"{path}: weights do not match preset {p.name!r}: {len(wrong)} tensors have other "
+                              f"shapes (e.g. {k}: {list(shapes[k])} in the file, {list(expected[k])} for the preset)")
+
+
+def load_model(path: str | Path, expect_preset: str | None = None, map_location: str = "cpu") -> DermoSegDiff:
+    """Rebuild the network from its preset JSON and load the safetensors weights (no pickle).
+
+    With `expect_preset`, the checkpoint must be that preset: same name and, for a registered
+    preset, the same architecture (a renamed checkpoint of another preset is refused).
+    """
+    path = Path(path)
+    p, meta = load_preset(path)
+    if expect_preset is not None and p.name != expect_preset:
+        raise CheckpointError(f"{path}: checkpoint is preset {p.name!r}, expected {expect_preset!r}")
+    if expect_preset is not None and expect_preset in PRESETS:
+        diff = _differences(PRESETS[expect_preset].architecture(), p.architecture())
+        if diff:
+            raise CheckpointError(f"{path}: checkpoint claims preset {p.name!r} but its {', '.join(diff)} differ "
+                                  f"from that preset's")
+    _check_against_header(path, p, meta)
+    model = build(p)
+    try:
+        state = load_file(str(path), device=map_location)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({' '.join(str(e).split())})") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1].strip()
         raise CheckpointError(f"{path}: weights do not match preset {p.name!r}: {first}") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} weight tensors hold NaN or inf (e.g. {bad[0]}); the model "
+                              "was saved from a diverged run")
     return model

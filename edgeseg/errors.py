@@ -16,3 +16,16 @@ class CheckpointError(EdgesegError):
 
 class ImageReadError(DatasetError):
     """An image file is not a regular file, cannot be decoded, is truncated or is too large."""
+
+
+class SettingsError(EdgesegError):
+    """A setting (training number, option, settings file entry) has the wrong type or is out of range,
+    or cannot change when a run is resumed."""
+
+
+class RunFolderError(EdgesegError):
+    """A run folder exists, is missing, or is in use by another process (its lock file)."""
+
+
+class ExportError(EdgesegError):
+    """An export cannot be written (output path taken, bad sidecar) or failed its checks."""

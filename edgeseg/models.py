@@ -8,7 +8,8 @@ Architecture as DESIGN.md section 2; a student is a teacher with its last stages
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,9 @@ class Preset:
     dim_head: int = 32
     note: str = field(default="", compare=False)
 
+    def __post_init__(self) -> None:
+        _check_preset(self)
+
     @property
     def stages(self) -> int:
         return len(self.dim_x_mults)
@@ -45,15 +49,28 @@ class Preset:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def architecture(self) -> dict:
+        """The fields that shape the weights (what two checkpoints of one preset must share)."""
+        return {k: v for k, v in self.to_dict().items() if k in _ARCH_FIELDS}
+
     @classmethod
     def from_dict(cls, d: dict) -> "Preset":
+        """A preset from its JSON form; ValueError naming the field for any wrong type or range."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a preset must be a JSON object, got {type(d).__name__}")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown preset fields {sorted(unknown)}")
+        missing = sorted(f.name for f in fields(cls) if f.name not in d and f.default is MISSING
+                         and f.default_factory is MISSING)
+        if missing:
+            raise ValueError(f"preset fields missing: {missing}")
         d = dict(d)
-        d["dim_x_mults"] = tuple(d["dim_x_mults"])
-        d["dim_g_mults"] = tuple(d["dim_g_mults"])
+        for k in ("dim_x_mults", "dim_g_mults"):
+            if not isinstance(d[k], (list, tuple)):
+                raise ValueError(f"{k} must be a list of integers, got {d[k]!r}")
+            d[k] = tuple(d[k])
         return cls(**d)
 
     def with_depth(self, stages: int, name: str, **kw) -> "Preset":
@@ -62,6 +79,60 @@ class Preset:
         base["dim_x_mults"] = self.dim_x_mults[:stages]
         base["dim_g_mults"] = self.dim_g_mults[:stages]
         return Preset(**{k: v for k, v in base.items()})
+
+
+#: Preset (and checkpoint) names: a letter or digit, then letters, digits, '.', '_' or '-'; no
+#: path separators, so a name taken from a checkpoint's JSON is safe to use in a file name.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+_ARCH_FIELDS = ("dim_x", "dim_g", "dim_x_mults", "dim_g_mults", "groups", "image_size", "heads", "dim_head")
+# Upper bounds far above every shipped preset (the paper teacher: width 64 x 6 stages, 1024 image
+# channels), so a typo or an edited JSON cannot ask for gigabytes before anything is checked.
+_MAX = {"dim": 2048, "mult": 64, "stages": 8, "heads": 64, "dim_head": 1024, "image_size": 4096}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_name(name, what: str = "preset name") -> str:
+    """`name` if it is a valid preset name, else ValueError (no '/', '..', spaces or control characters)."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise ValueError(f"{what} must be 1-64 letters, digits, '.', '_' or '-' starting with a letter "
+                         f"or digit, got {name!r}")
+    return name
+
+
+def _check_preset(p: "Preset") -> None:
+    check_name(p.name)
+    if p.teacher is not None:
+        check_name(p.teacher, "teacher preset name")
+    for k, hi in (("dim_x", _MAX["dim"]), ("dim_g", _MAX["dim"]), ("groups", _MAX["dim"]),
+                  ("heads", _MAX["heads"]), ("dim_head", _MAX["dim_head"]), ("image_size", _MAX["image_size"])):
+        v = getattr(p, k)
+        if not _is_int(v) or not 1 <= v <= hi:
+            raise ValueError(f"{k} must be an integer from 1 to {hi}, got {v!r}")
+    for k in ("dim_x_mults", "dim_g_mults"):
+        v = getattr(p, k)
+        if not isinstance(v, tuple) or not 1 <= len(v) <= _MAX["stages"] or not all(
+                _is_int(m) and 1 <= m <= _MAX["mult"] for m in v):
+            raise ValueError(f"{k} must be 1 to {_MAX['stages']} integers from 1 to {_MAX['mult']}, got {v!r}")
+    if len(p.dim_x_mults) != len(p.dim_g_mults):
+        raise ValueError(f"dim_x_mults {list(p.dim_x_mults)} and dim_g_mults {list(p.dim_g_mults)} must have "
+                         "the same length (one per stage)")
+    widths = [p.dim_x, p.dim_g] + [p.dim_x * m for m in p.dim_x_mults] + [p.dim_g * m for m in p.dim_g_mults]
+    bad = sorted({w for w in widths if w % p.groups})
+    if bad:
+        raise ValueError(f"groups {p.groups} must divide every stage width (not {bad[0]})")
+    if p.image_size % 2 ** (len(p.dim_x_mults) - 1):
+        raise ValueError(f"image_size {p.image_size} must be divisible by {2 ** (len(p.dim_x_mults) - 1)} "
+                         f"({len(p.dim_x_mults)} stages halve it {len(p.dim_x_mults) - 1} times)")
+    if p.role not in ("teacher", "student"):
+        raise ValueError(f"role must be 'teacher' or 'student', got {p.role!r}")
+    if p.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {p.prediction_type!r}")
+    if not isinstance(p.note, str):
+        raise ValueError(f"note must be a string, got {p.note!r}")
 
 
 def _paper(dataset: str, x_mults, g_mults) -> list[Preset]:
