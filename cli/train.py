@@ -94,49 +94,57 @@ def train_teacher(
     typer.echo(f"teacher written to {run / 'teacher.safetensors'}")
 
 
-def _settings(protocol: str, steps: Optional[int], ensemble: Optional[int]):
+def _settings(protocol: str, steps: Optional[int], ensemble: Optional[int], prediction_type: str):
+    """The sampler: the paper's DDPM 250 x 9, or DDIM with the defaults table's K and N."""
+    from edgeseg.defaults import sampler_defaults
     from edgeseg.errors import EdgesegError
     from edgeseg.evaluate import PAPER_PROTOCOL, SamplerSettings
-    from edgeseg.pipeline import DEFAULT_EVAL
 
     if protocol == "paper":
         return SamplerSettings("ddpm", 250, ensemble or PAPER_PROTOCOL.ensemble)
     if protocol == "ddim":
-        return SamplerSettings("ddim", steps or DEFAULT_EVAL.steps, ensemble or DEFAULT_EVAL.ensemble)
+        dk, dn = sampler_defaults(prediction_type)
+        return SamplerSettings("ddim", steps or dk, ensemble or dn)
     raise EdgesegError(f"--protocol must be 'paper' (DDPM 250 x 9) or 'ddim', got {protocol!r}")
 
 
 @user_errors
 def evaluate_cmd(
-    checkpoint: Optional[Path] = typer.Option(None, help="weights file or run folder; default: newest run"),
+    checkpoint: Optional[Path] = typer.Option(None, help="weights file, run folder or shipped model name; default: "
+                                              "the newest run, else the shipped real-lesion model"),
     which: str = typer.Option("student", help="student or teacher, when --checkpoint is a run folder"),
     runs_dir: Path = typer.Option(Path("runs"), help="where to look for the newest run"),
-    dataset: str = typer.Option("synthetic", help="dataset to evaluate on"),
+    dataset: Optional[str] = typer.Option(None, help="dataset to evaluate on (isic2017, ph2, isic2018, ham10000, "
+                                          "folder, synthetic); default: the checkpoint's own, if its folder is here, "
+                                          "else synthetic"),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder"),
-    split: str = typer.Option("test", help="train | val | test"),
+    split: str = typer.Option("test", help="train | val | test | all"),
     protocol: str = typer.Option("ddim", help="paper (DDPM 250 steps x 9, averaged) or ddim"),
-    steps: Optional[int] = typer.Option(None, help="DDIM steps (default 2)"),
+    steps: Optional[int] = typer.Option(None, help="DDIM steps (default: the defaults table, 1 for x0 models)"),
     ensemble: Optional[int] = typer.Option(None, help="ensemble size (default 3 for ddim, 9 for paper)"),
     max_images: Optional[int] = typer.Option(None, help="only the first N images"),
-    out: Optional[Path] = typer.Option(None, help="folder for report.json and overlays (default: the run folder)"),
+    out: Optional[Path] = typer.Option(None, help="folder for the JSON and overlays (default: the run folder; "
+                                       "./evaluations for a shipped model)"),
     seed: int = typer.Option(0, help="sampling seed"),
 ):
     """Score a checkpoint (Table-I metrics + IoU, HD95, boundary F) and draw overlays."""
     from rich.console import Console
 
-    from edgeseg.checkpoint import atomic_write_json, load_model
+    from edgeseg.checkpoint import atomic_write_json, load_model, load_preset
     from edgeseg.data import load_dataset
     from edgeseg.evaluate import evaluate, format_table, metrics_summary, write_overlays
     from edgeseg.models import count_params
-    from edgeseg.runs import resolve_checkpoint
+    from edgeseg.runs import resolve_checkpoint, training_dataset
 
     path = resolve_checkpoint(checkpoint, which, runs_dir)
     model = load_model(path)
-    ds = load_dataset(dataset, split, data_dir=str(data_dir) if data_dir else None, size=model.preset.image_size)
-    settings = _settings(protocol, steps, ensemble)
+    dataset, data_dir, _ = training_dataset(load_preset(path)[1], dataset, data_dir)
+    ds = load_dataset(dataset, split, data_dir=data_dir, size=model.preset.image_size)
+    settings = _settings(protocol, steps, ensemble, model.preset.prediction_type)
     r = evaluate(model, ds, settings, max_images=max_images, seed=seed, label=model.preset.name)
     r["params"] = count_params(model)
-    out = out or path.parent
+    shipped = path.parent.name == "assets" and path.parent.parent.name == "edgeseg"
+    out = out or (Path("evaluations") if shipped else path.parent)
     tag = f"{path.stem}-{split}-{settings.sampler}{settings.steps}x{settings.ensemble}"
     write_overlays(r["keep"], out / "overlays" / f"{tag}.png", title_prefix=f"{path.stem} ")
     atomic_write_json(out / f"eval-{tag}.json", {"checkpoint": str(path), "dataset": dataset, "split": split,
@@ -145,55 +153,55 @@ def evaluate_cmd(
     typer.echo(f"wrote {out / f'eval-{tag}.json'} and {out / 'overlays' / f'{tag}.png'}")
 
 
+def _output_stems(images: List[Path]) -> list[str]:
+    """A distinct output name per input: the file's stem, qualified where two inputs share one
+    (a/x.png and b/x.jpg -> a_x_png, b_x_jpg) so no result overwrites another."""
+    stems = [p.stem for p in images]
+    out = []
+    for p, stem in zip(images, stems):
+        name = stem if stems.count(stem) == 1 else f"{p.parent.name}_{stem}_{p.suffix.lstrip('.')}".lstrip("_")
+        while name in out:
+            name += "_"
+        out.append(name)
+    return out
+
+
 @user_errors
 def segment(
-    images: List[Path] = typer.Argument(..., help="image files (jpg/png)"),
-    checkpoint: Optional[Path] = typer.Option(None, help="weights file or run folder; default: newest run's student"),
+    images: List[Path] = typer.Argument(..., help="image files (jpg/png/bmp/tif, any size)"),
+    checkpoint: Optional[Path] = typer.Option(None, help="weights file, run folder or shipped model name; default: "
+                                              "the newest run's student, else the shipped real-lesion student"),
     model: Optional[Path] = typer.Option(None, "--model", help="an exported .pte to run with the ExecuTorch runtime"),
     runs_dir: Path = typer.Option(Path("runs"), help="where to look for the newest run"),
-    steps: Optional[int] = typer.Option(None, help="DDIM steps (eager checkpoints; default 2)"),
-    ensemble: Optional[int] = typer.Option(None, help="ensemble size (eager checkpoints; default 3)"),
+    steps: Optional[int] = typer.Option(None, help="DDIM steps (eager checkpoints; default from the defaults table)"),
+    ensemble: Optional[int] = typer.Option(None, help="ensemble size (eager checkpoints; default from the table)"),
     out: Path = typer.Option(Path("segmentations"), help="output folder"),
     seed: int = typer.Option(0, help="sampling seed"),
 ):
-    """Segment images: writes <name>_mask.png, <name>_overlay.png and <name>_uncertainty.png."""
-    import cv2
+    """Segment photos: writes <name>_mask.png (the photo's size), <name>_overlay.png, <name>_uncertainty.png."""
     import numpy as np
-    import torch
 
     from edgeseg.errors import EdgesegError
-    from edgeseg.viz import draw_outlines, heatmap
+    from edgeseg.imageio import write_image
+    from edgeseg.runs import resolve_checkpoint
+    from edgeseg.segmenter import Segmenter
+    from edgeseg.viz import outline_overlay, uncertainty_heatmap
 
-    if model is not None:
-        from edgeseg.mobile.runtime import PteSegmenter
-
-        seg = PteSegmenter(model)
-        size, threshold = seg.image_size[0], seg.threshold
-        run = lambda x: seg(x, seed=seed)  # noqa: E731
-    else:
-        from edgeseg.checkpoint import load_model
-        from edgeseg.evaluate import predict
-        from edgeseg.runs import resolve_checkpoint
-
-        net = load_model(resolve_checkpoint(checkpoint, "student", runs_dir))
-        size, threshold = net.preset.image_size, 0.0
-        settings = _settings("ddim", steps, ensemble)
-        run = lambda x: predict(net, x, settings, generator=torch.Generator().manual_seed(seed))  # noqa: E731
-    out.mkdir(parents=True, exist_ok=True)
-    for path in images:
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise EdgesegError(f"{path}: not a readable image")
-        h, w = bgr.shape[:2]
-        rgb = cv2.cvtColor(cv2.resize(bgr, (size, size), interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB)
-        x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0
-        mean, std = run(x)
-        mask = (mean[0, 0] > threshold).numpy().astype(np.uint8)
-        full = cv2.resize(mask * 255, (w, h), interpolation=cv2.INTER_NEAREST)
-        cv2.imwrite(str(out / f"{path.stem}_mask.png"), full)
-        overlay = draw_outlines(x[0], None, mean[0], scale=max(1, 256 // size))
-        cv2.imwrite(str(out / f"{path.stem}_overlay.png"), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
-        cv2.imwrite(str(out / f"{path.stem}_uncertainty.png"),
-                    cv2.cvtColor(heatmap(std[0], scale=max(1, 256 // size), vmax=1.0), cv2.COLOR_RGB2BGR))
-        typer.echo(f"{path}: lesion {100 * mask.mean():.1f}% of the image, mean ensemble spread "
-                   f"{float(std.mean()):.3f} -> {out / (path.stem + '_mask.png')}")
+    for path in images:  # every input checked before any model loads or any file is written
+        if not path.is_file():
+            raise EdgesegError(f"{path}: no such image file" if not path.exists() else f"{path}: not a regular file")
+    source = model if model is not None else resolve_checkpoint(checkpoint, "student", runs_dir)
+    seg = Segmenter.from_pretrained(source, steps=steps, ensemble=ensemble, seed=seed)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EdgesegError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
+    typer.echo(f"model: {seg}", err=True)
+    for path, stem in zip(images, _output_stems(images)):
+        result, rgb = seg.segment_photo(path)
+        hw = result.mask.shape
+        write_image(out / f"{stem}_mask.png", result.mask.astype(np.uint8) * 255)
+        write_image(out / f"{stem}_overlay.png", outline_overlay(rgb, result.probability))
+        write_image(out / f"{stem}_uncertainty.png", uncertainty_heatmap(result.uncertainty))
+        typer.echo(f"{path}: {hw[1]}x{hw[0]}, lesion {100 * result.lesion_fraction:.1f}% of the image, mean "
+                   f"uncertainty {float(result.uncertainty.mean()):.3f} -> {out / (stem + '_mask.png')}")

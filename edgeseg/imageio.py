@@ -81,3 +81,26 @@ def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
     if rgb.shape[:2] == (size, size):
         return np.ascontiguousarray(rgb)
     return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray) -> Path:
+    """Write an H x W (grey) or H x W x 3 (RGB) uint8 image atomically; the format follows the
+    suffix. Any failure is one :class:`edgeseg.errors.EdgesegError` line naming the file."""
+    import cv2
+
+    from edgeseg.checkpoint import atomic_write_bytes
+    from edgeseg.errors import EdgesegError
+
+    path = Path(path)
+    arr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
+    try:
+        ok, buf = cv2.imencode(path.suffix or ".png", arr)
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise EdgesegError(f"{path}: cannot encode an image with suffix {path.suffix!r} (use .png or .jpg)")
+    try:
+        atomic_write_bytes(path, buf.tobytes())
+    except OSError as e:
+        raise EdgesegError(f"{path}: cannot write ({e.strerror or e})") from None
+    return path

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ from edgeseg.checkpoint import atomic_write_json, load_model, load_preset, save_
 from edgeseg.errors import EdgesegError
 from edgeseg.evaluate import SamplerSettings, evaluate, format_table, metrics_summary, write_overlays
 from edgeseg.models import count_params, preset
-from edgeseg.runs import RUNS_DIR
+from edgeseg.runs import RUNS_DIR, shipped_path
 from edgeseg.train import TrainConfig, Trainer, init_distributed, paper_recipe, tiny_recipe
 
 __all__ = ["DistillJob", "run_distill", "run_train_teacher", "default_presets", "shipped_teacher", "shipped_checkpoint",
@@ -52,13 +51,10 @@ SHIPPED = {("tiny-teacher", "synthetic"): "tiny-teacher-synthetic", ("tiny-stude
 
 
 def shipped_checkpoint(preset_name: str, dataset: str) -> Path | None:
-    """The checkpoint shipped inside the package for (preset, dataset), if any: the tiny teacher
-    (1500 steps) and the main job's distilled tiny student, both on the synthetic set."""
+    """The checkpoint shipped inside the package for (preset, dataset), if any (README, "The
+    main job" and "Real lesions")."""
     stem = SHIPPED.get((preset_name, dataset))
-    if stem is None:
-        return None
-    path = Path(str(resources.files("edgeseg") / "assets" / f"{stem}.safetensors"))
-    return path if path.exists() else None
+    return None if stem is None else shipped_path(stem)
 
 
 def shipped_teacher(preset_name: str, dataset: str) -> Path | None:

@@ -13,9 +13,25 @@ from pathlib import Path
 
 from edgeseg.errors import CheckpointError
 
-__all__ = ["RUNS_DIR", "latest_run", "resolve_checkpoint"]
+__all__ = ["RUNS_DIR", "SHIPPED_MODELS", "shipped_path", "latest_run", "resolve_checkpoint", "training_dataset"]
 
 RUNS_DIR = Path("runs")
+
+#: Checkpoints shipped in the package (edgeseg/assets/<name>.safetensors + .json).
+SHIPPED_MODELS = ("tiny-student-isic2017", "tiny-teacher-isic2017", "tiny-student-synthetic",
+                  "tiny-teacher-synthetic")
+
+
+def shipped_path(name: str) -> Path:
+    """The weights file of a shipped model."""
+    from importlib import resources
+
+    if name not in SHIPPED_MODELS:
+        raise CheckpointError(f"unknown shipped model {name!r}; shipped: {', '.join(SHIPPED_MODELS)}")
+    path = Path(str(resources.files("edgeseg") / "assets" / f"{name}.safetensors"))
+    if not path.exists():
+        raise CheckpointError(f"{path}: shipped model file is missing (broken install?)")
+    return path
 
 
 def latest_run(root: str | Path = RUNS_DIR, require: str = "student.safetensors") -> Path:
@@ -31,12 +47,41 @@ def latest_run(root: str | Path = RUNS_DIR, require: str = "student.safetensors"
 
 
 def resolve_checkpoint(checkpoint: str | Path | None, which: str = "student", root: str | Path = RUNS_DIR) -> Path:
-    """A weights file: the one named, the `which` model of a run folder, or of the newest run."""
+    """A weights file: the one named (a path or a shipped model's name), the `which` model of a
+    run folder, of the newest run under `root`, or with no run the shipped real-lesion model."""
     if checkpoint is None:
-        return latest_run(root, f"{which}.safetensors") / f"{which}.safetensors"
+        try:
+            return latest_run(root, f"{which}.safetensors") / f"{which}.safetensors"
+        except CheckpointError:
+            from edgeseg.defaults import DEFAULT_MODEL
+
+            return shipped_path(DEFAULT_MODEL.replace("student", which))
+    if str(checkpoint) in SHIPPED_MODELS and not Path(checkpoint).exists():
+        return shipped_path(str(checkpoint))
     path = Path(checkpoint)
     if path.is_dir():
         path = path / f"{which}.safetensors"
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
     return path
+
+
+def training_dataset(meta: dict, dataset: str | None, data_dir) -> tuple[str, str | None, int]:
+    """(dataset, data_dir, seed) for calibration/parity images: the arguments, else what the
+    checkpoint was trained on (its JSON's ``train_config``) when that folder is here, else the
+    built-in synthetic set (a shipped real-lesion model on a machine without its data: parity is
+    still a fair eager-vs-program check; pass --dataset/--data-dir to calibrate int8 on real
+    images). The seed matters for ``synthetic`` only (it seeds the generator)."""
+    cfg = meta.get("train_config") if isinstance(meta.get("train_config"), dict) else {}
+    seed = int(cfg.get("seed", 0) or 0)
+    if dataset is None:
+        dataset = cfg.get("dataset") or meta.get("dataset")
+        if data_dir is None:
+            data_dir = cfg.get("data_dir") or meta.get("data_dir")
+        if dataset not in (None, "synthetic") and (data_dir is None or not Path(data_dir).is_dir()):
+            dataset, data_dir = "synthetic", None
+    elif dataset != cfg.get("dataset"):
+        seed = 0
+    if dataset in (None, "synthetic") and cfg.get("dataset") != "synthetic":
+        seed = 0
+    return (dataset or "synthetic"), (str(data_dir) if data_dir is not None else None), seed

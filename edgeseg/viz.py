@@ -7,7 +7,10 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-__all__ = ["to_uint8_image", "draw_outlines", "heatmap", "save_grid", "plot_curves"]
+__all__ = ["to_uint8_image", "draw_outlines", "heatmap", "outline_overlay", "uncertainty_heatmap", "save_grid",
+           "plot_curves"]
+
+DISPLAY_MAX_SIDE = 1024  # overlays of large photos are drawn at most this wide/high
 
 TRUE_COLOR = (0, 255, 0)  # green: ground truth
 PRED_COLOR = (255, 0, 255)  # magenta: prediction
@@ -50,6 +53,30 @@ def heatmap(values, scale: int = 2, vmax: float | None = None) -> np.ndarray:
     u8 = (np.clip(v / max(vmax, 1e-8), 0, 1) * 255).astype(np.uint8)
     rgb = cv2.cvtColor(cv2.applyColorMap(u8, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
     return cv2.resize(rgb, (v.shape[1] * scale, v.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
+
+
+def _display_size(h: int, w: int) -> tuple[int, int]:
+    f = min(1.0, DISPLAY_MAX_SIDE / max(h, w))
+    return max(1, round(h * f)), max(1, round(w * f))
+
+
+def outline_overlay(rgb: np.ndarray, probability: np.ndarray) -> np.ndarray:
+    """A photo (H x W x 3 uint8, any size) with the predicted outline (probability 0.5) in
+    magenta, drawn at display size (at most DISPLAY_MAX_SIDE pixels a side)."""
+    h, w = _display_size(*rgb.shape[:2])
+    img = np.ascontiguousarray(cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)) if (h, w) != rgb.shape[:2] \
+        else rgb.copy()
+    p = cv2.resize(probability.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    contours, _ = cv2.findContours((p > 0.5).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(img, contours, -1, PRED_COLOR, max(1, round(max(h, w) / 300)))
+    return img
+
+
+def uncertainty_heatmap(uncertainty: np.ndarray) -> np.ndarray:
+    """An uncertainty map in [0, 1] as an RGB heat map at display size."""
+    h, w = _display_size(*uncertainty.shape[:2])
+    u = cv2.resize(uncertainty.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+    return heatmap(u, scale=1, vmax=1.0)
 
 
 def save_grid(tiles: Sequence[np.ndarray], path: str | Path, cols: int = 4, labels: Sequence[str] | None = None) -> Path:

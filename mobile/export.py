@@ -41,6 +41,7 @@ from torch import nn
 from edgeseg.defaults import SAMPLER_DEFAULTS, sampler_defaults
 from edgeseg.errors import EdgesegError
 from edgeseg.mobile import sidecar as sc
+from edgeseg.runs import training_dataset
 from edgeseg.mobile.fold import prepare_for_export
 from edgeseg.mobile.segmenter import FewStepSegmenter
 
@@ -101,21 +102,6 @@ def load_for_export(model_or_ckpt: nn.Module | str | Path | None) -> tuple[nn.Mo
     return model, str(path), meta
 
 
-def _dataset_of(meta: dict, dataset: str | None, data_dir) -> tuple[str, str | None, int]:
-    """(dataset, data_dir, seed) for calibration/parity images: the arguments, else what the
-    checkpoint was trained on (its JSON's ``train_config``), else the built-in synthetic set.
-    The seed matters for ``synthetic`` only (it seeds the generator)."""
-    cfg = meta.get("train_config") if isinstance(meta.get("train_config"), dict) else {}
-    seed = int(cfg.get("seed", 0) or 0)
-    if dataset is None:
-        dataset = cfg.get("dataset") or meta.get("dataset")
-        if data_dir is None:
-            data_dir = cfg.get("data_dir") or meta.get("data_dir")
-    elif dataset != cfg.get("dataset"):
-        seed = 0
-    return (dataset or "synthetic"), (str(data_dir) if data_dir is not None else None), seed
-
-
 @dataclass
 class _ExportJob:
     """What both exports resolve first: the model, K and N, the output path, the images' dataset."""
@@ -143,7 +129,7 @@ class _ExportJob:
             raise EdgesegError(f"{out}: {'an ExecuTorch program' if ext == '.pte' else 'a CoreML ML program'} "
                                f"must end in {ext}")
         out.parent.mkdir(parents=True, exist_ok=True)
-        dataset, data_dir, data_seed = _dataset_of(ck_meta, dataset, data_dir)
+        dataset, data_dir, data_seed = training_dataset(ck_meta, dataset, data_dir)
         return cls(model, checkpoint, steps, ensemble, out, dataset, data_dir, data_seed)
 
 

@@ -154,11 +154,14 @@ def test_bad_settings(tmp_path):
                       "not found")
 
 
-def test_evaluate_without_runs(tmp_path, monkeypatch):
+def test_without_runs_the_shipped_real_lesion_student_is_used(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert_user_error(invoke("evaluate"), "no checkpoint given", "--checkpoint")
     assert_user_error(invoke("evaluate", "--checkpoint", tmp_path / "x.safetensors"), "not found")
-    assert_user_error(invoke("segment", tmp_path / "img.png"), "no checkpoint given")
+    assert_user_error(invoke("segment", tmp_path / "img.png"), "img.png", "no such image file")
+    r = invoke("evaluate", "--dataset", "synthetic", "--max-images", "2")
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "evaluations" / "eval-tiny-student-isic2017-test-ddim1x3.json").read_text())
+    assert report["checkpoint"].endswith("tiny-student-isic2017.safetensors") and report["n_images"] == 2
 
 
 # ----------------------------------------------------------------------------------------

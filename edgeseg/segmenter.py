@@ -1,0 +1,182 @@
+"""`edgeseg.Segmenter`: segment a photo with a trained student, eager or exported.
+
+>>> import edgeseg
+>>> seg = edgeseg.Segmenter.from_pretrained()          # the shipped real-lesion student
+>>> out = seg.segment("lesion.jpg")                    # path, H x W x 3 uint8 RGB array or PIL image
+>>> out.mask.shape == out.probability.shape            # the photo's own size
+
+Preprocessing (one reader, resize to the model's square input, scale to [0, 1]) and
+postprocessing (the soft prediction upsampled to the photo's size, then thresholded, so the
+outline is smooth at any resolution) live here once; `edgeseg segment` calls this class.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from edgeseg.errors import CheckpointError, EdgesegError
+
+__all__ = ["Segmentation", "Segmenter"]
+
+
+@dataclass
+class Segmentation:
+    """One photo's result, at the photo's own resolution.
+
+    ``probability``: lesion probability in [0, 1] (the sampler's mean mapped from [-1, 1]);
+    ``mask = probability > 0.5``; ``uncertainty = 1 - |2 p - 1|``: 1 on the decision boundary,
+    0 where the model is certain (larger = less sure).
+    """
+
+    mask: np.ndarray
+    probability: np.ndarray
+    uncertainty: np.ndarray
+
+    @property
+    def lesion_fraction(self) -> float:
+        return float(self.mask.mean())
+
+
+Predict = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+class Segmenter:
+    """A trained student and its sampler; see the module docstring."""
+
+    def __init__(self, predict: Predict, image_size: int, steps: int, ensemble: int, source: str = "",
+                 seed: int = 0):
+        self._predict = predict
+        self.image_size, self.steps, self.ensemble = int(image_size), int(steps), int(ensemble)
+        self.source, self.seed = source, int(seed)
+
+    def __repr__(self) -> str:
+        return (f"Segmenter({self.source!r}, {self.image_size}px, DDIM {self.steps} step(s) x "
+                f"{self.ensemble})")
+
+    # ---- loading ---------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model, *, steps: int | None = None, ensemble: int | None = None, seed: int = 0,
+                   source: str = "") -> "Segmenter":
+        """Wrap an eager DermoSegDiff (defaults for K and N from :mod:`edgeseg.defaults`)."""
+        from edgeseg.defaults import sampler_defaults
+        from edgeseg.evaluate import SamplerSettings, predict
+
+        dk, dn = sampler_defaults(model.preset.prediction_type)
+        settings = SamplerSettings("ddim", _positive(steps, dk, "steps"), _positive(ensemble, dn, "ensemble"))
+        model = model.eval()
+
+        def run(images: torch.Tensor, gen: torch.Generator):
+            return predict(model, images, settings, generator=gen)
+
+        return cls(run, model.preset.image_size, settings.steps, settings.ensemble,
+                   source or model.preset.name, seed)
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike | None = None, *, steps: int | None = None,
+                        ensemble: int | None = None, seed: int = 0) -> "Segmenter":
+        """``source``: a run folder, a ``.safetensors`` checkpoint, a shipped model's name, or an
+        exported ``.pte``; ``None`` is the default shipped model (``edgeseg.defaults.DEFAULT_MODEL``)."""
+        from edgeseg.checkpoint import load_model
+        from edgeseg.defaults import DEFAULT_MODEL
+        from edgeseg.runs import SHIPPED_MODELS, shipped_path
+
+        source = DEFAULT_MODEL if source is None else source
+        if isinstance(source, str) and source in SHIPPED_MODELS:
+            return cls.from_model(load_model(shipped_path(source)), steps=steps, ensemble=ensemble, seed=seed,
+                                  source=source)
+        path = Path(source)
+        if path.suffix == ".pte":
+            return cls._from_pte(path, steps, ensemble, seed)
+        if path.is_dir():
+            path = path / "student.safetensors"
+        if path.suffix != ".safetensors" or not path.exists():
+            raise CheckpointError(f"{source}: not a run folder, .safetensors checkpoint, .pte program or shipped "
+                                  f"model (shipped: {', '.join(SHIPPED_MODELS)})")
+        return cls.from_model(load_model(path), steps=steps, ensemble=ensemble, seed=seed, source=str(path))
+
+    @classmethod
+    def _from_pte(cls, path: Path, steps: int | None, ensemble: int | None, seed: int) -> "Segmenter":
+        from edgeseg.mobile.runtime import PteSegmenter
+
+        pte = PteSegmenter(path)
+        for name, asked, baked in (("steps", steps, pte.steps), ("ensemble", ensemble, pte.ensemble)):
+            if asked is not None and int(asked) != baked:
+                raise EdgesegError(f"{path}: the program has {name}={baked} baked in; re-export for {name}={asked}")
+        if pte.image_size[0] != pte.image_size[1]:
+            raise EdgesegError(f"{path}: non-square programs are not supported ({pte.image_size})")
+
+        def run(images: torch.Tensor, gen: torch.Generator):
+            return pte(images, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+
+        return cls(run, pte.image_size[0], pte.steps, pte.ensemble, str(path), seed)
+
+    # ---- batched tensors (evaluation, export checks) -------------------------------------
+    def predict(self, images: torch.Tensor, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean in [-1, 1], ensemble std) for B x 3 x S x S images in [0, 1]; mask = mean > 0."""
+        gen = generator if generator is not None else torch.Generator().manual_seed(self.seed)
+        return self._predict(images, gen)
+
+    # ---- one photo -----------------------------------------------------------------------
+    def preprocess(self, image) -> tuple[torch.Tensor, np.ndarray, tuple[int, int]]:
+        """(1 x 3 x S x S model input, the decoded RGB, the photo's (H, W))."""
+        from edgeseg.imageio import resize_rgb
+
+        rgb, full_hw = _load(image, draft_size=2 * self.image_size)
+        x = torch.from_numpy(resize_rgb(rgb, self.image_size)).permute(2, 0, 1)[None].float() / 255.0
+        return x, rgb, full_hw
+
+    def segment(self, image) -> Segmentation:
+        """Segment one photo (path, H x W x 3 uint8 RGB array, or PIL image)."""
+        return self.segment_photo(image)[0]
+
+    def segment_photo(self, image) -> tuple[Segmentation, np.ndarray]:
+        """:meth:`segment`, plus the decoded RGB for drawing (a huge JPEG is decoded at a reduced
+        scale, so it can be smaller than the result)."""
+        x, rgb, hw = self.preprocess(image)
+        mean, _ = self.predict(x)
+        return postprocess(mean[0, 0].numpy(), hw), rgb
+
+
+def postprocess(mean: np.ndarray, hw: tuple[int, int]) -> Segmentation:
+    """Upsample the soft S x S mean (in [-1, 1]) to H x W, then threshold: a smooth outline."""
+    import cv2
+
+    h, w = hw
+    m = mean.astype(np.float32)
+    if m.shape != (h, w):
+        m = cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR)
+    p = np.clip((m + 1.0) * 0.5, 0.0, 1.0)
+    return Segmentation(mask=p > 0.5, probability=p, uncertainty=(1.0 - np.abs(2.0 * p - 1.0)).astype(np.float32))
+
+
+def _positive(value: int | None, default: int, name: str) -> int:
+    v = default if value is None else value
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise EdgesegError(f"{name} must be a whole number >= 1, got {value!r}")
+    return int(v)
+
+
+def _load(image, draft_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """(RGB uint8, full (H, W)) of a path, an array or a PIL image."""
+    if isinstance(image, (str, os.PathLike)):
+        from PIL import Image
+
+        from edgeseg.imageio import read_rgb
+
+        rgb = read_rgb(image, draft_size=draft_size)
+        with Image.open(image) as im:  # header only: the size before draft decoding
+            w, h = im.size
+        return rgb, (h, w)
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
+        rgb = np.asarray(image.convert("RGB"))
+        return rgb, rgb.shape[:2]
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise EdgesegError(f"expected an H x W x 3 uint8 RGB image, got shape {arr.shape} dtype {arr.dtype}")
+    return arr, arr.shape[:2]

@@ -1,0 +1,143 @@
+"""edgeseg.Segmenter (the one inference path for photos), the image reader and `edgeseg segment`."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import edgeseg
+from edgeseg.errors import CheckpointError, EdgesegError, ImageReadError
+from edgeseg.imageio import read_rgb
+from edgeseg.segmenter import Segmentation, Segmenter
+
+SYNTH = "tiny-student-synthetic"
+
+
+@pytest.fixture(scope="module")
+def seg():
+    torch.set_num_threads(1)
+    return Segmenter.from_pretrained(SYNTH, steps=1, ensemble=1)
+
+
+def _lesion_photo(h: int, w: int) -> np.ndarray:
+    """Skin-coloured background with a dark elliptical lesion in the middle."""
+    yy, xx = np.mgrid[:h, :w]
+    inside = ((yy - h / 2) / (h * 0.3)) ** 2 + ((xx - w / 2) / (w * 0.25)) ** 2 < 1
+    img = np.empty((h, w, 3), np.uint8)
+    img[:] = (205, 160, 140)
+    img[inside] = (90, 55, 40)
+    return img
+
+
+def test_public_api_is_lazy_and_three_lines():
+    code = "import sys, edgeseg; assert 'torch' not in sys.modules; print(edgeseg.Segmenter.__name__)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "Segmenter", r.stderr
+
+
+def test_segment_array_pil_and_path_agree_at_input_size(seg, tmp_path):
+    rgb = _lesion_photo(150, 211)
+    path = tmp_path / "lesion.png"
+    Image.fromarray(rgb).save(path)
+    outs = [seg.segment(rgb), seg.segment(Image.fromarray(rgb)), seg.segment(path), seg.segment(str(path))]
+    for out in outs:
+        assert isinstance(out, Segmentation)
+        assert out.mask.shape == out.probability.shape == out.uncertainty.shape == (150, 211)
+        assert out.mask.dtype == bool and out.probability.dtype == np.float32
+        assert 0 <= out.probability.min() and out.probability.max() <= 1
+        np.testing.assert_array_equal(out.mask, out.probability > 0.5)
+        assert 0 <= out.uncertainty.min() and out.uncertainty.max() <= 1
+        np.testing.assert_allclose(out.uncertainty, 1 - np.abs(2 * out.probability - 1), atol=1e-6)
+        np.testing.assert_array_equal(out.mask, outs[0].mask)  # same seed, same input: same answer
+    # the dark ellipse is found: the centre is lesion, the corners are not
+    assert outs[0].mask[75, 105] and not outs[0].mask[:10, :10].any()
+
+
+def test_large_photo_mask_is_smooth_not_a_staircase(seg):
+    """Upsample the soft prediction, then threshold: the outline is not made of 64-px blocks."""
+    out = seg.segment(_lesion_photo(512, 512))  # 8x the model's 64 px
+    blocks = out.mask.reshape(64, 8, 64, 8).transpose(0, 2, 1, 3).reshape(64, 64, 64)
+    mixed = ((blocks.sum(-1) > 0) & (blocks.sum(-1) < 64)).sum()
+    assert mixed > 10, "nearest-neighbour upsampling would give 0 mixed 8x8 blocks"
+
+
+def test_sources_run_folder_checkpoint_and_errors(tmp_path):
+    from edgeseg.runs import shipped_path
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for suffix in (".safetensors", ".json"):
+        (run / f"student{suffix}").write_bytes(shipped_path(SYNTH).with_suffix(suffix).read_bytes())
+    a = Segmenter.from_pretrained(run, steps=1, ensemble=1)
+    b = Segmenter.from_pretrained(run / "student.safetensors", steps=1, ensemble=1)
+    x = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(a.predict(x)[0], b.predict(x)[0])
+    assert (a.steps, a.ensemble, a.image_size) == (1, 1, 64)
+    with pytest.raises(CheckpointError, match="shipped: tiny-student-isic2017"):
+        Segmenter.from_pretrained("no-such-model")
+    with pytest.raises(EdgesegError, match="steps must be a whole number"):
+        Segmenter.from_pretrained(SYNTH, steps=0)
+    with pytest.raises(EdgesegError, match="H x W x 3 uint8"):
+        a.segment(np.zeros((10, 10), np.float32))
+
+
+def test_default_is_the_shipped_real_lesion_student():
+    seg = edgeseg.Segmenter.from_pretrained()
+    assert seg.source == "tiny-student-isic2017"
+    assert (seg.steps, seg.ensemble) == (1, 3)  # the defaults table for x0 students
+
+
+# ---------------- one image reader ----------------
+def test_reader_16bit_scaled_truncated_and_fifo(tmp_path):
+    g16 = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(g16).save(tmp_path / "g16.png")
+    rgb = read_rgb(tmp_path / "g16.png")
+    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
+    assert rgb.min() == 0 and 250 <= rgb.max() <= 255 and len(np.unique(rgb)) > 200  # scaled, not clipped
+    Image.fromarray(_lesion_photo(64, 64)).save(tmp_path / "t.jpg")
+    (tmp_path / "t.jpg").write_bytes((tmp_path / "t.jpg").read_bytes()[:400])
+    with pytest.raises(ImageReadError, match="t.jpg: truncated"):
+        read_rgb(tmp_path / "t.jpg")
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(ImageReadError, match="pipe.png: not a regular file"):
+        read_rgb(tmp_path / "pipe.png")
+
+
+# ---------------- the CLI ----------------
+def _cli(*args, cwd: Path):
+    return subprocess.run([sys.executable, "-m", "edgeseg.cli.main", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_cli_segment_same_stems_bad_image_and_unwritable_out(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Image.fromarray(_lesion_photo(96, 120)).save(tmp_path / "a" / "x.png")
+    Image.fromarray(_lesion_photo(200, 150)).save(tmp_path / "b" / "x.jpg", quality=90)
+    r = _cli("segment", "a/x.png", "b/x.jpg", "--checkpoint", SYNTH, "--out", "out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == sorted(f"{s}_{k}.png" for s in ("a_x_png", "b_x_jpg") for k in ("mask", "overlay", "uncertainty"))
+    assert Image.open(tmp_path / "out" / "b_x_jpg_mask.png").size == (150, 200)  # the photo's own size
+
+    # a truncated JPEG: one line naming it, exit 2, nothing written
+    good = (tmp_path / "b" / "x.jpg").read_bytes()
+    (tmp_path / "bad.jpg").write_bytes(good[: len(good) // 3])
+    r = _cli("segment", "bad.jpg", "--checkpoint", SYNTH, "--out", "out2", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: bad.jpg: truncated")
+    assert not any((tmp_path / "out2").glob("*")) if (tmp_path / "out2").exists() else True
+
+    # an output that cannot be written: exit 2 naming it, not a silent success
+    (tmp_path / "out3").mkdir()
+    (tmp_path / "out3" / "x_mask.png").mkdir()  # a folder where the mask file must go
+    r = _cli("segment", "a/x.png", "--checkpoint", SYNTH, "--out", "out3", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "x_mask.png" in last and "cannot write" in last
