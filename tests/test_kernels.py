@@ -2,12 +2,18 @@
 
 The interpreter must be switched on before Triton is imported; `edgeseg.kernels` imports Triton
 lazily (on the first kernel launch), so setting the variable here is enough.
+
+On a GPU, `EDGESEG_TEST_DEVICE=cuda` runs the same checks with the kernels compiled for the device
+(bench/gpu.sh does): the kernels get CUDA tensors, the references stay on the CPU (except the
+seeded DDPM noise draw, which needs one generator for both) and results are compared there.
 """
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = os.environ.get("EDGESEG_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib  # noqa: E402
 import subprocess  # noqa: E402
@@ -28,6 +34,8 @@ FDL = importlib.import_module("edgeseg.kernels.fused_distill_loss")
 FSS = importlib.import_module("edgeseg.kernels.fused_sampler_step")
 
 pytestmark = pytest.mark.skipif(not K.triton_available(), reason="triton is not installed")
+if DEVICE != "cpu" and not torch.cuda.is_available():  # fail, not skip: a GPU run must run
+    raise RuntimeError(f"EDGESEG_TEST_DEVICE={DEVICE}, but torch sees no CUDA device")
 
 T = 250
 GAMMA_KD, GAMMA_B = 1.5, 0.2
@@ -97,11 +105,18 @@ def _float64(s, te, y, d, t, tau, lambda_e=5.0, lambda_b=2.0, weights=(1.0, 0.25
     return total.detach(), {"l2": l2.detach(), "efkd": efkd.detach(), "boundary": bd.detach()}, s64.grad
 
 
+def _dev(*xs):
+    """Tensors on the test device (the same tensors on CPU)."""
+    return tuple(x.to(DEVICE) for x in xs)
+
+
 def _triton(s, te, y, d, t, tau, block=None, weights=(1.0, 0.25, 0.25)):
-    s = s.detach().clone().requires_grad_(True)
+    """The Triton path on the test device; values and d total/d s back on the CPU."""
+    s, te, y, d, t = _dev(s.detach().clone(), te, y, d, t)
+    s.requires_grad_(True)
     total, terms = FDL.fused_distill_loss_triton(s, te, y, d, t, T, tau=tau, weights=weights, block=block)
     total.backward()
-    return total.detach(), {k: v.detach() for k, v in terms.items()}, s.grad
+    return total.detach().cpu(), {k: v.detach().cpu() for k, v in terms.items()}, s.grad.cpu()
 
 
 def _rel(a, b):
@@ -163,6 +178,22 @@ def test_auto_picks_torch_on_cpu(monkeypatch):
         K.fused_distill_loss(s, te, y, d, t, T, backend="cuda")
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs a GPU: EDGESEG_TEST_DEVICE=cuda (bench/gpu.sh)")
+def test_auto_picks_triton_on_cuda(monkeypatch):
+    """backend="auto" (the trainer's and the samplers' default) runs the kernels on CUDA tensors."""
+    calls = []
+    loss, step = FDL.fused_distill_loss_triton, FSS.fused_sampler_step
+    monkeypatch.setattr(FDL, "fused_distill_loss_triton", lambda *a, **k: calls.append("loss") or loss(*a, **k))
+    monkeypatch.setattr(FSS, "fused_sampler_step", lambda *a, **k: calls.append("step") or step(*a, **k))
+    s, te, y, d, t = _dev(*_make_inputs(2, 16, 16))
+    K.fused_distill_loss(s, te, y, d, t, T)
+    o, x = _dev(torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8))
+    for kind, k in (("ddim", 4), ("ddpm", T)):
+        sch = K.make_scheduler(kind, k, "epsilon")
+        sch.step(o, int(sch.timesteps[0]), x)
+    assert calls == ["loss", "step", "step"]
+
+
 # ----------------------------------------------------------------------------------------
 # fused distillation loss: values and gradients
 # ----------------------------------------------------------------------------------------
@@ -217,45 +248,48 @@ def test_fp16_noncontiguous_int_t_and_weights():
     s, te, y, d, _ = _make_inputs(B, W, H, torch.float16, seed=7)
     # non-contiguous views (H and W swapped back), a scalar int t, custom weights and gammas
     s, te, y, d = (x.transpose(2, 3) for x in (s, te, y, d))
-    assert not s.is_contiguous()
+    ds, dte, dy, dd = _dev(s, te, y, d)  # .to keeps the strides
+    assert not s.is_contiguous() and not ds.is_contiguous()
     kw = dict(tau=0.45, lambda_e=3.0, lambda_b=1.5, gamma_kd=1.2, gamma_b=0.3, weights=(0.7, 0.5, 0.9))
-    s1 = s.detach().clone().requires_grad_(True)
-    tot, terms = K.fused_distill_loss(s1, te, y, d, 40, T, backend="triton", **kw)
+    s1 = ds.detach().clone().requires_grad_(True)
+    tot, terms = K.fused_distill_loss(s1, dte, dy, dd, 40, T, backend="triton", **kw)
     tot.backward()
     s2 = s.detach().clone().requires_grad_(True)
     r_tot, r_terms = K.fused_distill_loss(s2, te, y, d, 40, T, backend="torch", **kw)
     r_tot.backward()
     for k in terms:
-        torch.testing.assert_close(terms[k], r_terms[k], rtol=2e-5, atol=1e-7)
-    torch.testing.assert_close(tot, r_tot, rtol=2e-5, atol=1e-7)
+        torch.testing.assert_close(terms[k].cpu(), r_terms[k], rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(tot.cpu(), r_tot, rtol=2e-5, atol=1e-7)
     assert s1.grad.dtype == torch.float16
-    torch.testing.assert_close(s1.grad.float(), s2.grad.float(), rtol=2**-9, atol=1e-4 * s2.grad.float().abs().max().item())
+    torch.testing.assert_close(s1.grad.float().cpu(), s2.grad.float(), rtol=2**-9,
+                               atol=1e-4 * s2.grad.float().abs().max().item())
 
 
 def test_grad_output_scaling_and_term_gradients():
     s, te, y, d, t = _make_inputs(3, 17, 18, seed=3)
+    ds, dte, dy, dd, dt = _dev(s, te, y, d, t)
     tau = 0.6
     # 3 * total + 2 * efkd - boundary, through every output of the Function
-    a = s.detach().clone().requires_grad_(True)
-    tot, terms = K.fused_distill_loss(a, te, y, d, t, T, tau=tau, backend="triton")
+    a = ds.detach().clone().requires_grad_(True)
+    tot, terms = K.fused_distill_loss(a, dte, dy, dd, dt, T, tau=tau, backend="triton")
     (3.0 * tot + 2.0 * terms["efkd"] - terms["boundary"]).backward()
     b = s.detach().clone().requires_grad_(True)
     r_tot, r_terms = K.fused_distill_loss(b, te, y, d, t, T, tau=tau, backend="torch")
     (3.0 * r_tot + 2.0 * r_terms["efkd"] - r_terms["boundary"]).backward()
-    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6 * b.grad.abs().max().item())
+    torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-5, atol=1e-6 * b.grad.abs().max().item())
     # a single term alone
     a.grad = None
     b.grad = None
-    _, terms = K.fused_distill_loss(a, te, y, d, t, T, tau=tau, backend="triton")
+    _, terms = K.fused_distill_loss(a, dte, dy, dd, dt, T, tau=tau, backend="triton")
     terms["l2"].backward()
     _, r_terms = K.fused_distill_loss(b, te, y, d, t, T, tau=tau, backend="torch")
     r_terms["l2"].backward()
-    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-5, atol=1e-7)
     # teacher, target and map take no gradient
-    te2 = te.clone().requires_grad_(True)
-    y2 = y.clone().requires_grad_(True)
-    c = s.detach().clone().requires_grad_(True)
-    tot, _ = K.fused_distill_loss(c, te2, y2, d, t, T, backend="triton")
+    te2 = dte.clone().requires_grad_(True)
+    y2 = dy.clone().requires_grad_(True)
+    c = ds.detach().clone().requires_grad_(True)
+    tot, _ = K.fused_distill_loss(c, te2, y2, dd, dt, T, backend="triton")
     tot.backward()
     assert te2.grad is None and y2.grad is None and c.grad is not None
 
@@ -276,7 +310,7 @@ def test_empty_regions_and_t_extremes():
             torch.testing.assert_close(terms["boundary"], r_terms["boundary"], rtol=2e-5, atol=1e-7)
             torch.testing.assert_close(tot, r_tot, rtol=2e-5, atol=1e-7)
             torch.testing.assert_close(grad, r_grad, rtol=1e-5, atol=1e-6 * r_grad.abs().max().item())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError):  # checked for CPU tensors only (on CUDA it would cost a host sync)
         K.fused_distill_loss(s, te, y, d, torch.tensor([0, 1, 2, T + 1]), T, backend="triton")
 
 
@@ -290,10 +324,11 @@ def test_golden_vectors_through_triton(golden):
     t = torch.from_numpy(g["t"])
     Tg = int(g["T"])
     assert Tg == T
+    ds, dte, dy, dd, dt = _dev(s, te, y, d, t)
     for i, tau in enumerate(g["edge_thresholds"].tolist()):
-        a = s.clone().requires_grad_(True)
-        tot, terms = K.fused_distill_loss(a, te, y, d, t, Tg, tau=tau, backend="triton")
-        counts = tot.grad_fn.saved_tensors[-1].clone()  # the kernel's per-sample edge counts
+        a = ds.clone().requires_grad_(True)
+        tot, terms = K.fused_distill_loss(a, dte, dy, dd, dt, Tg, tau=tau, backend="triton")
+        counts = tot.grad_fn.saved_tensors[-1].clone().cpu()  # the kernel's per-sample edge counts
         tot.backward()
         np.testing.assert_allclose(terms["l2"].item(), g["l2_loss"], rtol=1e-5)
         np.testing.assert_allclose(terms["boundary"].item(), g["boundary_loss"], rtol=1e-5)
@@ -307,8 +342,8 @@ def test_golden_vectors_through_triton(golden):
         np.testing.assert_array_equal(counts.numpy().astype(np.int64), g["efkd_edge_count"][i])
         # gradient vs the torch reference on the same vectors
         r_tot, r_terms, r_grad = _reference(s, te, y, d, t, tau)
-        torch.testing.assert_close(a.grad, r_grad, rtol=1e-5, atol=1e-6 * r_grad.abs().max().item())
-        _note("golden_grad_vs_torch", _rel(a.grad, r_grad))
+        torch.testing.assert_close(a.grad.cpu(), r_grad, rtol=1e-5, atol=1e-6 * r_grad.abs().max().item())
+        _note("golden_grad_vs_torch", _rel(a.grad.cpu(), r_grad))
 
 
 # ----------------------------------------------------------------------------------------
@@ -335,10 +370,11 @@ def test_sampler_step_matches_torch(kind, k, pred, dtype):
         o = (torch.randn((3, 1, 13, 29), generator=g) * 3).to(dtype)
         x = (torch.randn((3, 1, 13, 29), generator=g) * 2).to(dtype)
         z = torch.randn((3, 1, 13, 29), generator=g).to(dtype)
+        do, dx, dz = _dev(o, x, z)
         if kind == "ddpm":
-            a, b = fused.step(o, t, x, noise=z), ref.step(o, t, x, noise=z)
+            a, b = fused.step(do, t, dx, noise=dz).cpu(), ref.step(o, t, x, noise=z)
         else:
-            a, b = fused.step(o, t, x), ref.step(o, t, x)
+            a, b = fused.step(do, t, dx).cpu(), ref.step(o, t, x)
         assert a.dtype == b.dtype and a.shape == b.shape
         if dtype == torch.float32:
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
@@ -352,9 +388,9 @@ def test_sampler_step_matches_torch(kind, k, pred, dtype):
 def test_ddpm_generator_and_sample_masks():
     """Seeded generator: same noise draw as the torch step; a whole fused sampling chain."""
     fused, ref = _step_pair("ddpm", "epsilon", T)
-    o, x = torch.randn(2, 1, 9, 11), torch.randn(2, 1, 9, 11)
-    a = fused.step(o, 100, x, generator=torch.Generator().manual_seed(1))
-    b = ref.step(o, 100, x, generator=torch.Generator().manual_seed(1))
+    o, x = _dev(torch.randn(2, 1, 9, 11), torch.randn(2, 1, 9, 11))  # one generator device for both
+    a = fused.step(o, 100, x, generator=torch.Generator(DEVICE).manual_seed(1))
+    b = ref.step(o, 100, x, generator=torch.Generator(DEVICE).manual_seed(1))
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
     def model(x, g, t):  # a deterministic stand-in for the network
@@ -364,10 +400,10 @@ def test_ddpm_generator_and_sample_masks():
     noise = torch.randn(6, 1, 12, 10, generator=torch.Generator().manual_seed(3))
     for pred in PREDICTION_TYPES:
         fused, ref = _step_pair("ddim", pred, 4)
-        m1, s1 = sample_masks(model, img, fused, ensemble=3, noise=noise)
+        m1, s1 = sample_masks(model, *_dev(img), fused, ensemble=3, noise=_dev(noise)[0])
         m2, s2 = sample_masks(model, img, ref, ensemble=3, noise=noise)
-        torch.testing.assert_close(m1, m2, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(s1, s2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m1.cpu(), m2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s1.cpu(), s2, rtol=1e-5, atol=1e-5)
 
 
 def test_make_scheduler_errors():
