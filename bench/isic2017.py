@@ -68,7 +68,8 @@ def otsu_masks(test_ds) -> np.ndarray:
     return np.stack([otsu_predict(np.asarray(x)) > 0 for x in test_ds.images])
 
 
-def train_and_predict_unet(train_ds, test_ds, seconds: float, threads: int, seed: int, out: Path):
+def train_unet_once(train_ds, seconds: float, threads: int, seed: int, out: Path):
+    """Train the U-Net for `seconds` of wall time; weights and training info saved under `out`."""
     from safetensors.torch import save_file
 
     from edgeseg.baselines import train_unet
@@ -76,11 +77,25 @@ def train_and_predict_unet(train_ds, test_ds, seconds: float, threads: int, seed
     model, info = train_unet(train_ds, None, minutes=seconds / 60.0, seed=seed, threads=threads,
                              log=lambda m: print(f"  unet {m}", flush=True))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "unet.safetensors"))
-    model.eval()
+    write_json(out / "unet-train.json", {**info, "budget_seconds": seconds, "threads": threads, "seed": seed})
+    return model, info
+
+
+def load_unet(out: Path):
+    from safetensors.torch import load_file
+
+    from edgeseg.baselines import SmallUNet
+
+    model = SmallUNet()
+    model.load_state_dict(load_file(str(out / "unet.safetensors")))
+    return model.eval(), json.loads((out / "unet-train.json").read_text())
+
+
+def predict_unet(model, test_ds) -> np.ndarray:
     x = torch.from_numpy(np.asarray(test_ds.images)).permute(0, 3, 1, 2).float() / 255.0
     with torch.no_grad():
         logits = torch.cat([model(x[i:i + 64]) for i in range(0, len(x), 64)])
-    return model, info, (logits[:, 0] > 0).numpy(), torch.sigmoid(logits[:, 0]).numpy()
+    return (logits[:, 0] > 0).numpy()
 
 
 def cost_diffusion(model, settings) -> dict:
@@ -162,6 +177,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-images", type=int, default=None, help="first N test images only (smoke runs)")
+    ap.add_argument("--stage", choices=("all", "unet", "eval"), default="all",
+                    help="unet: only train the U-Net (e.g. beside the student's training, same threads); "
+                         "eval: score with the U-Net already trained in --out; all: both")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "isic2017")
     args = ap.parse_args(argv)
 
@@ -179,11 +197,17 @@ def main(argv=None) -> int:
     test_ds = load_dataset("isic2017", "test", data_dir=args.data_dir, size=size)
     if args.max_images:
         test_ds = _first(test_ds, args.max_images)
-    train_ds = load_dataset("isic2017", "train", data_dir=args.data_dir, size=size)
+    train_ds = load_dataset("isic2017", "train", data_dir=args.data_dir, size=size)  # no augmentation
     student_meta = load_preset(s_path)[1]
-    unet_seconds = args.unet_seconds or float(student_meta.get("train_seconds") or 0)
-    if unet_seconds <= 0:
-        raise SystemExit("no --unet-seconds given and the student's JSON records no train_seconds")
+    if args.stage in ("all", "unet"):
+        unet_seconds = args.unet_seconds or float(student_meta.get("train_seconds") or 0)
+        if unet_seconds <= 0:
+            raise SystemExit("no --unet-seconds given and the student's JSON records no train_seconds")
+        print(f"training the U-Net for {unet_seconds:.0f} s ...", flush=True)
+        train_unet_once(train_ds, unet_seconds, args.threads, args.seed, args.out)
+        if args.stage == "unet":
+            return 0
+    unet, unet_info = load_unet(args.out)
 
     rows, preds = {}, {}
     for name, model in (("teacher", teacher), ("student (EFKD)", student)):
@@ -196,11 +220,9 @@ def main(argv=None) -> int:
         preds[name] = (torch.stack(means)[:, 0].numpy(), dices)
         print(f"{name}: DSC {metrics['dsc']['mean']:.4f}", flush=True)
 
-    print(f"training the U-Net for {unet_seconds:.0f} s ...", flush=True)
-    unet, info, unet_masks, _ = train_and_predict_unet(train_ds, test_ds, unet_seconds, args.threads, args.seed,
-                                                       args.out)
+    unet_masks = predict_unet(unet, test_ds)
     rows["U-Net (Dice+BCE)"] = {"metrics": score_masks(unet_masks, test_ds), "sampler": "single pass",
-                                "cost": cost_unet(unet, size), "train": info}
+                                "cost": cost_unet(unet, size), "train": unet_info}
     preds["U-Net"] = (unet_masks, _per_image_dice(list(unet_masks), test_ds))
     otsu = otsu_masks(test_ds)
     rows["Otsu (CIELAB L)"] = {"metrics": score_masks(otsu, test_ds), "sampler": "-", "cost": {}}
@@ -208,7 +230,7 @@ def main(argv=None) -> int:
     s_d, u_d, t_d = preds["student (EFKD)"][1], preds["U-Net"][1], preds["teacher"][1]
     doc = {
         "dataset": "isic2017", "split": "test", "n_images": len(test_ds), "image_size": size,
-        "teacher": str(t_path), "student": str(s_path), "unet_train_seconds": round(unet_seconds, 1),
+        "teacher": str(t_path), "student": str(s_path), "unet_train_seconds": round(unet_info["train_seconds"], 1),
         "machine": machine_info(args.threads), "rows": rows,
         "paired_dice": {"student - unet": paired(s_d, u_d), "student - teacher": paired(s_d, t_d)},
     }

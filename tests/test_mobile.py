@@ -12,6 +12,7 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,6 +159,25 @@ def test_pte_fp32_sidecar_and_parity(pte_fp32):
     # the prepared graph goes to XNNPACK in one piece
     assert side["delegate_calls"] == 1, side["non_delegated_ops"]
     assert {"torch", "executorch"} <= set(side["versions"])
+
+
+def test_segmenter_runs_a_pte_like_the_eager_model(pte_fp32, tiny):
+    """edgeseg.Segmenter: the same preprocessing and postprocessing for a .pte as for eager."""
+    from edgeseg.segmenter import Segmenter
+
+    out, _ = pte_fp32
+    pte = Segmenter.from_pretrained(out)
+    eager = Segmenter.from_model(tiny, steps=K, ensemble=N)
+    assert (pte.steps, pte.ensemble, pte.image_size) == (K, N, 64)
+    rng = np.random.default_rng(0)
+    photo = np.full((120, 90, 3), 200, np.uint8)
+    photo[30:90, 20:70] = rng.integers(40, 90, (60, 50, 3))
+    a, b = pte.segment(photo), eager.segment(photo)
+    assert a.mask.shape == (120, 90)
+    # different noise draws, same model: the masks agree closely
+    assert (a.mask == b.mask).mean() > 0.95
+    with pytest.raises(EdgesegError, match="steps=1 baked in"):
+        Segmenter.from_pretrained(out, steps=K + 1)
 
 
 def test_pte_runs_in_executorch_runtime(pte_fp32, tiny):
