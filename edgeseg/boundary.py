@@ -1,7 +1,7 @@
 """Boundary distance maps and the time-dependent boundary attention of DermoSegDiff / EFKD.
 
 The map is computed once per (augmented) mask in the data workers; the training step only
-raises it to a per-sample power (`attention`). Semantics follow ../shared/golden/README.md
+raises it to a per-sample power (`attention`). Semantics follow the authors' code (tests/golden/README.md)
 bit for bit: OpenCV Canny(0, 0) contour, exact Euclidean distance transform, per-sample
 min-max normalisation, the 1% rule.
 """

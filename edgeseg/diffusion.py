@@ -1,6 +1,6 @@
 """DDPM noise schedule, training targets, and the two samplers (diffusers-shaped schedulers).
 
-Schedule (DESIGN.md section 3): T = 250, betas linear 4e-4 .. 0.08, float32 as the reference.
+Schedule (the paper's): T = 250, betas linear 4e-4 .. 0.08, float32 as the reference.
 What the network predicts is a setting with diffusers' names:
   "epsilon"      the noise (the paper),
   "sample"       x0, the clean mask,

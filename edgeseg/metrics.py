@@ -1,4 +1,4 @@
-"""Segmentation metrics for binary lesion masks (DESIGN.md section 7).
+"""Segmentation metrics for binary lesion masks.
 
 The paper's Table I reports DSC, sensitivity (SE), specificity (SP) and accuracy (ACC) on
 the thresholded mask; we add IoU, HD95 and a boundary F-score because EFKD is about the

@@ -3,7 +3,7 @@
 `eps = net(x_t, g, t)`: x_t the noisy mask (1 channel, in [-1, 1]), g the RGB image, t the
 integer step. The x branch carries the mask, the g branch the image; at every encoder stage
 the image features gate the mask features (conv1x1(g) * x) and both feed the skips.
-Architecture as DESIGN.md section 2; a student is a teacher with its last stages removed.
+Architecture as in the DermoSegDiff paper; a student is a teacher with its last stages removed.
 """
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ _ALL: list[Preset] = [
     *_paper("ham10000", (2, 2, 2, 2, 2, 2), (1, 2, 4, 8, 16, 32)),
     # Compute-lean phone student: the 3-stage depth cut of the ISIC teacher at a quarter of the
     # width. FLOPs at the full-resolution stages scale with width^2, so this is the lever. It predicts
-    # x0 ("sample"): a phone runs 1-2 DDIM steps, where epsilon models fail (DESIGN.md section 3;
+    # x0 ("sample"): a phone runs 1-2 DDIM steps, where epsilon models fail (a small synthetic test;
     # bench/README.md); the epsilon teacher's outputs are re-expressed as x0 during distillation.
     Preset(
         "student-mobile", 16, 8, (1, 2, 3), (1, 2, 4), 4, role="student", teacher="teacher-isic2018",

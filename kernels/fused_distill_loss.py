@@ -3,7 +3,7 @@
 Liger-Kernel layout: the Triton kernels, the `torch.autograd.Function` and the plain-torch
 reference (`fused_distill_loss_torch`, a thin wrapper over `edgeseg.losses`) live side by side.
 
-Semantics are those of `edgeseg.losses` (and ../shared/golden/README.md) exactly:
+Semantics are those of `edgeseg.losses` (and of the authors' code, tests/golden/README.md) exactly:
 
     l2       = mean((pred_s - target)^2)
     boundary = mean(A(d, t; gamma_b) * (pred_s - target)^2)

@@ -3,7 +3,7 @@
 XNNPACK (ExecuTorch's CPU delegate) and CoreML take plain convolutions, reductions over the
 innermost dimensions and softmaxes over the last dimension. Four things in DermoSegDiff are not
 of that shape, and left alone they cut the exported graph into many delegate calls with layout
-copies between them (DESIGN.md section 8):
+copies between them:
 
 * ``WSConv2d`` standardises its kernel at every call: folded once into a plain ``nn.Conv2d``
   holding the standardised weights (eps 1e-5, fp32, as in training);

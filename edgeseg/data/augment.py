@@ -1,4 +1,4 @@
-"""Training augmentation (DESIGN.md section 5): Albumentations, train split only.
+"""Training augmentation: Albumentations, train split only.
 
 Image and mask go through the same geometric transforms (mask with nearest interpolation).
 Every item is deterministic: its random state is derived from (seed, epoch, index, loader
