@@ -89,13 +89,21 @@ class DistillJob:
 
 
 def _run_dir(job: DistillJob, student_preset: str) -> Path:
+    """The run folder, claimed for this process (edgeseg.runlock: created for a new run, its
+    run.lock taken either way); torchrun ranks other than 0 use the folder rank 0 claims."""
+    import os
+
+    from edgeseg.runlock import claim_run_dir
+
+    if job.run_name is not None and (job.run_name in ("", ".", "..") or any(
+            c in job.run_name for c in "/\\") or not job.run_name.isprintable()):
+        raise EdgesegError(f"--run-name must be a folder name (no '/', '..' or control characters), "
+                           f"got {job.run_name!r}")
     name = job.run_name or f"{job.dataset}-{student_preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = Path(job.runs_dir) / name
-    if run.exists() and not job.resume:
-        raise EdgesegError(f"run folder {run} exists; pass --resume to continue it or --run-name for a new one")
-    if job.resume and not run.exists():
-        raise EdgesegError(f"--resume: run folder {run} does not exist")
-    return run
+    if int(os.environ.get("RANK", "0")) != 0:
+        return run
+    return claim_run_dir(run, resume=job.resume, unique=job.run_name is None)
 
 
 def _apply(cfg: TrainConfig, overrides: dict) -> TrainConfig:

@@ -29,11 +29,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from edgeseg.checkpoint import atomic_write_json, load_model, save_model, save_tensors
 from edgeseg.diffusion import NoiseSchedule
-from edgeseg.errors import EdgesegError
+from edgeseg.errors import EdgesegError, SettingsError
 from edgeseg.losses import student_objective, teacher_objective
 from edgeseg.models import DermoSegDiff, build, preset
 
-__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "distill_loss", "EMA", "paper_recipe", "tiny_recipe"]
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "distill_loss", "EMA", "paper_recipe", "tiny_recipe",
+           "validate_settings", "read_state_config", "FIXED_ON_RESUME"]
 
 
 class TrainingDiverged(EdgesegError):
@@ -85,13 +86,7 @@ class TrainConfig:
     prediction_type: str | None = None  # override the preset's ("epsilon", "sample", "v_prediction")
 
     def __post_init__(self) -> None:
-        if self.role not in ("teacher", "student"):
-            raise EdgesegError(f"role must be 'teacher' or 'student', got {self.role!r}")
-        if self.kd not in ("efkd", "global", "none"):
-            raise EdgesegError(f"--kd must be one of efkd, global, none; got {self.kd!r}")
-        if self.prediction_type not in (None, "epsilon", "sample", "v_prediction"):
-            raise EdgesegError(f"prediction_type must be epsilon, sample or v_prediction; got {self.prediction_type!r}")
-        self.betas = tuple(self.betas)  # JSON round trips give lists
+        _validate(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,8 +96,131 @@ class TrainConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise EdgesegError(f"unknown training settings {unknown}; known: {sorted(names)}")
+            raise SettingsError(f"unknown training settings {unknown}; known: {sorted(names)}")
         return cls(**d)
+
+
+def validate_settings(role: str, overrides: dict) -> TrainConfig:
+    """Check training settings (option values, --set, a settings file) before any work starts:
+    SettingsError with one line for the first unknown name, wrong type or value out of range."""
+    return TrainConfig.from_dict({**TrainConfig(role=role).to_dict(), **overrides, "role": role})
+
+
+# setting: (kind, low, high, what the low bound means); kinds: int, int? (None allowed), float, float?
+_NUMBERS: dict[str, tuple] = {
+    "batch_size": ("int", 1, None), "epochs": ("int", 1, None), "max_steps": ("int?", 1, None),
+    "plateau_patience": ("int", 0, None), "ema_start": ("int", 0, None), "num_workers": ("int", 0, 64),
+    "seed": ("int", 0, 2**32 - 1), "val_every": ("int", 1, None), "val_max_batches": ("int?", 1, None),
+    "save_every_steps": ("int", 0, None),
+    "lr": ("float>", 0.0, None), "tau": ("float", 0.0, 1.0), "lambda_e": ("float", 0.0, None),
+    "lambda_b": ("float", 0.0, None), "w_l2": ("float", 0.0, None), "w_kd": ("float", 0.0, None),
+    "w_boundary": ("float", 0.0, None), "plateau_factor": ("float>", 0.0, 1.0), "ema_beta": ("float", 0.0, 1.0),
+    "grad_clip": ("float>?", 0.0, None),
+}
+_CHOICES = {"role": ("teacher", "student"), "kd": ("efkd", "global", "none"),
+            "prediction_type": (None, "epsilon", "sample", "v_prediction"), "kernel_backend": ("auto", "triton", "torch")}
+_BOOLS = ("augment", "bf16", "init_from_teacher")
+
+
+# settings that are also options of `edgeseg distill` / `train-teacher`
+_OPTIONS = ("kd", "tau", "lambda_e", "lambda_b", "epochs", "max_steps", "batch_size", "lr", "seed", "num_workers")
+
+
+def _bad(name: str, rule: str, value) -> SettingsError:
+    label = f"--{name.replace('_', '-')}" if name in _OPTIONS else f"training setting {name}"
+    return SettingsError(f"{label} must be {rule}, got {value!r}")
+
+
+def _number(name: str, v, kind: str, lo, hi):
+    optional = kind.endswith("?")
+    kind = kind.rstrip("?")
+    if v is None and optional:
+        return None
+    hi_txt = f" and <= {hi:g}" if hi is not None else ""
+    if kind == "int":
+        rule = f"an integer >= {lo}{hi_txt}" + (" (leave it out, or null, for no limit)" if optional else "")
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            v = int(v)
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+            raise _bad(name, rule, v)
+        return v
+    strict = kind == "float>"
+    rule = f"a finite number {'>' if strict else '>='} {lo:g}" + (f" and {'<' if strict else '<='} {hi:g}"
+                                                                   if hi is not None else "")
+    if optional:
+        rule += " (or null for none)"
+    if isinstance(v, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            v = float(v)
+        except ValueError:
+            raise _bad(name, rule, v) from None
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise _bad(name, rule, v)
+    v = float(v)
+    ok = math.isfinite(v) and (v > lo if strict else v >= lo)
+    if hi is not None:
+        ok = ok and (v < hi if strict else v <= hi)
+    if not ok:
+        raise _bad(name, rule, v)
+    return v
+
+
+def _validate(cfg: "TrainConfig") -> None:
+    for name, choices in _CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise _bad(name, "one of " + ", ".join(str(c) for c in choices), getattr(cfg, name))
+    for name, (kind, lo, hi) in _NUMBERS.items():
+        setattr(cfg, name, _number(name, getattr(cfg, name), kind, lo, hi))
+    for name in _BOOLS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise _bad(name, "true or false", getattr(cfg, name))
+    for name in ("preset", "dataset"):
+        if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
+            raise _bad(name, "a name", getattr(cfg, name))
+    for name in ("data_dir", "init_from"):
+        v = getattr(cfg, name)
+        if v is not None and not isinstance(v, str):
+            if isinstance(v, os.PathLike):
+                setattr(cfg, name, os.fspath(v))
+            else:
+                raise _bad(name, "a path", v)
+    b = cfg.betas
+    if (not isinstance(b, (list, tuple)) or len(b) != 2
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in b)):
+        raise _bad("betas", "two numbers in [0, 1)", b)
+    cfg.betas = (float(b[0]), float(b[1]))  # JSON round trips give lists
+
+
+#: Settings a resumed run must keep: they define the objective, the data order or the model.
+FIXED_ON_RESUME = ("role", "preset", "dataset", "data_dir", "kd", "tau", "lambda_e", "lambda_b", "w_l2", "w_kd",
+                   "w_boundary", "batch_size", "seed", "augment", "init_from_teacher", "init_from", "prediction_type")
+
+
+def read_state_config(state_dir: str | Path) -> dict | None:
+    """The training settings recorded in ``<state_dir>/state.json`` (None if there is no state)."""
+    js = Path(state_dir) / "state.json"
+    if not js.exists():
+        return None
+    meta = _read_state_json(js)
+    return dict(meta["config"])
+
+
+def _read_state_json(js: Path) -> dict:
+    from edgeseg.checkpoint import check_regular_file
+
+    check_regular_file(js, "resume state", EdgesegError)
+    try:
+        meta = json.loads(js.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        for k, t, what in (("step", int, "an integer"), ("epoch", int, "an integer"), ("config", dict, "an object"),
+                           ("param_groups", list, "a list"), ("plateau", dict, "an object"), ("history", list, "a list")):
+            if not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool):
+                raise ValueError(f"{k!r} is missing or not {what}")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise EdgesegError(f"{js}: corrupt resume state ({' '.join(str(e).split())}); the run cannot continue "
+                           "from it") from None
+    return meta
 
 
 def paper_recipe(role: str, preset_name: str, dataset: str, data_dir: str | None = None) -> TrainConfig:
@@ -239,6 +357,7 @@ class Trainer:
         self.step, self.epoch = 0, 0
         self.epoch_sums: dict[str, float] = {}
         self.history: list[dict] = []
+        self.resumes: list[dict] = []  # settings changed at each --resume: {"step", "epoch", "changed"}
         self.ddp = None
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
@@ -257,10 +376,26 @@ class Trainer:
     def state_dir(self) -> Path:
         return self.out_dir / "state" / self.cfg.role
 
+    def _non_finite(self) -> list[str]:
+        """Names of model / EMA tensors holding NaN or inf (empty when all are finite)."""
+        out = []
+        for prefix, m in (("model", self.model), ("ema", self.ema.model)):
+            out += [f"{prefix}.{k}" for k, v in m.state_dict().items()
+                    if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        return out
+
     def save_state(self) -> None:
-        """Write the resumable state atomically: tensors to safetensors, the rest to JSON."""
+        """Write the resumable state atomically: tensors to safetensors, the rest to JSON.
+
+        Non-finite weights are never written: the last good state stays on disk."""
         if self.rank != 0:
             return
+        bad = self._non_finite()
+        if bad:
+            raise TrainingDiverged(
+                f"{len(bad)} weight tensors became NaN or inf by step {self.step} (e.g. {bad[0]}); not saved. "
+                f"The last good checkpoint is kept in {self.state_dir}"
+            )
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         tensors.update({f"ema.{k}": v for k, v in self.ema.model.state_dict().items()})
         opt = self.opt.state_dict()
@@ -276,38 +411,77 @@ class Trainer:
         atomic_write_json(self.state_dir / "state.json", {
             "step": self.step, "epoch": self.epoch, "config": self.cfg.to_dict(),
             "param_groups": opt["param_groups"], "plateau": self.plateau.state_dict(),
-            "history": self.history, "epoch_sums": self.epoch_sums,
+            "history": self.history, "epoch_sums": self.epoch_sums, "resumes": self.resumes,
         })
 
     def load_state(self) -> None:
-        from safetensors import safe_open
+        """Continue from ``state_dir``. Settings in FIXED_ON_RESUME must equal the run's (else
+        SettingsError); any other changed setting (lr, epochs, max_steps, ...) is applied and
+        recorded in the state, the final JSON and ``<role>-log.jsonl``. A corrupt state is one
+        EdgesegError naming the file."""
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         js, st = self.state_dir / "state.json", self.state_dir / "state.safetensors"
         if not js.exists() or not st.exists():
             raise EdgesegError(f"{self.state_dir}: no resumable state to continue from")
-        meta = json.loads(js.read_text())
-        with safe_open(str(st), "pt") as f:
-            tensor_step = int((f.metadata() or {}).get("step", -1))
+        meta = _read_state_json(js)
+        changed = self._resume_changes(meta["config"])
+        try:
+            with safe_open(str(st), "pt") as f:
+                tensor_step = int((f.metadata() or {}).get("step", -1))
+            tensors = load_file(str(st))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise EdgesegError(f"{st}: corrupt resume state ({' '.join(str(e).split())})") from None
         if tensor_step != meta["step"]:
             raise EdgesegError(
                 f"{self.state_dir}: state.json is at step {meta['step']} but state.safetensors at step "
                 f"{tensor_step} (interrupted while saving?); cannot resume exactly"
             )
-        tensors = load_file(str(st))
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        self.ema.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        opt_state: dict[int, dict] = {}
-        for k, v in tensors.items():
-            if k.startswith("opt."):
-                _, i, name = k.split(".", 2)
-                opt_state.setdefault(int(i), {})[name] = v
-        self.opt.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
-        self.plateau.load_state_dict(meta["plateau"])
-        self.gen.set_state(tensors["rng.gen"])
-        torch.set_rng_state(tensors["rng.torch"])
+        try:
+            self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            self.ema.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+            opt_state: dict[int, dict] = {}
+            for k, v in tensors.items():
+                if k.startswith("opt."):
+                    _, i, name = k.split(".", 2)
+                    opt_state.setdefault(int(i), {})[name] = v
+            self.opt.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+            self.plateau.load_state_dict(meta["plateau"])
+            self.gen.set_state(tensors["rng.gen"])
+            torch.set_rng_state(tensors["rng.torch"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            msg = " ".join(str(e).split())[:200]
+            raise EdgesegError(f"{self.state_dir}: resume state does not fit this run ({msg})") from None
         self.step, self.epoch, self.history = meta["step"], meta["epoch"], meta["history"]
         self.epoch_sums = meta.get("epoch_sums", {})
+        self.resumes = list(meta.get("resumes", []))
+        # the settings that may change take effect now (the optimizer and scheduler state above
+        # carry the run's own values)
+        if "lr" in changed:
+            for g in self.opt.param_groups:
+                g["lr"] = self.cfg.lr
+            self.plateau._last_lr = [self.cfg.lr for _ in self.opt.param_groups]
+        for g in self.opt.param_groups:
+            g["betas"] = tuple(self.cfg.betas)
+        self.plateau.factor, self.plateau.patience = self.cfg.plateau_factor, self.cfg.plateau_patience
+        if changed:
+            rec = {"event": "resume", "step": self.step, "epoch": self.epoch, "changed": changed}
+            self.resumes.append(rec)
+            self._append_log(rec)
+
+    def _resume_changes(self, saved: dict) -> dict[str, list]:
+        """{setting: [run's value, new value]} for the settings that differ from the run's."""
+        defaults = TrainConfig().to_dict()
+        now = json.loads(json.dumps(self.cfg.to_dict()))
+        was = json.loads(json.dumps({k: saved.get(k, defaults.get(k)) for k in now}))
+        diff = {k: [was[k], now[k]] for k in now if was[k] != now[k]}
+        fixed = [k for k in FIXED_ON_RESUME if k in diff]
+        if fixed:
+            what = "; ".join(f"{k} {diff[k][0]!r} -> {diff[k][1]!r}" for k in fixed)
+            raise SettingsError(f"{self.state_dir}: cannot resume with changed settings ({what}); these must stay "
+                                "as the run started, start a new run (--run-name) to change them")
+        return diff
 
     # ---- one step ---------------------------------------------------------------------
     def _draw(self, global_b: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,9 +527,21 @@ class Trainer:
         if self.cfg.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
+        if not self._params_finite():
+            # the loss was finite but the update was not: nothing of this step may reach a checkpoint
+            raise TrainingDiverged(
+                f"the update of step {self.step + 1} (epoch {self.epoch + 1}) made the weights NaN or inf "
+                f"(learning rate {self.lr:g}); stopped. The last good checkpoint is kept in {self.state_dir}"
+            )
         self.step += 1
         self.ema.update(self.model, self.step)
         return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+
+    @torch.no_grad()
+    def _params_finite(self) -> bool:
+        params = [p.detach() for p in self.model.parameters()]
+        norms = torch._foreach_norm(params)
+        return bool(torch.isfinite(torch.stack(norms)).all())
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -487,12 +673,17 @@ class Trainer:
     def lr(self) -> float:
         return self.opt.param_groups[0]["lr"]
 
-    def _write_log(self, rec: dict) -> None:
+    def _append_log(self, rec: dict) -> None:
         if self.rank != 0:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / f"{self.cfg.role}-log.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
+
+    def _write_log(self, rec: dict) -> None:
+        if self.rank != 0:
+            return
+        self._append_log(rec)
         try:
             from edgeseg.viz import plot_curves
 
@@ -502,5 +693,7 @@ class Trainer:
                 print(f"warning: could not draw curves: {e}")
 
     def save_final(self) -> Path:
-        return save_model(self.ema.model, self.out_dir / f"{self.cfg.role}.safetensors",
-                          extra={"train_config": self.cfg.to_dict(), "steps": self.step, "epochs": self.epoch})
+        extra = {"train_config": self.cfg.to_dict(), "steps": self.step, "epochs": self.epoch}
+        if self.resumes:
+            extra["resumes"] = self.resumes
+        return save_model(self.ema.model, self.out_dir / f"{self.cfg.role}.safetensors", extra=extra)
