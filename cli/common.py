@@ -1,40 +1,120 @@
-"""Shared CLI plumbing: user errors as one line + exit 2, settings files, device setup."""
+"""Shared CLI plumbing: the one error policy, settings files, option checks.
+
+The error policy (README: "one line on stderr and exit 2 for a user error"), applied in one
+place, :func:`report`, to every command (through :func:`user_errors`) and to the command line
+itself (``edgeseg.cli.main.main``: unknown options, bad values):
+
+* an :class:`~edgeseg.errors.EdgesegError` (the library's user errors, each naming the file
+  and what is wrong), a usage error, or an ``OSError`` about a file (permission denied, disk
+  full) is one ``error: ...`` line on stderr and exit code 2, no traceback;
+* Ctrl-C is one line and exit code 130 (training: the last checkpoint is kept);
+* anything else is a bug in edgeseg and keeps its traceback.
+
+Warnings raised while a command fails (OpenCV, ExecuTorch, deprecations) are dropped, so the
+error line is the only output on stderr.
+"""
 from __future__ import annotations
 
 import functools
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import typer
 
-from edgeseg.errors import EdgesegError
+from edgeseg.errors import EdgesegError, SettingsError
+
+INTERRUPTED = "interrupted"
+INTERRUPTED_TRAINING = "interrupted: the last checkpoint is kept; continue with --resume"
 
 
-def user_errors(fn: Callable) -> Callable:
-    """Run a command; an EdgesegError becomes `error: ...` on stderr and exit code 2."""
+def one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except EdgesegError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted: the last checkpoint is kept; continue with --resume", err=True)
-            raise typer.Exit(130) from None
 
-    return wrapper
+def error_message(e: BaseException) -> str | None:
+    """The user-facing line for `e`, or None when `e` is a bug (it keeps its traceback)."""
+    if isinstance(e, EdgesegError):
+        return one_line(str(e))
+    if isinstance(e, OSError) and getattr(e, "filename", None) is not None:
+        return one_line(f"{e.filename}: {e.strerror or e}")
+    from typer._click.exceptions import UsageError
+
+    if isinstance(e, UsageError):
+        cmd = e.ctx.command_path if e.ctx is not None else "edgeseg"
+        return one_line(f"{e.format_message()} (see '{cmd} --help')")
+    return None
+
+
+def report(msg: str) -> None:
+    typer.echo(f"error: {one_line(msg)}", err=True)
+
+
+def user_errors(fn: Callable | None = None, *, interrupted: str = INTERRUPTED) -> Callable:
+    """Run a command under the error policy (see the module docstring).
+
+    Run folders the command claimed (edgeseg.runlock) are released when it ends, so a command
+    that fails before writing anything leaves no folder behind."""
+
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            import sys
+
+            runlock = sys.modules.get("edgeseg.runlock")
+            held = runlock.claims() if runlock else []
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    try:
+                        return fn(*args, **kwargs)
+                    finally:
+                        failing = sys.exc_info()[0] is not None
+                        if not failing:  # success: show the warnings as usual
+                            for w in caught:
+                                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            except KeyboardInterrupt:
+                typer.echo(interrupted, err=True)
+                raise typer.Exit(130) from None
+            except Exception as e:  # noqa: BLE001 - sorted by error_message; bugs are re-raised
+                msg = error_message(e)
+                if msg is None:
+                    raise
+                report(msg)
+                raise typer.Exit(2) from None
+            finally:
+                runlock = sys.modules.get("edgeseg.runlock")
+                if runlock:
+                    runlock.release_claims(keep=held)
+
+        return wrapper
+
+    return deco(fn) if fn is not None else deco
+
+
+def check_range(option: str, value, low=None, high=None) -> None:
+    """SettingsError unless low <= value <= high (None: unbounded); for options checked before any work."""
+    if value is None:
+        return
+    if (low is not None and value < low) or (high is not None and value > high):
+        rule = (f"from {low} to {high}" if low is not None and high is not None
+                else f">= {low}" if low is not None else f"<= {high}")
+        raise SettingsError(f"{option} must be {rule}, got {value}")
 
 
 def read_settings(path: Path | None) -> dict[str, Any]:
     """A flat TOML / YAML / JSON file of training settings (same names as the options)."""
     if path is None:
         return {}
-    if not path.exists():
-        raise EdgesegError(f"{path}: settings file not found")
-    text = path.read_text()
+    from edgeseg.checkpoint import check_regular_file
+
+    check_regular_file(path, "settings file", SettingsError)
+    if path.stat().st_size > 1 << 20:
+        raise SettingsError(f"{path}: settings file is over 1 MB, not a settings file")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise SettingsError(f"{path}: settings file is not UTF-8 text") from None
     try:
         if path.suffix == ".toml":
             import tomllib
@@ -47,14 +127,14 @@ def read_settings(path: Path | None) -> dict[str, Any]:
         elif path.suffix == ".json":
             data = json.loads(text)
         else:
-            raise EdgesegError(f"{path}: settings must be .toml, .yaml/.yml or .json")
+            raise SettingsError(f"{path}: settings must be .toml, .yaml/.yml or .json")
     except EdgesegError:
         raise
     except Exception as e:
-        raise EdgesegError(f"{path}: cannot parse settings ({e})") from None
+        raise SettingsError(f"{path}: cannot parse settings ({one_line(str(e))})") from None
     if not isinstance(data, dict):
-        raise EdgesegError(f"{path}: settings must be a table of name = value")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+        raise SettingsError(f"{path}: settings must be a table of name = value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
 def parse_sets(pairs: list[str]) -> dict[str, Any]:
@@ -62,7 +142,7 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in pairs or []:
         if "=" not in item:
-            raise EdgesegError(f"--set expects name=value, got {item!r}")
+            raise SettingsError(f"--set expects name=value, got {item!r}")
         k, v = item.split("=", 1)
         try:
             out[k.strip().replace("-", "_")] = json.loads(v)

@@ -6,15 +6,15 @@ from typing import Optional
 
 import typer
 
+from edgeseg.cli.common import check_range, user_errors
+
 app = typer.Typer(help="Inspect and validate datasets.", no_args_is_help=True)
 
-
-def _fail(e: Exception) -> None:
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(2)
+PREVIEW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @app.command()
+@user_errors
 def preview(
     dataset: str = typer.Option(..., "--dataset", help="isic2018 | ham10000 | folder | synthetic"),
     out: Path = typer.Option(..., "--out", help="PNG file to write the grid to"),
@@ -25,64 +25,62 @@ def preview(
     seed: int = typer.Option(0, "--seed", help="synthetic generator seed"),
 ) -> None:
     """Validate the dataset and write a grid of images with their mask outlines."""
-    from edgeseg.errors import EdgesegError
+    from edgeseg.errors import SettingsError
 
-    try:
-        import cv2
-        import numpy as np
+    if out.suffix.lower() not in PREVIEW_SUFFIXES:
+        raise SettingsError(f"{out}: --out must be an image file ending in {', '.join(PREVIEW_SUFFIXES)}")
+    if out.is_dir():
+        raise SettingsError(f"{out}: --out is a folder; give an image file name")
+    check_range("--n", n, 1)
+    check_range("--cols", cols, 1)
 
-        from edgeseg.data import load_dataset
+    import cv2
+    import numpy as np
 
-        ds = load_dataset(dataset, split, data_dir=data_dir, seed=seed)
-        k = min(n, len(ds))
-        idx = np.linspace(0, len(ds) - 1, k).round().astype(int) if k < len(ds) else range(k)
-        tiles = []
-        for i in idx:
-            img = cv2.cvtColor(np.array(ds.images[i]), cv2.COLOR_RGB2BGR)
-            m = (np.asarray(ds.masks[i]) > 0).astype(np.uint8)
-            contours, _ = cv2.findContours(m, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
-            cv2.drawContours(img, contours, -1, (80, 255, 80), 1)
-            tiles.append(cv2.copyMakeBorder(img, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=(255, 255, 255)))
-        rows = (len(tiles) + cols - 1) // cols
-        blank = np.full_like(tiles[0], 255)
-        tiles += [blank] * (rows * cols - len(tiles))
-        grid = np.concatenate([np.concatenate(tiles[r * cols:(r + 1) * cols], 1) for r in range(rows)], 0)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if not cv2.imwrite(str(out), grid):
-            raise EdgesegError(f"{out}: could not write the preview image")
-        typer.echo(f"{dataset}/{split}: {len(ds)} images validated; wrote {len(tiles[:k])} "
-                   f"examples to {out}")
-    except EdgesegError as e:
-        _fail(e)
+    from edgeseg.data import load_dataset
+    from edgeseg.imageio import write_image
+
+    ds = load_dataset(dataset, split, data_dir=data_dir, seed=seed)
+    k = min(n, len(ds))
+    idx = np.linspace(0, len(ds) - 1, k).round().astype(int) if k < len(ds) else range(k)
+    tiles = []
+    for i in idx:
+        img = np.array(ds.images[i])  # a writable copy (the cache is memory-mapped read-only)
+        m = (np.asarray(ds.masks[i]) > 0).astype(np.uint8)
+        contours, _ = cv2.findContours(m, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(img, contours, -1, (80, 255, 80), 1)
+        tiles.append(cv2.copyMakeBorder(img, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=(255, 255, 255)))
+    rows = (len(tiles) + cols - 1) // cols
+    blank = np.full_like(tiles[0], 255)
+    tiles += [blank] * (rows * cols - len(tiles))
+    grid = np.concatenate([np.concatenate(tiles[r * cols:(r + 1) * cols], 1) for r in range(rows)], 0)
+    write_image(out, grid)
+    typer.echo(f"{dataset}/{split}: {len(ds)} images validated; wrote {k} examples to {out}")
 
 
 @app.command()
+@user_errors
 def info(
-    dataset: str = typer.Option(..., "--dataset", help="isic2018 | ham10000 | folder | synthetic"),
+    dataset: str = typer.Option(..., "--dataset", help="isic2017 | isic2018 | ham10000 | ph2 | folder | synthetic"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="dataset folder"),
     seed: int = typer.Option(0, "--seed", help="synthetic generator seed"),
 ) -> None:
     """Validate the dataset and print split sizes and class balance."""
-    from edgeseg.errors import EdgesegError
+    import numpy as np
 
-    try:
-        import numpy as np
+    from edgeseg.data import SPLITS, load_arrays
 
-        from edgeseg.data import SPLITS, load_arrays
+    if dataset != "synthetic" and data_dir is None:
+        from edgeseg.data import load_dataset
 
-        if dataset != "synthetic" and data_dir is None:
-            from edgeseg.data import load_dataset
-
-            load_dataset(dataset, "train", data_dir=None)  # raises the right one-line error
-        arrays, cache_dir = load_arrays(dataset, data_dir, seed=seed if dataset == "synthetic" else 0)
-        typer.echo(f"dataset {dataset} (cache: {cache_dir})")
-        typer.echo(f"{'split':<6} {'images':>7} {'lesion px':>10} {'empty masks':>12}")
-        for split in SPLITS:
-            if split not in arrays:
-                continue
-            _, m, names = arrays[split]
-            frac = float(np.mean([np.asarray(x).mean() for x in m])) if len(names) else 0.0
-            empty = int(sum(1 for x in m if not np.asarray(x).any()))
-            typer.echo(f"{split:<6} {len(names):>7} {frac:>9.1%} {empty:>12}")
-    except EdgesegError as e:
-        _fail(e)
+        load_dataset(dataset, "train", data_dir=None)  # raises the right one-line error
+    arrays, cache_dir = load_arrays(dataset, data_dir, seed=seed if dataset == "synthetic" else 0)
+    typer.echo(f"dataset {dataset} (cache: {cache_dir})")
+    typer.echo(f"{'split':<6} {'images':>7} {'lesion px':>10} {'empty masks':>12}")
+    for split in SPLITS:
+        if split not in arrays:
+            continue
+        _, m, names = arrays[split]
+        frac = float(np.mean([np.asarray(x).mean() for x in m])) if len(names) else 0.0
+        empty = int(sum(1 for x in m if not np.asarray(x).any()))
+        typer.echo(f"{split:<6} {len(names):>7} {frac:>9.1%} {empty:>12}")

@@ -59,10 +59,13 @@ def export_cmd(
     batch: int = typer.Option(1, min=1, help="images per program call (fixed in the program)"),
     nbits: int = typer.Option(6, min=1, max=8, help="bits per weight for --quantize palettize (CoreML)"),
     seed: int = typer.Option(0, help="seed of the parity check's noise"),
+    overwrite: bool = typer.Option(False, help="replace an existing output file and its sidecar (otherwise an "
+                                   "existing one is an error, before any work)"),
 ):
     """Export the student with K DDIM steps and an N-member ensemble unrolled inside the program.
 
-    Writes the model and a JSON sidecar next to it (<out>.json: preprocessing, K, timesteps, N, threshold, sha256, parity).
+    Writes the model and a JSON sidecar next to it (<out>.json: preprocessing, K, timesteps, N, threshold, sha256, parity),
+    each under a temporary name renamed into place; an existing <out> is kept unless --overwrite.
 
     ExecuTorch exports are checked against eager PyTorch on held-out images in ExecuTorch's runtime; below 0.99 (fp32) / 0.97 (int8) mask Dice the export fails (exit 2) and the program is left as <out>.failed.
     """
@@ -86,12 +89,13 @@ def export_cmd(
             meta = export_executorch(
                 checkpoint, out, steps, ensemble, quantize.value, batch=batch, dataset=dataset,
                 data_dir=data_dir, n_parity_images=n_parity_images, n_calibration_images=n_calibration_images,
-                seed=seed, progress=progress,
+                seed=seed, progress=progress, overwrite=overwrite,
             )
         else:
             meta = export_coreml(
                 checkpoint, out, steps, ensemble, quantize.value, batch=batch, nbits=nbits, dataset=dataset,
                 data_dir=data_dir, n_parity_images=n_parity_images, seed=seed, progress=progress,
+                overwrite=overwrite,
             )
 
     table = Table(title=f"edgeseg export: {meta['target']}", show_header=False)

@@ -5,8 +5,6 @@ import sys
 
 import typer
 
-from edgeseg.errors import EdgesegError
-
 app = typer.Typer(
     name="edgeseg",
     help="Distil a diffusion skin-lesion segmenter into a small student and put it on phones.",
@@ -31,12 +29,30 @@ _register()
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    """Entry point, under the one error policy of edgeseg.cli.common: a user error (including a
+    bad option on the command line) is one line on stderr and exit code 2, never a traceback."""
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+
+    from edgeseg.cli.common import INTERRUPTED, error_message, report
+
     try:
-        app(standalone_mode=True)
-    except EdgesegError as e:  # raised outside typer's own handling
-        typer.echo(f"error: {e}", err=True)
+        rv = app(standalone_mode=False)
+    except NoArgsIsHelpError as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        typer.echo(INTERRUPTED, err=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - sorted by error_message; bugs keep their traceback
+        msg = error_message(e)
+        if msg is None:
+            if isinstance(e, ClickException):
+                e.show()
+                sys.exit(e.exit_code)
+            raise
+        report(msg)
         sys.exit(2)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from edgeseg.cli.common import parse_sets, read_settings, user_errors
+from edgeseg.cli.common import INTERRUPTED_TRAINING, parse_sets, read_settings, user_errors
 
 _KD_HELP = "knowledge distillation: efkd (edge-focused, paper Eq. 3-7), global (Eq. 2) or none"
 
@@ -19,9 +19,68 @@ def _overrides(config: Optional[Path], sets: List[str], **explicit) -> dict:
     return out
 
 
-@user_errors
+def _same_folder(a, b) -> bool:
+    return a is not None and b is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _run_settings(role: str, overrides: dict, runs_dir: Path, run_name: Optional[str], resume: bool) -> dict | None:
+    """The training settings a resumed run was started with (None when there is nothing to resume)."""
+    from edgeseg.train import read_state_config
+
+    if not (resume and run_name):
+        return None
+    return read_state_config(Path(runs_dir) / run_name / "state" / role)
+
+
+def _checked(role: str, overrides: dict, saved: dict | None, job: dict, label: str | None = None) -> dict:
+    """Validate `role`'s settings before any work; on --resume start from the run's own settings
+    (`saved`) so only what is given now changes. A setting that must stay as the run started
+    (edgeseg.train.FIXED_ON_RESUME) and is given with another value is refused here, before
+    anything loads; the others (lr, epochs, max_steps, ...) are applied and recorded by the trainer."""
+    from dataclasses import fields
+
+    from edgeseg.errors import SettingsError
+    from edgeseg.train import FIXED_ON_RESUME, TrainConfig, validate_settings
+
+    try:
+        validate_settings(role, overrides)
+    except SettingsError as e:
+        if label is None:
+            raise
+        raise SettingsError(f"{label}: {e}") from None
+    if saved is None:
+        return overrides
+    known = {f.name for f in fields(TrainConfig)} - {"role", "preset", "dataset", "data_dir"}
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in {**overrides, **job}.items()
+               if k in FIXED_ON_RESUME and k in saved and norm(v) != norm(saved[k])
+               and not (k == "data_dir" and _same_folder(v, saved[k]))]
+    if changed:
+        raise SettingsError(f"--resume: the run's {role} cannot change {'; '.join(changed)}; these stay as the "
+                            "run started (start a new run with another --run-name to change them)")
+    return {**{k: v for k, v in saved.items() if k in known}, **overrides}
+
+
+def _check_sampler(option: str, steps: int, ensemble: int, images: Optional[int]) -> None:
+    from edgeseg.cli.common import check_range
+
+    check_range(f"{option}-steps", steps, 1, 250)  # DDIM steps: at most the 250 training timesteps
+    check_range(f"{option}-ensemble", ensemble, 1, 64)
+    check_range(f"{option}-images", images, 1)
+
+
+def _check_checkpoint_file(path) -> None:
+    """A checkpoint given on the command line, checked (preset, header, sha256, shapes) before any work starts."""
+    if path is not None:
+        from edgeseg.checkpoint import verify_checkpoint
+
+        verify_checkpoint(path)
+
+
+@user_errors(interrupted=INTERRUPTED_TRAINING)
 def distill(
-    dataset: str = typer.Option("synthetic", help="synthetic (built in), isic2018, ham10000 or folder"),
+    dataset: Optional[str] = typer.Option(None, help="synthetic (built in, the default), isic2017, isic2018, "
+                                          "ham10000, ph2 or folder; with --resume: the run's"),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder (not needed for synthetic)"),
     teacher: Optional[Path] = typer.Option(None, help="teacher checkpoint (.safetensors); default: the shipped "
                                            "tiny teacher for synthetic, else train one first"),
@@ -53,24 +112,44 @@ def distill(
 
     With no options: the built-in synthetic set, tiny presets, the shipped tiny teacher.
     """
+    # every setting is checked before any model, dataset or run folder is touched
+    _check_sampler("--eval", eval_steps, eval_ensemble, eval_images)
+    overrides = _overrides(config, set_, kd=kd, tau=tau, lambda_e=lambda_e, lambda_b=lambda_b, epochs=epochs,
+                           max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=num_workers)
+    teacher_overrides = parse_sets(teacher_set)
+    saved_s = _run_settings("student", overrides, runs_dir, run_name, resume)
+    saved_t = _run_settings("teacher", teacher_overrides, runs_dir, run_name, resume)
+    saved_any = saved_s or saved_t or {}
+    dataset = dataset or saved_any.get("dataset") or "synthetic"
+    data_dir = (saved_any.get("data_dir") if data_dir is None or _same_folder(data_dir, saved_any.get("data_dir"))
+                else str(data_dir))
+    student_preset = student_preset or (saved_s or {}).get("preset")
+    teacher_preset = teacher_preset or (saved_t or {}).get("preset")
+    job_s = {"dataset": dataset, "data_dir": data_dir, "preset": student_preset}
+    overrides = _checked("student", overrides, saved_s, job_s)
+    teacher_overrides = _checked("teacher", teacher_overrides, saved_t, {**job_s, "preset": teacher_preset},
+                                 label="--teacher-set (the teacher trained here)")
+    _check_checkpoint_file(teacher)
+    _check_checkpoint_file(overrides.get("init_from"))
+    _check_checkpoint_file(teacher_overrides.get("init_from"))
+
     from edgeseg.evaluate import SamplerSettings
     from edgeseg.pipeline import DistillJob, run_distill
 
-    overrides = _overrides(config, set_, kd=kd, tau=tau, lambda_e=lambda_e, lambda_b=lambda_b, epochs=epochs,
-                           max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=num_workers)
     job = DistillJob(
-        dataset=dataset, data_dir=str(data_dir) if data_dir else None, teacher=str(teacher) if teacher else None,
+        dataset=dataset, data_dir=data_dir, teacher=str(teacher) if teacher else None,
         teacher_preset=teacher_preset, student_preset=student_preset, run_name=run_name, runs_dir=str(runs_dir),
-        resume=resume, overrides=overrides, teacher_overrides=parse_sets(teacher_set),
+        resume=resume, overrides=overrides, teacher_overrides=teacher_overrides,
         eval=SamplerSettings("ddim", eval_steps, eval_ensemble),
         eval_images=eval_images,
     )
     run_distill(job)
 
 
-@user_errors
+@user_errors(interrupted=INTERRUPTED_TRAINING)
 def train_teacher(
-    dataset: str = typer.Option("synthetic", help="synthetic (built in), isic2018, ham10000 or folder"),
+    dataset: Optional[str] = typer.Option(None, help="synthetic (built in, the default), isic2017, isic2018, "
+                                          "ham10000, ph2 or folder; with --resume: the run's"),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder (not needed for synthetic)"),
     preset: Optional[str] = typer.Option(None, help="teacher preset (default by dataset)"),
     epochs: Optional[int] = typer.Option(None, help="training epochs (paper 2000; tiny recipe 12)"),
@@ -85,10 +164,19 @@ def train_teacher(
     resume: bool = typer.Option(False, help="continue the run folder --run-name"),
 ):
     """Train a teacher (DermoSegDiff) with the same engine; writes <run>/teacher.safetensors."""
+    overrides = _overrides(config, set_, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed)
+    saved = _run_settings("teacher", overrides, runs_dir, run_name, resume) or {}
+    dataset = dataset or saved.get("dataset") or "synthetic"
+    data_dir = (saved.get("data_dir") if data_dir is None or _same_folder(data_dir, saved.get("data_dir"))
+                else str(data_dir))
+    preset = preset or saved.get("preset")
+    overrides = _checked("teacher", overrides, saved or None, {"dataset": dataset, "data_dir": data_dir,
+                                                                  "preset": preset})
+    _check_checkpoint_file(overrides.get("init_from"))
+
     from edgeseg.pipeline import DistillJob, run_train_teacher
 
-    overrides = _overrides(config, set_, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed)
-    job = DistillJob(dataset=dataset, data_dir=str(data_dir) if data_dir else None, teacher_preset=preset,
+    job = DistillJob(dataset=dataset, data_dir=data_dir, teacher_preset=preset,
                      run_name=run_name, runs_dir=str(runs_dir), resume=resume, teacher_overrides=overrides)
     run = run_train_teacher(job)
     typer.echo(f"teacher written to {run / 'teacher.safetensors'}")

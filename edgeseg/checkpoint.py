@@ -29,7 +29,7 @@ from edgeseg.errors import CheckpointError
 from edgeseg.models import PRESETS, DermoSegDiff, Preset, build
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "save_tensors", "save_model", "load_model", "load_preset",
-           "file_sha256", "new_file_mode", "check_regular_file"]
+           "verify_checkpoint", "file_sha256", "new_file_mode", "check_regular_file"]
 
 MAX_JSON_BYTES = 16 << 20  # a preset JSON is a few KB
 
@@ -173,8 +173,15 @@ def _check_against_header(path: Path, p: Preset, meta: dict) -> None:
         diff = _differences({**stored.to_dict(), "note": ""}, {**p.to_dict(), "note": ""})
         if diff:
             raise CheckpointError(f"{path}: weights do not match preset {p.name!r} of {_json_path(path).name}: "
-                                  f"{', '.join(diff)} differ from the preset saved with the weights "
-                                  f"(was the JSON edited?)")
+                                  f"{', '.join(diff)} {'differs' if len(diff) == 1 else 'differ'} from the "
+                                  "preset saved with the weights (was the JSON edited?)")
+    elif p.name in PRESETS:
+        # an older file without the preset in its header: a registered preset's architecture is known
+        diff = _differences(PRESETS[p.name].architecture(), p.architecture())
+        if diff:
+            raise CheckpointError(f"{path}: weights do not match preset {p.name!r} of {_json_path(path).name}: "
+                                  f"{', '.join(diff)} {'differs' if len(diff) == 1 else 'differ'} from that "
+                                  "preset's (was the JSON edited?)")
     sha = meta.get("weights_sha256")
     if sha is not None:
         if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
@@ -200,12 +207,10 @@ def _check_against_header(path: Path, p: Preset, meta: dict) -> None:
                               f"shapes (e.g. {k}: {list(shapes[k])} in the file, {list(expected[k])} for the preset)")
 
 
-def load_model(path: str | Path, expect_preset: str | None = None, map_location: str = "cpu") -> DermoSegDiff:
-    """Rebuild the network from its preset JSON and load the safetensors weights (no pickle).
-
-    With `expect_preset`, the checkpoint must be that preset: same name and, for a registered
-    preset, the same architecture (a renamed checkpoint of another preset is refused).
-    """
+def verify_checkpoint(path: str | Path, expect_preset: str | None = None) -> tuple[Preset, dict]:
+    """Every check of :func:`load_model` that needs no network built: the preset JSON, the
+    expected preset, the header's preset, the sha256 and every tensor shape. Returns
+    (preset, JSON); CheckpointError naming the file otherwise."""
     path = Path(path)
     p, meta = load_preset(path)
     if expect_preset is not None and p.name != expect_preset:
@@ -213,9 +218,20 @@ def load_model(path: str | Path, expect_preset: str | None = None, map_location:
     if expect_preset is not None and expect_preset in PRESETS:
         diff = _differences(PRESETS[expect_preset].architecture(), p.architecture())
         if diff:
-            raise CheckpointError(f"{path}: checkpoint claims preset {p.name!r} but its {', '.join(diff)} differ "
-                                  f"from that preset's")
+            raise CheckpointError(f"{path}: checkpoint claims preset {p.name!r} but its {', '.join(diff)} "
+                                  f"{'differs' if len(diff) == 1 else 'differ'} from that preset's")
     _check_against_header(path, p, meta)
+    return p, meta
+
+
+def load_model(path: str | Path, expect_preset: str | None = None, map_location: str = "cpu") -> DermoSegDiff:
+    """Rebuild the network from its preset JSON and load the safetensors weights (no pickle).
+
+    With `expect_preset`, the checkpoint must be that preset: same name and, for a registered
+    preset, the same architecture (a renamed checkpoint of another preset is refused).
+    """
+    path = Path(path)
+    p, _ = verify_checkpoint(path, expect_preset)
     model = build(p)
     try:
         state = load_file(str(path), device=map_location)

@@ -2,7 +2,8 @@
 
 Folder: ``$EDGESEG_CACHE`` if set, else ``~/.cache/edgeseg``. Each dataset version lives in
 ``<cache>/<name>-<size>px-<key>/`` with, per split, ``<split>_images.npy`` (N x H x W x 3 uint8
-RGB), ``<split>_masks.npy`` (N x H x W uint8 in {0, 1}) and ``<split>_names.txt``. The key is a
+RGB), ``<split>_masks.npy`` (N x H x W uint8 in {0, 1}) and ``<split>_names.json`` (a JSON list:
+a file name may hold a newline; older caches have ``<split>_names.txt``, one name per line). The key is a
 hash of the relative file names, sizes and modification times of every image/mask (or of the
 generator version and seed for ``synthetic``), so a changed folder is re-read. Arrays are
 opened memory-mapped. A folder is written under a temporary name and renamed when complete,
@@ -18,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from edgeseg.errors import DatasetError
 
 __all__ = ["cache_root", "cache_key", "file_key", "load_or_build"]
 
@@ -41,6 +44,14 @@ def file_key(paths, root: Path) -> list:
     return out
 
 
+def _read_names(d: Path, split: str) -> list[str]:
+    js = d / f"{split}_names.json"
+    if js.is_file():
+        return [str(n) for n in json.loads(js.read_text())]
+    # caches written before names were JSON: one name per line
+    return [n for n in (d / f"{split}_names.txt").read_text().splitlines() if n]
+
+
 def _complete(d: Path) -> bool:
     return (d / "meta.json").is_file()
 
@@ -60,7 +71,8 @@ def load_or_build(name: str, size: int, key: str, build):
             for split, (im, m, names) in data.items():
                 np.save(tmp / f"{split}_images.npy", np.ascontiguousarray(im, np.uint8))
                 np.save(tmp / f"{split}_masks.npy", np.ascontiguousarray(m, np.uint8))
-                (tmp / f"{split}_names.txt").write_text("\n".join(names) + ("\n" if names else ""))
+                # JSON, not one name per line: a file name may hold a newline
+                (tmp / f"{split}_names.json").write_text(json.dumps(list(names)))
             (tmp / "meta.json").write_text(json.dumps(
                 {"name": name, "size": size, "key": key,
                  "counts": {k: len(v[2]) for k, v in data.items()}}))
@@ -77,7 +89,9 @@ def load_or_build(name: str, size: int, key: str, build):
     for split in SPLIT_NAMES:
         f = d / f"{split}_images.npy"
         if f.is_file():
-            names = [n for n in (d / f"{split}_names.txt").read_text().splitlines() if n]
-            out[split] = (np.load(f, mmap_mode="r"), np.load(d / f"{split}_masks.npy", mmap_mode="r"),
-                          names)
+            names = _read_names(d, split)
+            if len(names) != len(out_images := np.load(f, mmap_mode="r")):
+                raise DatasetError(f"{d}: cached {split} split has {len(out_images)} images but {len(names)} names; "
+                                   "delete this cache folder to rebuild it")
+            out[split] = (out_images, np.load(d / f"{split}_masks.npy", mmap_mode="r"), names)
     return out, d

@@ -6,6 +6,7 @@ already: the cache key changes with any file), so a bad file never surfaces hour
 from __future__ import annotations
 
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,14 +20,30 @@ __all__ = ["read_pair", "read_all", "validate_dataset"]
 
 
 def _open(path: Path, root: Path, what: str):
+    """Open a mask: a regular file (a named pipe would block), at most MAX_PIXELS pixels."""
     from PIL import Image, UnidentifiedImageError
 
+    from edgeseg.imageio import MAX_PIXELS
+
+    label = _rel(path, root)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise DatasetError(f"{label}: cannot open {what} ({e.strerror or _short(e)})") from None
+    if not stat.S_ISREG(mode):
+        raise DatasetError(f"{label}: {what} is not a regular file")
     try:
         im = Image.open(path)
         orig = im.size
-        return im, orig
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"{label}: {what} too large ({_short(e)})") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DatasetError(f"{_rel(path, root)}: unreadable {what} ({_short(e)})") from None
+        raise DatasetError(f"{label}: unreadable {what} ({_short(e)})") from None
+    if orig[0] * orig[1] > MAX_PIXELS:
+        im.close()
+        raise DatasetError(f"{label}: {what} is {orig[0]}x{orig[1]} = {orig[0] * orig[1] / 1e6:.0f} megapixels, "
+                           f"more than the {MAX_PIXELS / 1e6:.0f} allowed")
+    return im, orig
 
 
 def _full_size(path: Path) -> tuple[int, int]:
