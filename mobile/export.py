@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from edgeseg.defaults import SAMPLER_DEFAULTS, sampler_defaults
-from edgeseg.errors import EdgesegError
+from edgeseg.errors import EdgesegError, ExportError
 from edgeseg.mobile import sidecar as sc
 from edgeseg.runs import training_dataset
 from edgeseg.mobile.fold import prepare_for_export
@@ -117,20 +117,96 @@ class _ExportJob:
 
     @classmethod
     def resolve(cls, model_or_ckpt, out, steps, ensemble, quantize: str, dataset, data_dir, target: str, ext: str,
-                tags: dict[str, str]) -> "_ExportJob":
+                tags: dict[str, str], overwrite: bool = True) -> "_ExportJob":
         if quantize not in tags:
             raise EdgesegError(f"--quantize must be one of {', '.join(tags)} for {target}, got {quantize!r}")
+        for name, v, hi in (("--steps", steps, 250), ("--ensemble", ensemble, 64)):
+            if v is not None and not 1 <= int(v) <= hi:
+                raise ExportError(f"{name} must be from 1 to {hi}, got {v}")
+        if out is not None:  # an explicit output path is checked before the model loads
+            check_output(Path(out), ext, overwrite)
         model, checkpoint, ck_meta = load_for_export(model_or_ckpt)
         p = model.preset
         dk, dn = default_steps_ensemble(p.prediction_type)
         steps, ensemble = int(steps or dk), int(ensemble or dn)
-        out = Path(out) if out is not None else Path(f"{p.name}-k{steps}n{ensemble}-{tags[quantize]}{ext}")
-        if out.suffix != ext:
-            raise EdgesegError(f"{out}: {'an ExecuTorch program' if ext == '.pte' else 'a CoreML ML program'} "
-                               f"must end in {ext}")
-        out.parent.mkdir(parents=True, exist_ok=True)
+        if out is None:
+            # the preset name is a validated identifier (edgeseg.models.NAME_RE): a plain file name
+            # in the working folder, never a path taken from the checkpoint's JSON
+            name = f"{p.name}-k{steps}n{ensemble}-{tags[quantize]}{ext}"
+            if Path(name).name != name or name.startswith("."):
+                raise ExportError(f"preset name {p.name!r} cannot name an output file; pass --out")
+            out = Path(name)
+        out = Path(out)
+        check_output(out, ext, overwrite)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ExportError(f"{out.parent}: cannot create the output folder ({e.strerror or e})") from None
         dataset, data_dir, data_seed = training_dataset(ck_meta, dataset, data_dir)
         return cls(model, checkpoint, steps, ensemble, out, dataset, data_dir, data_seed)
+
+
+def check_output(out: Path, ext: str, overwrite: bool) -> None:
+    """ExportError unless `out` (and its sidecar ``<out>.json``) may be written: the right suffix,
+    not taken (unless `overwrite`), and of a kind that can be replaced (a .pte is a file, a
+    .mlpackage a folder)."""
+    kind = "an ExecuTorch program" if ext == ".pte" else "a CoreML ML program"
+    if out.suffix != ext:
+        raise ExportError(f"{out}: {kind} must end in {ext}")
+    side = sc.sidecar_path(out)
+    for path in (out, side):
+        if not (path.exists() or path.is_symlink()):
+            continue
+        if not overwrite:
+            raise ExportError(f"{path} exists; pass --overwrite to replace it (or choose another --out)")
+        want_dir = path == out and ext == ".mlpackage"
+        if path.is_symlink() or (path.is_dir() != want_dir) or not (path.is_dir() or path.is_file()):
+            what = "a folder" if path.is_dir() else "not a regular file"
+            raise ExportError(f"{path} is {what}; it cannot be replaced by {kind if path == out else 'a sidecar'}")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ExportError(f"{out.parent} is not a folder")
+
+
+def _place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished `tmp` to `out` in one step. Without `overwrite` a file that appeared at
+    `out` meanwhile is never replaced (a hard link cannot clobber; rsync's temp-and-rename,
+    git's no-clobber)."""
+    if overwrite:
+        if out.is_dir() and not out.is_symlink() and tmp.is_dir():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        return
+    if tmp.is_dir():
+        if out.exists() or out.is_symlink():
+            raise ExportError(f"{out} appeared during the export; not replaced (pass --overwrite)")
+        os.rename(tmp, out)
+        return
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise ExportError(f"{out} appeared during the export; not replaced (pass --overwrite)") from None
+    except OSError:  # no hard links here (some network/FUSE file systems): check, then rename
+        if out.exists() or out.is_symlink():
+            raise ExportError(f"{out} appeared during the export; not replaced (pass --overwrite)") from None
+        os.replace(tmp, out)
+        return
+    tmp.unlink()
+
+
+def _temp_path(out: Path, suffix: str) -> Path:
+    """A fresh private name beside `out` (two exports to one path never share a temp file)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=suffix)
+    os.close(fd)
+    from edgeseg.checkpoint import new_file_mode
+
+    os.chmod(tmp, new_file_mode())
+    return Path(tmp)
 
 
 def load_images(dataset: str, split: str, n: int, size: int, data_dir=None, seed: int = 0) -> torch.Tensor:
@@ -342,6 +418,7 @@ def _finish(out: Path, meta: dict) -> dict:
     meta["sha256"], meta["size_bytes"] = digest, size
     meta["versions"] = sc.versions()
     meta["created"] = sc.now_iso()
+    meta["contract_sha256"] = sc.contract_digest(meta)
     from edgeseg.checkpoint import atomic_write_json
 
     atomic_write_json(sc.sidecar_path(out), meta)
@@ -364,14 +441,17 @@ def export_executorch(
     seed: int = 0,
     progress: Progress | None = None,
     prepare: Callable[[nn.Module], nn.Module] = prepare_for_export,
+    overwrite: bool = True,
 ) -> dict:
     """Export to ``out`` (.pte) + ``out.json``; returns the sidecar dict (``meta["path"]`` = out).
 
     Raises EdgesegError when the parity gate fails (see the module docstring). `prepare` is the
-    network rewrite (tests pass a broken one to check the gate).
+    network rewrite (tests pass a broken one to check the gate). The program is written under a
+    temporary name and renamed into place; with ``overwrite=False`` (the CLI's default) an
+    existing `out` or sidecar is an ExportError before any work.
     """
     job = _ExportJob.resolve(model_or_ckpt, out, steps, ensemble, quantize, dataset, data_dir, "ExecuTorch", ".pte",
-                             {"none": "fp32", "int8": "int8"})
+                             {"none": "fp32", "int8": "int8"}, overwrite)
     model, checkpoint, p, out = job.model, job.checkpoint, job.model.preset, job.out
     steps, ensemble, dataset, data_dir, data_seed = job.steps, job.ensemble, job.dataset, job.data_dir, job.data_seed
     threshold = PARITY_THRESHOLDS[quantize] if parity_threshold is None else parity_threshold
@@ -389,9 +469,13 @@ def export_executorch(
     lowered, calls, others = lower_executorch(ep, quantize)
     program = to_program(lowered)
 
-    tmp = out.with_name(f".{out.name}.partial")
-    with open(tmp, "wb") as f:
-        program.write_to_file(f)
+    tmp = _temp_path(out, ".partial")
+    try:
+        with open(tmp, "wb") as f:
+            program.write_to_file(f)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     meta = _common_sidecar(model, "executorch", out, steps, ensemble, batch, quantize, checkpoint, dataset)
     meta["delegate_calls"] = calls
     meta["non_delegated_ops"] = others
@@ -425,7 +509,10 @@ def export_executorch(
             f"({'int8' if quantize == 'int8' else 'fp32'}); the program was kept as {failed} for "
             f"inspection and {out} was not written"
         )
-    os.replace(tmp, out)
+    try:
+        _place(tmp, out, overwrite)
+    finally:
+        tmp.unlink(missing_ok=True)
     meta = _finish(out, meta)
     meta["path"] = str(out)
     return meta
@@ -507,6 +594,7 @@ def export_coreml(
     seed: int = 0,
     minimum_deployment_target: str = "iOS17",
     progress: Progress | None = None,
+    overwrite: bool = True,
 ) -> dict:
     """Export to ``out`` (.mlpackage) + ``out.json``; returns the sidecar dict.
 
@@ -517,7 +605,7 @@ def export_coreml(
     import coremltools as ct
 
     job = _ExportJob.resolve(model_or_ckpt, out, steps, ensemble, quantize, dataset, data_dir, "CoreML", ".mlpackage",
-                             {"none": "fp16", "int8": "int8", "palettize": f"pal{nbits}"})
+                             {"none": "fp16", "int8": "int8", "palettize": f"pal{nbits}"}, overwrite)
     model, checkpoint, p, out = job.model, job.checkpoint, job.model.preset, job.out
     steps, ensemble, dataset, data_dir, data_seed = job.steps, job.ensemble, job.dataset, job.data_dir, job.data_seed
     s = p.image_size
@@ -541,8 +629,17 @@ def export_coreml(
             _say(progress, f"compressing weights ({quantize})")
             mlmodel = _compress_coreml(mlmodel, quantize, nbits)
 
-    tmp = out.with_name(f".partial-{out.name}")  # coremltools insists on the .mlpackage suffix
+    tmp = out.with_name(f".partial-{os.getpid()}-{out.name}")  # coremltools insists on the .mlpackage suffix
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        return _finish_coreml(tmp, out, overwrite, mlmodel, model, p, quantize, nbits, steps, ensemble, batch,
+                              checkpoint, dataset, data_dir, data_seed, n_parity_images, seed, minimum_deployment_target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _finish_coreml(tmp, out, overwrite, mlmodel, model, p, quantize, nbits, steps, ensemble, batch, checkpoint,
+                   dataset, data_dir, data_seed, n_parity_images, seed, minimum_deployment_target) -> dict:
     mlmodel.save(str(tmp))
     structure = inspect_mlpackage(tmp)
     problems = []
@@ -575,9 +672,7 @@ def export_coreml(
         meta["parity"] = {"mask_dsc_vs_eager": None, "n_images": 0,
                           "note": "not measured: running a CoreML model requires macOS; on Linux the "
                                   "conversion, the program structure and the weight compression are checked"}
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
+    _place(tmp, out, overwrite)
     meta = _finish(out, meta)
     meta["path"] = str(out)
     return meta

@@ -29,22 +29,31 @@ class PteSegmenter:
     def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path)
         if not self.path.is_file():
-            raise EdgesegError(f"{self.path}: no such .pte file")
+            raise EdgesegError(f"{self.path}: no such .pte file" if not self.path.exists()
+                               else f"{self.path}: not a regular file")
         self.meta = sc.read_sidecar(self.path)
         if self.meta.get("target") != "executorch":
             raise EdgesegError(f"{self.path}: sidecar describes a {self.meta.get('target')!r} export, not executorch")
         if self.meta.get("status", "ok") != "ok":
             raise EdgesegError(f"{self.path}: this export failed its parity check; re-export it")
+        side = sc.sidecar_path(self.path)
         if verify:
             digest, size = sc.file_digest(self.path)
             if digest != self.meta.get("sha256"):
                 raise EdgesegError(f"{self.path}: sha256 does not match its sidecar (file changed after export)")
+            sc.check_contract(self.meta, side)
+        else:
+            sc.check_contract({k: v for k, v in self.meta.items() if k != "contract_sha256"}, side)
         try:
             from executorch.runtime import Runtime
         except ImportError as e:  # pragma: no cover
             raise EdgesegError(f"running a .pte needs ExecuTorch: pip install 'edgeseg[mobile]' ({e})") from None
-        self.program = Runtime.get().load_program(self.path)
-        self.method = self.program.load_method("forward")
+        try:
+            self.program = Runtime.get().load_program(self.path)
+            self.method = self.program.load_method("forward")
+        except (RuntimeError, ValueError) as e:
+            msg = " ".join(str(e).split())[:160]
+            raise EdgesegError(f"{self.path}: not a loadable ExecuTorch program ({msg})") from None
         self.batch = int(self.meta["batch"])
         self.ensemble = int(self.meta["ensemble"])
         self.steps = int(self.meta["steps"])

@@ -9,7 +9,13 @@ outputs are, which sampler settings are baked in, how to threshold, and which fi
 ``image_size`` [H, W], ``preprocessing`` (see :func:`preprocessing_for`), ``inputs``,
 ``outputs``, ``sampler``, ``steps``, ``timesteps``, ``ensemble``, ``batch``, ``threshold``,
 ``output_range``, ``sha256``, ``size_bytes``, ``parity`` ({"mask_dsc_vs_eager", "n_images", ...}),
-``delegate_calls``, ``quantize``, ``calibration``, ``versions``, ``created``.
+``delegate_calls``, ``quantize``, ``calibration``, ``versions``, ``created``, ``contract_sha256``.
+
+``contract_sha256`` is the sha256 of the fields an app acts on (:data:`CONTRACT_FIELDS`:
+preprocessing, shapes, sampler, threshold, the file's own sha256 ...), serialised as canonical
+JSON (sorted keys, no spaces); a sidecar edited after export (a threshold, an image size) no
+longer matches it and is refused by :class:`edgeseg.mobile.runtime.PteSegmenter`. Sidecars
+written before this field existed are read without the check.
 """
 from __future__ import annotations
 
@@ -22,11 +28,58 @@ import torch
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "sidecar_path", "file_digest", "versions", "preprocessing_for",
-    "io_spec", "dice_masks", "read_sidecar", "now_iso",
+    "io_spec", "dice_masks", "read_sidecar", "now_iso", "CONTRACT_FIELDS", "contract_digest", "check_contract",
 ]
 
 FORMAT = "edgeseg-mobile-export"
 FORMAT_VERSION = 1
+
+
+#: The sidecar fields that make up the contract with the app (hashed into ``contract_sha256``).
+CONTRACT_FIELDS = (
+    "format", "format_version", "recipe", "target", "file", "status", "preset", "preset_config", "prediction_type",
+    "image_size", "preprocessing", "inputs", "outputs", "sampler", "steps", "timesteps", "ensemble", "batch",
+    "threshold", "output_range", "quantize", "sha256", "size_bytes",
+)
+MAX_SIDECAR_BYTES = 4 << 20
+
+
+def contract_digest(meta: dict) -> str:
+    """sha256 hex of the contract fields of a sidecar, as canonical JSON."""
+    body = {k: meta.get(k) for k in CONTRACT_FIELDS}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _pos_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def check_contract(meta: dict, where: str | Path) -> None:
+    """EdgesegError naming `where` unless the sidecar's contract fields are unedited (when it has a
+    ``contract_sha256``) and well-formed (types and ranges an app relies on)."""
+    import math
+
+    from edgeseg.errors import ExportError
+
+    want = meta.get("contract_sha256")
+    if want is not None and want != contract_digest(meta):
+        raise ExportError(f"{where}: the sidecar's contract fields were changed after export (contract_sha256 "
+                          "does not match); re-export the model")
+    size = meta.get("image_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(_pos_int(v) for v in size)):
+        raise ExportError(f"{where}: image_size must be [height, width] in pixels, got {size!r}")
+    for k in ("batch", "ensemble", "steps"):
+        if not _pos_int(meta.get(k)):
+            raise ExportError(f"{where}: {k} must be a positive integer, got {meta.get(k)!r}")
+    thr = meta.get("threshold")
+    if not (isinstance(thr, (int, float)) and not isinstance(thr, bool) and math.isfinite(thr)):
+        raise ExportError(f"{where}: threshold must be a finite number, got {thr!r}")
+    pp = meta.get("preprocessing")
+    ok = isinstance(pp, dict) and isinstance(pp.get("scale"), (int, float)) and all(
+        isinstance(pp.get(k), list) and len(pp[k]) == 3 and all(isinstance(x, (int, float)) for x in pp[k])
+        for k in ("mean", "std"))
+    if not ok or any(x == 0 for x in pp["std"]):
+        raise ExportError(f"{where}: preprocessing must give a numeric scale and 3-value mean and non-zero std")
 
 
 def sidecar_path(out: str | Path) -> Path:
@@ -129,10 +182,17 @@ def read_sidecar(model_path: str | Path) -> dict:
     p = sidecar_path(model_path)
     if not p.exists():
         raise EdgesegError(f"{model_path}: no sidecar {p.name} next to it (export it with `edgeseg export`)")
+    from edgeseg.checkpoint import check_regular_file
+
+    check_regular_file(p, "sidecar", EdgesegError)
+    if p.stat().st_size > MAX_SIDECAR_BYTES:
+        raise EdgesegError(f"{p}: sidecar is {p.stat().st_size} bytes, not an edgeseg export sidecar")
     try:
         meta = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EdgesegError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise EdgesegError(f"{p}: not an edgeseg export sidecar (not a JSON object)")
     if meta.get("format") != FORMAT:
         raise EdgesegError(f"{p}: not an edgeseg export sidecar (format {meta.get('format')!r})")
     return meta
