@@ -39,6 +39,10 @@ def error_message(e: BaseException) -> str | None:
         return one_line(str(e))
     if isinstance(e, OSError) and getattr(e, "filename", None) is not None:
         return one_line(f"{e.filename}: {e.strerror or e}")
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        return one_line(f"cannot write or read a file: {e.strerror or e}")
     from typer._click.exceptions import UsageError
 
     if isinstance(e, UsageError):

@@ -27,7 +27,11 @@ def _run_settings(role: str, overrides: dict, runs_dir: Path, run_name: Optional
     """The training settings a resumed run was started with (None when there is nothing to resume)."""
     from edgeseg.train import read_state_config
 
-    if not (resume and run_name):
+    if resume and not run_name:
+        from edgeseg.errors import SettingsError
+
+        raise SettingsError("--resume needs --run-name (the folder under --runs-dir to continue)")
+    if not resume:
         return None
     return read_state_config(Path(runs_dir) / run_name / "state" / role)
 

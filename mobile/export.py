@@ -77,6 +77,22 @@ def _say(progress: Progress | None, msg: str) -> None:
 
 
 @contextlib.contextmanager
+def _quiet_import():
+    """Import coremltools / torchao without their log lines about optional native parts
+    (scikit-learn versions, proxies that exist on macOS only) on the user's terminal."""
+    import logging
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+@contextlib.contextmanager
 def _quiet():
     """The export stack warns per graph node (deprecations); keep the user's terminal readable."""
     with warnings.catch_warnings():
@@ -457,11 +473,13 @@ def export_executorch(
     threshold = PARITY_THRESHOLDS[quantize] if parity_threshold is None else parity_threshold
     s = p.image_size
 
-    _say(progress, f"loading held-out images ({dataset}, test split)")
+    # the images first, before any progress line: a bad dataset is the only line the user sees
     parity_images = load_images(dataset, "test", n_parity_images, s, data_dir, data_seed)
     calib = None
     if quantize == "int8":
         calib = load_images(dataset, "train", n_calibration_images, s, data_dir, data_seed)
+    _say(progress, f"loaded {len(parity_images)} held-out images ({dataset}, test split)"
+         + (f" and {len(calib)} calibration images" if calib is not None else ""))
 
     _say(progress, f"exporting {p.name}: {steps} DDIM steps x ensemble {ensemble} unrolled")
     ep, _ = export_program(model, steps, ensemble, batch, quantize, calib, progress, prepare)
@@ -602,13 +620,16 @@ def export_coreml(
     "palettize" (`nbits`-bit k-means look-up table per tensor). Inputs ``image`` and ``noise``,
     outputs ``mean`` and ``std`` (same contract as the .pte).
     """
-    import coremltools as ct
-
     job = _ExportJob.resolve(model_or_ckpt, out, steps, ensemble, quantize, dataset, data_dir, "CoreML", ".mlpackage",
                              {"none": "fp16", "int8": "int8", "palettize": f"pal{nbits}"}, overwrite)
     model, checkpoint, p, out = job.model, job.checkpoint, job.model.preset, job.out
     steps, ensemble, dataset, data_dir, data_seed = job.steps, job.ensemble, job.dataset, job.data_dir, job.data_seed
     s = p.image_size
+    parity_images = None
+    if platform.system() == "Darwin":  # parity runs on macOS only; its images are checked before any work
+        parity_images = load_images(dataset, "test", n_parity_images, s, data_dir, data_seed)
+    with _quiet_import():  # checked first: a user error is not buried under coremltools' import chatter
+        import coremltools as ct
 
     _say(progress, f"exporting {p.name}: {steps} DDIM steps x ensemble {ensemble} unrolled")
     ep, _ = export_program(model, steps, ensemble, batch, "none", fold_constants=False)
@@ -633,13 +654,13 @@ def export_coreml(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         return _finish_coreml(tmp, out, overwrite, mlmodel, model, p, quantize, nbits, steps, ensemble, batch,
-                              checkpoint, dataset, data_dir, data_seed, n_parity_images, seed, minimum_deployment_target)
+                              checkpoint, dataset, parity_images, seed, minimum_deployment_target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _finish_coreml(tmp, out, overwrite, mlmodel, model, p, quantize, nbits, steps, ensemble, batch, checkpoint,
-                   dataset, data_dir, data_seed, n_parity_images, seed, minimum_deployment_target) -> dict:
+                   dataset, parity_images, seed, minimum_deployment_target) -> dict:
     mlmodel.save(str(tmp))
     structure = inspect_mlpackage(tmp)
     problems = []
@@ -665,9 +686,8 @@ def _finish_coreml(tmp, out, overwrite, mlmodel, model, p, quantize, nbits, step
     meta["delegate_calls"] = None  # not applicable: CoreML runs the whole ML program
     meta["structure"] = structure
     meta["calibration"] = None  # weight-only compression needs no calibration
-    if platform.system() == "Darwin":
-        meta["parity"] = _parity_coreml(tmp, model, dataset, data_dir, data_seed, n_parity_images, steps, ensemble,
-                                        batch, seed)
+    if parity_images is not None:
+        meta["parity"] = _parity_coreml(tmp, model, parity_images, steps, ensemble, batch, seed)
     else:
         meta["parity"] = {"mask_dsc_vs_eager": None, "n_images": 0,
                           "note": "not measured: running a CoreML model requires macOS; on Linux the "
@@ -678,12 +698,11 @@ def _finish_coreml(tmp, out, overwrite, mlmodel, model, p, quantize, nbits, step
     return meta
 
 
-def _parity_coreml(path, model, dataset, data_dir, data_seed, n, steps, ensemble, batch, seed) -> dict:  # pragma: no cover (macOS)
+def _parity_coreml(path, model, images, steps, ensemble, batch, seed) -> dict:  # pragma: no cover (macOS)
     import coremltools as ct
     import numpy as np
 
     s = model.preset.image_size
-    images = load_images(dataset, "test", n, s, data_dir, data_seed)
     n = images.shape[0] - images.shape[0] % batch
     images = images[:n]
     noises = _noise_for(n, batch, ensemble, s, seed)

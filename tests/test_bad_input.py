@@ -180,6 +180,11 @@ def _(d, c):
 
 
 # ---------------------------------------------------------------------------------------- item 5
+@case("resume-without-run-name", "train-teacher", "--resume", "--runs-dir", "runs", needles=("--run-name",))
+def _(d, c):
+    pass
+
+
 @case("resume-batch-size", "distill", "--run-name", "r", "--resume", "--runs-dir", "runs", "--batch-size", "8",
       needles=("batch_size", "cannot change"))
 def _(d, c):
@@ -322,6 +327,12 @@ def _(d, c):
 def _(d, c):
     new_checkpoint(d / "ck")
     (d / "x.pte").mkdir()
+
+
+@case("export-dataset-missing", *EXPORT, "--checkpoint", "ck/student.safetensors", "--out", "x.pte",
+      "--dataset", "folder", "--data-dir", "nowhere", needles=("nowhere", "does not exist"))
+def _(d, c):
+    new_checkpoint(d / "ck")  # the only line: no progress line before the data error
 
 
 # ---------------------------------------------------------------------------------------- lower
