@@ -55,9 +55,11 @@ def report(msg: str) -> None:
     typer.echo(f"error: {one_line(msg)}", err=True)
 
 
-def user_errors(fn: Callable | None = None, *, interrupted: str = INTERRUPTED) -> Callable:
+def user_errors(fn: Callable | None = None, *, interrupted: str = INTERRUPTED, hold_warnings: bool = True) -> Callable:
     """Run a command under the error policy (see the module docstring).
 
+    With `hold_warnings` the command's Python warnings are shown when it ends, and dropped if it
+    fails with a user error; training commands (hours long) pass False and show them at once.
     Run folders the command claimed (edgeseg.runlock) are released when it ends, so a command
     that fails before writing anything leaves no folder behind."""
 
@@ -69,6 +71,8 @@ def user_errors(fn: Callable | None = None, *, interrupted: str = INTERRUPTED) -
             runlock = sys.modules.get("edgeseg.runlock")
             held = runlock.claims() if runlock else []
             try:
+                if not hold_warnings:
+                    return fn(*args, **kwargs)
                 with warnings.catch_warnings(record=True) as caught:
                     try:
                         return fn(*args, **kwargs)

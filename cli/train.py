@@ -81,7 +81,7 @@ def _check_checkpoint_file(path) -> None:
         verify_checkpoint(path)
 
 
-@user_errors(interrupted=INTERRUPTED_TRAINING)
+@user_errors(interrupted=INTERRUPTED_TRAINING, hold_warnings=False)
 def distill(
     dataset: Optional[str] = typer.Option(None, help="synthetic (built in, the default), isic2017, isic2018, "
                                           "ham10000, ph2 or folder; with --resume: the run's"),
@@ -150,7 +150,7 @@ def distill(
     run_distill(job)
 
 
-@user_errors(interrupted=INTERRUPTED_TRAINING)
+@user_errors(interrupted=INTERRUPTED_TRAINING, hold_warnings=False)
 def train_teacher(
     dataset: Optional[str] = typer.Option(None, help="synthetic (built in, the default), isic2017, isic2018, "
                                           "ham10000, ph2 or folder; with --resume: the run's"),
