@@ -4,9 +4,9 @@
 
 DIR is the ISIC 2017 Part 1 release (official folder names). Teacher and student default to
 the shipped real-lesion models. The U-Net (edgeseg.baselines.SmallUNet, Dice + BCE) is trained
-here on the same train split at the same resolution for ``--unet-seconds`` of wall time
-(default: the student's own distillation time, read from its checkpoint JSON), on the same
-number of threads. Every model is scored with the same code (edgeseg.metrics, per image at
+here on the same train split at the same resolution for ``--unet-seconds`` of wall time (give
+it the student's distillation time; ``--stage unet`` trains it alone, e.g. beside the student on
+the same number of threads). Every model is scored with the same code (edgeseg.metrics, per image at
 the models' input size, then averaged) on the whole test split (600 images). Cost per image:
 parameters, GFLOP at the shipped sampler setting (K x N network calls) and median latency at
 batch 1. Writes ``results.json``, ``table.md`` and ``overlays.png`` under ``--out``.
@@ -173,7 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--teacher", default="tiny-teacher-isic2017", help="checkpoint or shipped model name")
     ap.add_argument("--student", default="tiny-student-isic2017", help="checkpoint or shipped model name")
     ap.add_argument("--unet-seconds", type=float, default=None,
-                    help="U-Net training wall time (default: the student's distillation time)")
+                    help="U-Net training wall time (give it the student's distillation time)")
+    ap.add_argument("--size", type=int, default=64, help="input size of the models (the tiny presets: 64)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-images", type=int, default=None, help="first N test images only (smoke runs)")
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "isic2017")
     args = ap.parse_args(argv)
 
-    from edgeseg.checkpoint import load_model, load_preset
+    from edgeseg.checkpoint import load_model
     from edgeseg.data import load_dataset
     from edgeseg.defaults import sampler_defaults
     from edgeseg.evaluate import SamplerSettings
@@ -191,22 +192,21 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    t_path, s_path = resolve_checkpoint(args.teacher, "teacher"), resolve_checkpoint(args.student, "student")
-    teacher, student = load_model(t_path).eval(), load_model(s_path).eval()
-    size = student.preset.image_size
-    test_ds = load_dataset("isic2017", "test", data_dir=args.data_dir, size=size)
-    if args.max_images:
-        test_ds = _first(test_ds, args.max_images)
-    train_ds = load_dataset("isic2017", "train", data_dir=args.data_dir, size=size)  # no augmentation
-    student_meta = load_preset(s_path)[1]
+    train_ds = load_dataset("isic2017", "train", data_dir=args.data_dir, size=args.size)  # no augmentation
     if args.stage in ("all", "unet"):
-        unet_seconds = args.unet_seconds or float(student_meta.get("train_seconds") or 0)
-        if unet_seconds <= 0:
-            raise SystemExit("no --unet-seconds given and the student's JSON records no train_seconds")
-        print(f"training the U-Net for {unet_seconds:.0f} s ...", flush=True)
-        train_unet_once(train_ds, unet_seconds, args.threads, args.seed, args.out)
+        if not args.unet_seconds:
+            raise SystemExit("--unet-seconds is needed to train the U-Net (the student's distillation time)")
+        print(f"training the U-Net for {args.unet_seconds:.0f} s ...", flush=True)
+        train_unet_once(train_ds, args.unet_seconds, args.threads, args.seed, args.out)
         if args.stage == "unet":
             return 0
+    t_path, s_path = resolve_checkpoint(args.teacher, "teacher"), resolve_checkpoint(args.student, "student")
+    teacher, student = load_model(t_path).eval(), load_model(s_path).eval()
+    if student.preset.image_size != args.size:
+        raise SystemExit(f"the student works at {student.preset.image_size} px, not --size {args.size}")
+    test_ds = load_dataset("isic2017", "test", data_dir=args.data_dir, size=args.size)
+    if args.max_images:
+        test_ds = _first(test_ds, args.max_images)
     unet, unet_info = load_unet(args.out)
 
     rows, preds = {}, {}
@@ -222,14 +222,14 @@ def main(argv=None) -> int:
 
     unet_masks = predict_unet(unet, test_ds)
     rows["U-Net (Dice+BCE)"] = {"metrics": score_masks(unet_masks, test_ds), "sampler": "single pass",
-                                "cost": cost_unet(unet, size), "train": unet_info}
+                                "cost": cost_unet(unet, args.size), "train": unet_info}
     preds["U-Net"] = (unet_masks, _per_image_dice(list(unet_masks), test_ds))
     otsu = otsu_masks(test_ds)
     rows["Otsu (CIELAB L)"] = {"metrics": score_masks(otsu, test_ds), "sampler": "-", "cost": {}}
 
     s_d, u_d, t_d = preds["student (EFKD)"][1], preds["U-Net"][1], preds["teacher"][1]
     doc = {
-        "dataset": "isic2017", "split": "test", "n_images": len(test_ds), "image_size": size,
+        "dataset": "isic2017", "split": "test", "n_images": len(test_ds), "image_size": args.size,
         "teacher": str(t_path), "student": str(s_path), "unet_train_seconds": round(unet_info["train_seconds"], 1),
         "machine": machine_info(args.threads), "rows": rows,
         "paired_dice": {"student - unet": paired(s_d, u_d), "student - teacher": paired(s_d, t_d)},

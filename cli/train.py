@@ -212,9 +212,9 @@ def evaluate_cmd(
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder"),
     split: str = typer.Option("test", help="train | val | test | all"),
     protocol: str = typer.Option("ddim", help="paper (DDPM 250 steps x 9, averaged) or ddim"),
-    steps: Optional[int] = typer.Option(None, help="DDIM steps (default: the defaults table, 1 for x0 models)"),
-    ensemble: Optional[int] = typer.Option(None, help="ensemble size (default 3 for ddim, 9 for paper)"),
-    max_images: Optional[int] = typer.Option(None, help="only the first N images"),
+    steps: Optional[int] = typer.Option(None, min=1, max=250, help="DDIM steps (default: the defaults table, 1 for x0 models)"),
+    ensemble: Optional[int] = typer.Option(None, min=1, max=64, help="ensemble size (default 3 for ddim, 9 for paper)"),
+    max_images: Optional[int] = typer.Option(None, min=1, help="only the first N images"),
     out: Optional[Path] = typer.Option(None, help="folder for the JSON and overlays (default: the run folder; "
                                        "./evaluations for a shipped model)"),
     seed: int = typer.Option(0, help="sampling seed"),
@@ -265,8 +265,8 @@ def segment(
                                               "the newest run's student, else the shipped real-lesion student"),
     model: Optional[Path] = typer.Option(None, "--model", help="an exported .pte to run with the ExecuTorch runtime"),
     runs_dir: Path = typer.Option(Path("runs"), help="where to look for the newest run"),
-    steps: Optional[int] = typer.Option(None, help="DDIM steps (eager checkpoints; default from the defaults table)"),
-    ensemble: Optional[int] = typer.Option(None, help="ensemble size (eager checkpoints; default from the table)"),
+    steps: Optional[int] = typer.Option(None, min=1, max=250, help="DDIM steps (eager checkpoints; default from the defaults table)"),
+    ensemble: Optional[int] = typer.Option(None, min=1, max=64, help="ensemble size (eager checkpoints; default from the table)"),
     out: Path = typer.Option(Path("segmentations"), help="output folder"),
     seed: int = typer.Option(0, help="sampling seed"),
 ):

@@ -152,9 +152,9 @@ def _train(cfg: TrainConfig, run: Path, teacher, job: DistillJob):
     _, best = load_preset(best_path)
     if best["epoch"] != trainer.epoch:  # an earlier epoch validated better: ship that one
         model = load_model(best_path)
-        save_model(model, final, extra={"train_config": cfg.to_dict(), "steps": trainer.step,
-                                        "epochs": trainer.epoch, **{k: best[k] for k in
-                                        ("epoch", "step", "val_dsc", "selected_on")}})
+        _, final_meta = load_preset(final)  # what save_final recorded (config, steps, resumes)
+        save_model(model, final, extra={**final_meta, "selected": {k: best[k] for k in
+                                                                   ("epoch", "step", "val_dsc", "selected_on")}})
         _say(job, f"{cfg.role}: kept epoch {best['epoch']} (validation Dice {best['val_dsc']:.4f})")
     return model
 

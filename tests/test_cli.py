@@ -213,13 +213,17 @@ def test_run_distill_writes_the_run_folder(distill_run):
 def test_evaluate_defaults_to_the_newest_run(distill_run, monkeypatch):
     root, run, _ = distill_run
     monkeypatch.chdir(root)  # evaluate looks under ./runs
+    from edgeseg.checkpoint import load_model
+    from edgeseg.defaults import sampler_defaults
+
     r = invoke("evaluate", "--max-images", "4", "--ensemble", "2")
     assert r.exit_code == 0, (r.output, r.exception)
-    report = run / "eval-student-test-ddim2x2.json"
+    k, _ = sampler_defaults(load_model(run / "student.safetensors").preset.prediction_type)  # the defaults table
+    report = run / f"eval-student-test-ddim{k}x2.json"
     assert report.is_file(), sorted(p.name for p in run.iterdir())
     rep = json.loads(report.read_text())
     assert rep["n_images"] == 4 and 0.0 <= rep["dsc"] <= 1.0 and Path(rep["checkpoint"]).name == "student.safetensors"
-    assert (run / "overlays" / "student-test-ddim2x2.png").is_file()
+    assert (run / "overlays" / f"student-test-ddim{k}x2.png").is_file()
     r = invoke("evaluate", "--checkpoint", run, "--which", "teacher", "--max-images", "2", "--ensemble", "1",
                "--steps", "1")
     assert r.exit_code == 0, (r.output, r.exception)

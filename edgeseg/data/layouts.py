@@ -51,8 +51,15 @@ class Pair:
     split: str | None = None  # fixed by the release's folders (ISIC 2017), else None
 
 
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError as e:
+        raise DatasetError(f"{folder}: cannot list the folder ({e.strerror or e})") from None
+
+
 def _files(folder: Path, skip_suffix: str | None = None) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
+    return sorted(p for p in _entries(folder)
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS
                   and not (skip_suffix and p.stem.endswith(skip_suffix)))
 
@@ -164,7 +171,7 @@ def _ph2_case(case: Path, root: Path) -> Pair:
 def _discover_ph2(root: Path) -> list[Pair]:
     """PH2: ``root`` is ``PH2Dataset/`` or its ``PH2 Dataset images/`` folder of IMDxxx cases."""
     cases_dir = root / PH2_IMAGES if (root / PH2_IMAGES).is_dir() else root
-    cases = sorted(p for p in cases_dir.iterdir() if p.is_dir() and p.name.startswith("IMD"))
+    cases = sorted(p for p in _entries(cases_dir) if p.is_dir() and p.name.startswith("IMD"))
     if not cases:
         raise DatasetError(f"{root}: no PH2 case folders IMDxxx/ found (expected the ph2 layout: "
                            f"{LAYOUT_HELP['ph2']})")
