@@ -92,7 +92,7 @@ def load_unet(out: Path):
 
 
 def predict_unet(model, test_ds) -> np.ndarray:
-    x = torch.from_numpy(np.asarray(test_ds.images)).permute(0, 3, 1, 2).float() / 255.0
+    x = torch.from_numpy(np.array(test_ds.images)).permute(0, 3, 1, 2).float() / 255.0
     with torch.no_grad():
         logits = torch.cat([model(x[i:i + 64]) for i in range(0, len(x), 64)])
     return (logits[:, 0] > 0).numpy()
@@ -121,6 +121,21 @@ def cost_unet(model, size: int) -> dict:
     with torch.no_grad():
         ms = median_ms(lambda: model(img), 30)
     return {"params": count_params(model), "gflop": round(fc.get_total_flops() / 1e9, 3), "ms": round(ms, 2)}
+
+
+def score_program(path: Path, test_ds, student_cost: dict) -> tuple[dict, np.ndarray]:
+    """An exported .pte (what a phone runs), through edgeseg.Segmenter, scored like the rest."""
+    from edgeseg.segmenter import Segmenter
+
+    seg = Segmenter.from_pretrained(path)
+    x = torch.from_numpy(np.array(test_ds.images)).permute(0, 3, 1, 2).float() / 255.0
+    mean, _ = seg.predict(x)
+    masks = (mean[:, 0] > 0).numpy()
+    cost = {"params": student_cost["params"], "gflop": student_cost["gflop"],
+            "ms": round(median_ms(lambda: seg.predict(x[:1]), 30), 2), "file_bytes": path.stat().st_size}
+    row = {"metrics": score_masks(masks, test_ds), "sampler": f"DDIM {seg.steps} steps x {seg.ensemble} (.pte)",
+           "cost": cost}
+    return row, masks
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> dict:
@@ -154,7 +169,7 @@ def markdown(doc: dict) -> str:
     for name, r in doc["rows"].items():
         m, c = r["metrics"], r["cost"]
         pct = lambda k: f"{100 * m[k]['mean']:.2f}"  # noqa: E731
-        params = f"{c['params'] / 1e6:.2f}M" if c.get("params") else "-"
+        params = f"{c['params'] / 1e6:.3f}M" if c.get("params") else "-"
         lines.append(f"| {name} | {params} | {r['sampler']} | {c.get('gflop', '-')} | {c.get('ms', '-')} | "
                      f"{pct('dsc')} | {pct('iou')} | {pct('se')} | {pct('sp')} | {pct('acc')} | "
                      f"{m['hd95']['mean']:.2f} | {pct('bf')} |")
@@ -175,6 +190,7 @@ def main(argv=None) -> int:
     ap.add_argument("--unet-seconds", type=float, default=None,
                     help="U-Net training wall time (give it the student's distillation time)")
     ap.add_argument("--size", type=int, default=64, help="input size of the models (the tiny presets: 64)")
+    ap.add_argument("--pte", type=Path, default=None, help="also score this exported student program (.pte)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-images", type=int, default=None, help="first N test images only (smoke runs)")
@@ -224,6 +240,8 @@ def main(argv=None) -> int:
     rows["U-Net (Dice+BCE)"] = {"metrics": score_masks(unet_masks, test_ds), "sampler": "single pass",
                                 "cost": cost_unet(unet, args.size), "train": unet_info}
     preds["U-Net"] = (unet_masks, _per_image_dice(list(unet_masks), test_ds))
+    if args.pte:
+        rows[f"student {args.pte.name}"], _ = score_program(args.pte, test_ds, rows["student (EFKD)"]["cost"])
     otsu = otsu_masks(test_ds)
     rows["Otsu (CIELAB L)"] = {"metrics": score_masks(otsu, test_ds), "sampler": "-", "cost": {}}
 
