@@ -7,9 +7,16 @@ What the network predicts is a setting with diffusers' names:
   "v_prediction" v = sqrt(abar) * eps - sqrt(1 - abar) * x0.
 Both samplers predict x0 from the network output, clip it to [-1, 1] (masks live there), and
 re-derive eps from the clipped x0, as the reference DDPM code does.
+
+Both schedulers take the same call, diffusers' shape:
+  step(model_output, timestep, sample, generator=None) -> SchedulerOutput(prev_sample, pred_original_sample)
+DDPM (ancestral) draws its noise from `generator`; DDIM is deterministic with eta = 0 (the
+default) and draws sigma_t * z from `generator` when eta > 0. Both accept an explicit `noise=`
+(keyword only) in place of the draw, for tests and golden vectors.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -22,6 +29,7 @@ PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "sample", "v_prediction")
 __all__ = [
     "NoiseSchedule",
     "PREDICTION_TYPES",
+    "SchedulerOutput",
     "DDPMScheduler",
     "DDIMScheduler",
     "sample_masks",
@@ -40,6 +48,23 @@ def _gather(a: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor) -> torch
         return a[t].to(like.dtype)
     out = a.to(t.device)[t.long()].to(like.dtype)
     return out.view(-1, *([1] * (like.dim() - 1)))
+
+
+@dataclass
+class SchedulerOutput:
+    """What a scheduler step returns (diffusers' names).
+
+    prev_sample           x_{t_prev}, the next sample of the chain,
+    pred_original_sample  the x0 the step used: predicted from the network output, clipped to [-1, 1].
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+def _draw(sample: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like `sample` (how both schedulers draw it)."""
+    return torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
 
 
 @dataclass(frozen=True)
@@ -151,30 +176,52 @@ class DDPMScheduler(_SchedulerBase):
     def step(
         self,
         model_output: torch.Tensor,
-        t: int,
-        x_t: torch.Tensor,
-        noise: torch.Tensor | None = None,
+        timestep: int,
+        sample: torch.Tensor,
         generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        t = int(t)
+        *,
+        noise: torch.Tensor | None = None,
+    ) -> SchedulerOutput:
+        """x_{t-1} = coef1_t x0 + coef2_t x_t + std_t z, z from `generator` (or `noise`); no z at t = 0."""
+        t = int(timestep)
         s = self.schedule
-        x0, _ = s.to_x0_eps(model_output, x_t, t, self.prediction_type)
-        mean = s.posterior_mean_coef1[t] * x0 + s.posterior_mean_coef2[t] * x_t
+        x0, _ = s.to_x0_eps(model_output, sample, t, self.prediction_type)
+        mean = s.posterior_mean_coef1[t] * x0 + s.posterior_mean_coef2[t] * sample
         if t == 0:
-            return mean
+            return SchedulerOutput(mean, x0)
         if noise is None:
-            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        return mean + s.posterior_std(t) * noise
+            noise = _draw(sample, generator)
+        return SchedulerOutput(mean + s.posterior_std(t) * noise, x0)
 
 
 class DDIMScheduler(_SchedulerBase):
-    """Deterministic DDIM (eta = 0) over K trailing-spaced timesteps: the first step is t = T-1."""
+    """DDIM over K trailing-spaced timesteps (the first step is t = T-1); eta = 0 is deterministic.
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    With eta > 0 each step adds the DDIM stochastic term (Song et al., Eq. 12/16):
+        sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)
+        x_prev  = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t^2) eps + sigma_t z,  z from `generator`
+    (a = alphas_cumprod; a_prev = 1 past the last step, where sigma_t = 0 and nothing is drawn).
+    eta = 1 is the ancestral DDPM variance on the K-step trajectory.
+    """
+
+    def __init__(self, schedule: NoiseSchedule | None = None, prediction_type: str = "epsilon", eta: float = 0.0):
+        super().__init__(schedule, prediction_type)
+        self.eta = self._check_eta(eta)
+
+    @staticmethod
+    def _check_eta(eta: float) -> float:
+        eta = float(eta)
+        if not (eta >= 0.0 and math.isfinite(eta)):
+            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        return eta
+
+    def set_timesteps(self, num_inference_steps: int, eta: float | None = None) -> None:
         T = self.schedule.T
         K = int(num_inference_steps)
         if not 1 <= K <= T:
             raise ValueError(f"num_inference_steps must be in [1, {T}], got {K}")
+        if eta is not None:
+            self.eta = self._check_eta(eta)
         # diffusers' "trailing" spacing; K need not divide T.
         # [:K]: a float step can leave one extra entry near 0 (e.g. K = 61), which would become -1.
         ts = (np.round(np.arange(T, 0, -T / K)).astype(np.int64) - 1)[:K]
@@ -193,11 +240,40 @@ class DDIMScheduler(_SchedulerBase):
             float(torch.sqrt(1.0 - a_prev)),
         )
 
-    def step(self, model_output: torch.Tensor, t: int, x_t: torch.Tensor) -> torch.Tensor:
-        t = int(t)
-        x0, eps = self.schedule.to_x0_eps(model_output, x_t, t, self.prediction_type)
-        _, _, sa_prev, s1_prev = self.step_coefficients(t)
-        return sa_prev * x0 + s1_prev * eps
+    def update_coefficients(self, t: int) -> tuple[float, float, float, float, float]:
+        """(sa, s1, c_x0, c_eps, sigma): x_prev = c_x0 * x0 + c_eps * eps + sigma * z at this step,
+        with (sa, s1) = (sqrt(abar_t), sqrt(1-abar_t)) for the x0 / eps algebra.
+
+        eta = 0: exactly `step_coefficients` and sigma = 0 (the deterministic step, bit for bit)."""
+        sa, s1, sa_prev, s1_prev = self.step_coefficients(t)
+        if self.eta == 0.0:
+            return sa, s1, sa_prev, s1_prev, 0.0
+        s = self.schedule
+        t_prev = self.previous_timestep(t)
+        a_t = float(s.alphas_cumprod[t])
+        a_prev = float(s.alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
+        sigma = self.eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t)) * math.sqrt(max(1.0 - a_t / a_prev, 0.0))
+        c_eps = math.sqrt(max(1.0 - a_prev - sigma * sigma, 0.0))
+        return sa, s1, sa_prev, c_eps, sigma
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        noise: torch.Tensor | None = None,
+    ) -> SchedulerOutput:
+        t = int(timestep)
+        x0, eps = self.schedule.to_x0_eps(model_output, sample, t, self.prediction_type)
+        _, _, c_x0, c_eps, sigma = self.update_coefficients(t)
+        prev = c_x0 * x0 + c_eps * eps
+        if sigma > 0.0:
+            if noise is None:
+                noise = _draw(sample, generator)
+            prev = prev + sigma * noise
+        return SchedulerOutput(prev, x0)
 
 
 @torch.no_grad()
@@ -215,7 +291,9 @@ def sample_masks(
     The ensemble is a batch dimension (image repeated N times), never a Python loop. `mean`
     is the averaged final x0 in [-1, 1]; threshold it at 0 for the mask. `std` is the
     per-pixel spread of the ensemble, an uncertainty map.
-    `noise` (B*N x 1 x H x W) fixes the initial x_T for reproducible runs.
+    `noise` (B*N x 1 x H x W) fixes the initial x_T for reproducible runs; `generator` also feeds
+    the schedulers' own draws (DDPM, DDIM with eta > 0). Any scheduler with the shared
+    `step(model_output, timestep, sample, generator)` -> SchedulerOutput call works here.
     """
     B, _, H, W = image.shape
     g = image.repeat_interleave(ensemble, dim=0)
@@ -226,10 +304,7 @@ def sample_masks(
     for i, t in enumerate(steps):
         tb = torch.full((B * ensemble,), t, device=image.device, dtype=torch.long)
         out = model(x, g, tb)
-        if isinstance(scheduler, DDPMScheduler):
-            x = scheduler.step(out, t, x, generator=generator)
-        else:
-            x = scheduler.step(out, t, x)
+        x = scheduler.step(out, t, x, generator=generator).prev_sample
         if progress is not None:
             progress(i + 1, len(steps))
     x = x.view(B, ensemble, 1, H, W)

@@ -33,7 +33,7 @@ PAPER_PROTOCOL = SamplerSettings("ddpm", 250, 9)
 
 
 def make_scheduler(model: DermoSegDiff, settings: SamplerSettings):
-    from edgeseg.kernels import make_scheduler as _make
+    from edgeseg.sampling import make_scheduler as _make
 
     return _make(settings.sampler, settings.steps, model.preset.prediction_type)
 

@@ -1,7 +1,9 @@
 """Fused student objective (L2 + EFKD + boundary) in one pass over the maps, plus its backward.
 
 Liger-Kernel layout: the Triton kernels, the `torch.autograd.Function` and the plain-torch
-reference (`fused_distill_loss_torch`, a thin wrapper over `edgeseg.losses`) live side by side.
+reference (`fused_distill_loss_torch`, self-contained: the same torch expressions as
+`edgeseg.losses`, which tests/test_kernels.py checks it against) live side by side. Like all of
+`edgeseg.kernels`, this module imports nothing from the rest of `edgeseg`.
 
 Semantics are those of `edgeseg.losses` (and of the authors' code, tests/golden/README.md) exactly:
 
@@ -11,10 +13,10 @@ Semantics are those of `edgeseg.losses` (and of the authors' code, tests/golden/
              + lambda_b * mean_b(sum_body d2_kd / (n_body + 1e-8)),   d2_kd = (pred_s - pred_t)^2
     total    = w0 * l2 + w1 * efkd + w2 * boundary
 
-with A = d ** t_p (t_p from `edgeseg.boundary.t_power`: float64 from the integer t, rounded to
-float32; 0 ** 0 = 1), edge = A(d, t; gamma_kd) > tau in float32 (ties go to body), empty
-regions adding 0 but still counted in the batch mean. Everything is computed in float32
-whatever the input dtype.
+with A = d ** t_p (t_p as `edgeseg.boundary.t_power`, of which `t_power` here is a copy:
+float64 from the integer t, rounded to float32; 0 ** 0 = 1), edge = A(d, t; gamma_kd) > tau in
+float32 (ties go to body), empty regions adding 0 but still counted in the batch mean.
+Everything is computed in float32 whatever the input dtype.
 
 Triton is imported lazily (inside `_kernels()`), so importing this module never needs it.
 
@@ -32,7 +34,12 @@ from typing import Dict, Tuple
 
 import torch
 
-__all__ = ["fused_distill_loss", "fused_distill_loss_torch", "fused_distill_loss_triton", "FusedDistillLossFunction"]
+from ._launch import cdiv, device_of, next_pow2, num_warps, store_dtype, use_triton
+
+__all__ = [
+    "fused_distill_loss", "fused_distill_loss_torch", "fused_distill_loss_triton", "FusedDistillLossFunction",
+    "t_power",
+]
 
 _EPS_COUNT = 1e-8  # edgeseg.losses._EPS_COUNT
 _NUM_PARTIALS = 5
@@ -179,35 +186,23 @@ def _kernels():
     return _distill_fwd_partials, _distill_fwd_finalize, _distill_bwd
 
 
-def _interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    try:
-        from triton import knobs
+def t_power(t: torch.Tensor, T: int, gamma: float) -> torch.Tensor:
+    """Exponent t_p = (gamma * (T - t) / T) ** gamma in float64, rounded to float32.
 
-        return bool(knobs.runtime.interpret)
-    except Exception:  # older Triton: the environment variable
-        import os
-
-        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    A copy of `edgeseg.boundary.t_power` (the kernels import nothing from the core);
+    tests/test_kernels.py checks the two agree bit for bit."""
+    t64 = t.to(torch.float64)
+    return ((gamma * (T - t64)) / T).pow(gamma).to(torch.float32)
 
 
-def _device_of(x: torch.Tensor):
-    """Launch on the tensor's GPU even when another one is current (multi-GPU processes)."""
-    import contextlib
-
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _num_warps(block: int) -> int:
-    return 8 if block >= 2048 else 4 if block >= 512 else 2 if block >= 128 else 1
+def _attention(d: torch.Tensor, t: torch.Tensor, T: int, gamma: float) -> torch.Tensor:
+    """`d ** t_p` per sample, 0 ** 0 = 1 (as `edgeseg.boundary.attention`)."""
+    tp = t_power(t.to(d.device), T, gamma).view(-1, *([1] * (d.dim() - 1)))
+    return d.float().pow(tp)
 
 
 # t_p for every integer t in [0, T], per (T, gamma, device): the kernels gather t_p[t_b], so the
-# exponent is bit-identical to `edgeseg.boundary.t_power` and costs no launches per step.
+# exponent is bit-identical to `t_power` (= `edgeseg.boundary.t_power`) and costs no launches per step.
 _TP_TABLES: Dict[tuple, torch.Tensor] = {}
 
 
@@ -215,8 +210,6 @@ def _tp_table(T: int, gamma: float, device: torch.device) -> torch.Tensor:
     key = (int(T), float(gamma), str(device))
     tab = _TP_TABLES.get(key)
     if tab is None:
-        from edgeseg.boundary import t_power
-
         tab = t_power(torch.arange(int(T) + 1, dtype=torch.int64), int(T), float(gamma)).contiguous().to(device)
         _TP_TABLES[key] = tab
     return tab
@@ -266,17 +259,17 @@ class FusedDistillLossFunction(torch.autograd.Function):
             raise ValueError(f"t must lie in [0, {int(T)}]")  # (not checked on CUDA: no host sync)
         tp_kd = _tp_table(T, gamma_kd, dev)
         tp_b = _tp_table(T, gamma_b, dev)
-        block = int(block) if block else min(DEFAULT_BLOCK, max(16, _next_pow2(N)))
-        nblk = triton.cdiv(N, block)
+        block = int(block) if block else min(DEFAULT_BLOCK, max(16, next_pow2(N)))
+        nblk = cdiv(N, block)
         part = torch.empty((B, nblk, _NUM_PARTIALS), device=dev, dtype=torch.float32)
         counts = torch.empty((B,), device=dev, dtype=torch.float32)
         out = torch.empty((4,), device=dev, dtype=torch.float32)
-        block_b = min(64, max(2, _next_pow2(B)))
-        block_k = min(64, max(2, _next_pow2(nblk)))
-        with _device_of(s):
+        block_b = min(64, max(2, next_pow2(B)))
+        block_k = min(64, max(2, next_pow2(nblk)))
+        with device_of(s):
             fwd_partials[(B, nblk)](
                 s, te, y, dd, tt, tp_kd, tp_b, part, N, nblk, int(T), float(tau),
-                BLOCK=block, num_warps=_num_warps(block),
+                BLOCK=block, num_warps=num_warps(block),
             )
             fwd_finalize[(1,)](
                 part, counts, out, B, nblk, float(N), float(B * N), float(B),
@@ -299,19 +292,19 @@ class FusedDistillLossFunction(torch.autograd.Function):
         B, N, T, tau, lambda_e, lambda_b, w0, w1, w2, block = ctx.consts
         # Triton's CPU interpreter truncates fp32 -> bf16/fp16 stores instead of rounding to
         # nearest even as the GPU does; there, write fp32 and let torch round (tests only).
-        out_dtype = torch.float32 if _interpreting() else ctx.grad_dtype
+        out_dtype = store_dtype(ctx.grad_dtype)
         grad = torch.empty(s.shape, device=s.device, dtype=out_dtype)
         gs = [g.contiguous() if g is not None else None for g in (g_tot, g_l2, g_kd, g_bd)]
         dummy = next(g for g in gs if g is not None)
-        nblk = triton.cdiv(N, block)
-        with _device_of(s):
+        nblk = cdiv(N, block)
+        with device_of(s):
             bwd[(B, nblk)](
                 s, te, y, dd, tt, tp_kd, tp_b, counts,
                 *[g if g is not None else dummy for g in gs], grad,
                 N, T, float(N), tau, 1.0 / (B * N), 1.0 / B, lambda_e, lambda_b, w0, w1, w2,
                 HAS_G_TOT=gs[0] is not None, HAS_G_L2=gs[1] is not None,
                 HAS_G_KD=gs[2] is not None, HAS_G_BD=gs[3] is not None,
-                BLOCK=block, num_warps=_num_warps(block),
+                BLOCK=block, num_warps=num_warps(block),
             )
         return (grad.to(ctx.grad_dtype),) + (None,) * n_none
 
@@ -348,29 +341,25 @@ def fused_distill_loss_torch(
     eps_s, eps_t, noise, d, t, T, tau=0.6, lambda_e=5.0, lambda_b=2.0, gamma_kd=1.5, gamma_b=0.2,
     weights=(1.0, 0.25, 0.25),
 ):
-    """The reference: `edgeseg.losses` term by term (same expression as `student_objective`)."""
-    from edgeseg.losses import boundary_loss, efkd_loss, l2_loss
-
+    """The reference in plain torch: term by term the expressions of `edgeseg.losses`
+    (`l2_loss`, `boundary_loss`, `efkd_loss`, combined as `student_objective`), bit for bit."""
     w0, w1, w2 = _unpack_weights(weights)
     B, _ = _check_maps(eps_s, eps_t, noise, d)
     tt = _as_t(t, B, d.device)
-    l2 = l2_loss(eps_s, noise)
-    bd = boundary_loss(eps_s, noise, d, tt, int(T), gamma=gamma_b)
-    k = efkd_loss(eps_s, eps_t, d, tt, int(T), tau, lambda_e, lambda_b, gamma=gamma_kd)
+    T = int(T)
+    # each term's own expression (no shared subexpressions: the autograd graph, and so the
+    # gradient's rounding, is that of edgeseg.losses too)
+    l2 = (eps_s.float() - noise.float()).pow(2).mean()
+    bd = (_attention(d, tt, T, gamma_b) * (eps_s.float() - noise.float()).pow(2)).mean()
+    edge = (_attention(d, tt, T, gamma_kd) > tau).float()
+    body = 1.0 - edge
+    d2k = (eps_s.float() - eps_t.detach().float()).pow(2)
+    dims = tuple(range(1, d2k.dim()))
+    l_edge = (edge * d2k).sum(dims) / (edge.sum(dims) + _EPS_COUNT)
+    l_body = (body * d2k).sum(dims) / (body.sum(dims) + _EPS_COUNT)
+    k = lambda_e * l_edge.mean() + lambda_b * l_body.mean()
     total = w0 * l2 + w1 * k + w2 * bd
     return total, {"l2": l2, "efkd": k, "boundary": bd}
-
-
-def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        return True
-    if backend != "auto":
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    from . import triton_available
-
-    return all(x.is_cuda for x in tensors) and triton_available()
 
 
 def fused_distill_loss(
@@ -397,10 +386,10 @@ def fused_distill_loss(
              "v_prediction" (no gradient),
       d      the normalised boundary distance map in [0, 1] (`edgeseg.boundary.distance_map`),
       t      the B integer timesteps in [0, T] (tensor or int), T the number of train steps.
-    backend: "triton" (fused kernels), "torch" (`edgeseg.losses`), "auto" (Triton when the maps
+    backend: "triton" (fused kernels), "torch" (the plain-torch reference), "auto" (Triton when the maps
     are CUDA tensors and Triton imports, torch otherwise). Scalars are float32 tensors.
     """
-    if _use_triton(backend, eps_s, eps_t, noise, d):
+    if use_triton(backend, eps_s, eps_t, noise, d):
         return fused_distill_loss_triton(
             eps_s, eps_t, noise, d, t, T, tau, lambda_e, lambda_b, gamma_kd, gamma_b, weights
         )

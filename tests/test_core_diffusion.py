@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from edgeseg.diffusion import PREDICTION_TYPES, DDIMScheduler, DDPMScheduler, NoiseSchedule, sample_masks
+from edgeseg.diffusion import (
+    PREDICTION_TYPES,
+    DDIMScheduler,
+    DDPMScheduler,
+    NoiseSchedule,
+    SchedulerOutput,
+    sample_masks,
+)
 
 T = 250
 TYPES = ("epsilon", "sample", "v_prediction")
@@ -196,7 +203,7 @@ def test_ddim_step_hand_derived(kind):
     # 1) the exact target of this type: x_prev = sqrt(abar_prev) * x0 + sqrt(1 - abar_prev) * eps
     out = target_of(kind, x0, eps, a_t)
     want = math.sqrt(a_p) * x0 + math.sqrt(1 - a_p) * eps
-    got = s.step(torch.tensor(out, dtype=torch.float32), t, torch.tensor(x_t, dtype=torch.float32))
+    got = s.step(torch.tensor(out, dtype=torch.float32), t, torch.tensor(x_t, dtype=torch.float32)).prev_sample
     np.testing.assert_allclose(got.double().numpy(), want, rtol=0, atol=2e-5)
 
     # 2) an imperfect prediction: x0_hat from the output, clipped, eps re-derived from x0_hat
@@ -210,7 +217,7 @@ def test_ddim_step_hand_derived(kind):
     x0_hat = np.clip(x0_hat, -1.0, 1.0)
     eps_hat = (x_t - math.sqrt(a_t) * x0_hat) / math.sqrt(1 - a_t)
     want2 = math.sqrt(a_p) * x0_hat + math.sqrt(1 - a_p) * eps_hat
-    got2 = s.step(torch.tensor(out2, dtype=torch.float32), t, torch.tensor(x_t, dtype=torch.float32))
+    got2 = s.step(torch.tensor(out2, dtype=torch.float32), t, torch.tensor(x_t, dtype=torch.float32)).prev_sample
     np.testing.assert_allclose(got2.double().numpy(), want2, rtol=0, atol=5e-5)
 
 
@@ -223,7 +230,7 @@ def test_ddim_step_numbers_epsilon():
     s.set_timesteps(10)
     x0, eps = 0.6, -0.3
     x_t = math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * eps
-    got = float(s.step(torch.tensor([eps]), 174, torch.tensor([x_t])))
+    got = float(s.step(torch.tensor([eps]), 174, torch.tensor([x_t])).prev_sample)
     assert got == pytest.approx(math.sqrt(a_p) * 0.6 + math.sqrt(1 - a_p) * -0.3, abs=2e-5)
 
 
@@ -239,7 +246,7 @@ def test_ddim_last_step_returns_x0(kind, K):
     eps = torch.tensor([-0.3, 1.2, 0.05, -2.0], dtype=torch.float64)
     x_t = math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * eps
     out = target_of(kind, x0, eps, a_t)
-    got = s.step(out.float(), t, x_t.float())
+    got = s.step(out.float(), t, x_t.float()).prev_sample
     torch.testing.assert_close(got.double(), x0, rtol=0, atol=1e-4)
 
 
@@ -255,10 +262,10 @@ def test_ddpm_step_at_zero_is_posterior_mean_x0(kind, sched):
     a0 = float(sched.alphas_cumprod[0])
     x_t = math.sqrt(a0) * x0 + math.sqrt(1 - a0) * eps
     out = target_of(kind, x0, eps, a0)
-    got = s.step(out, 0, x_t, generator=gen)
+    got = s.step(out, 0, x_t, generator=gen).prev_sample
     torch.testing.assert_close(got, x0, rtol=0, atol=1e-4)
     # no noise is added at t = 0, whatever the generator
-    assert torch.equal(got, s.step(out, 0, x_t, generator=torch.Generator().manual_seed(99)))
+    assert torch.equal(got, s.step(out, 0, x_t, generator=torch.Generator().manual_seed(99)).prev_sample)
 
 
 def test_ddpm_step_hand_derived(sched):
@@ -273,7 +280,7 @@ def test_ddpm_step_hand_derived(sched):
     c2 = (1 - a_p) * math.sqrt(1 - beta) / (1 - a_t)
     var = beta * (1 - a_p) / (1 - a_t)
     want = c1 * x0.double() + c2 * x_t.double() + math.sqrt(var) * z.double()
-    got = s.step(x0, t, x_t, noise=z)
+    got = s.step(x0, t, x_t, noise=z).prev_sample
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
@@ -281,10 +288,10 @@ def test_ddpm_deterministic_with_fixed_noise():
     s = DDPMScheduler()
     gen = torch.Generator().manual_seed(0)
     out, x_t, z = (torch.randn(2, 1, 8, 8, generator=gen) for _ in range(3))
-    a, b = s.step(out, 120, x_t, noise=z), s.step(out, 120, x_t, noise=z.clone())
+    a, b = s.step(out, 120, x_t, noise=z).prev_sample, s.step(out, 120, x_t, noise=z.clone()).prev_sample
     assert torch.equal(a, b)
-    c = s.step(out, 120, x_t, generator=torch.Generator().manual_seed(5))
-    d = s.step(out, 120, x_t, generator=torch.Generator().manual_seed(5))
+    c = s.step(out, 120, x_t, generator=torch.Generator().manual_seed(5)).prev_sample
+    d = s.step(out, 120, x_t, generator=torch.Generator().manual_seed(5)).prev_sample
     assert torch.equal(c, d) and not torch.equal(a, c)
 
 
@@ -295,6 +302,137 @@ def test_ddpm_runs_all_steps():
     s.set_timesteps(T)
     with pytest.raises(ValueError):
         s.set_timesteps(10)
+
+
+# ----------------------------------------------------------------------------------------
+# the shared step call: SchedulerOutput, DDIM eta
+# ----------------------------------------------------------------------------------------
+def _step_inputs(seed=0, shape=(2, 1, 6, 5)):
+    g = torch.Generator().manual_seed(seed)
+    # large outputs: the x0 clip is active on part of the map
+    return (torch.randn(shape, generator=g) * 3, torch.randn(shape, generator=g) * 2, torch.randn(shape, generator=g))
+
+
+@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "ddim-eta"])
+def test_scheduler_output_fields(sampler, kind):
+    """Both schedulers return SchedulerOutput; pred_original_sample is the (clipped) x0 the step used."""
+    if sampler == "ddpm":
+        s = DDPMScheduler(prediction_type=kind)
+    else:
+        s = DDIMScheduler(prediction_type=kind, eta=0.7 if sampler == "ddim-eta" else 0.0)
+        s.set_timesteps(5)
+    out, x_t, z = _step_inputs()
+    for t in (int(s.timesteps[0]), int(s.timesteps[len(s.timesteps) // 2])):
+        r = s.step(out, t, x_t, noise=z)
+        assert isinstance(r, SchedulerOutput)
+        x0, eps = s.schedule.to_x0_eps(out, x_t, t, kind)
+        assert torch.equal(r.pred_original_sample, x0)
+        assert float(r.pred_original_sample.abs().max()) <= 1.0 and bool((x0.abs() == 1.0).any())
+        if sampler == "ddpm":
+            sc = s.schedule
+            want = sc.posterior_mean_coef1[t] * x0 + sc.posterior_mean_coef2[t] * x_t + sc.posterior_std(t) * z
+        else:
+            _, _, c_x0, c_eps, sigma = s.update_coefficients(t)
+            want = c_x0 * x0 + c_eps * eps + sigma * z if sigma > 0 else c_x0 * x0 + c_eps * eps
+        assert torch.equal(r.prev_sample, want)
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_ddim_eta0_unchanged(kind):
+    """eta = 0 (the default) is the deterministic DDIM step, bit for bit, and draws nothing."""
+    s = DDIMScheduler(prediction_type=kind)
+    assert s.eta == 0.0
+    s.set_timesteps(6)
+    out, x_t, _ = _step_inputs(1)
+    for t in s.timesteps.tolist():
+        x0, eps = s.schedule.to_x0_eps(out, x_t, t, kind)
+        _, _, sa_prev, s1_prev = s.step_coefficients(t)
+        assert s.update_coefficients(t)[2:] == (sa_prev, s1_prev, 0.0)
+        g = torch.Generator().manual_seed(4)
+        state = g.get_state()
+        r = s.step(out, t, x_t, generator=g)
+        assert torch.equal(r.prev_sample, sa_prev * x0 + s1_prev * eps)
+        assert torch.equal(g.get_state(), state)  # no noise drawn
+        assert torch.equal(r.prev_sample, s.step(out, t, x_t).prev_sample)
+    # eta given to set_timesteps, then back to 0
+    s.set_timesteps(6, eta=0.5)
+    assert s.eta == 0.5
+    s.set_timesteps(6, eta=0.0)
+    t = int(s.timesteps[0])
+    assert torch.equal(s.step(out, t, x_t, generator=torch.Generator().manual_seed(1)).prev_sample,
+                       s.step(out, t, x_t, generator=torch.Generator().manual_seed(2)).prev_sample)
+
+
+def test_ddim_eta_rejects_bad_values():
+    for eta in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            DDIMScheduler(eta=eta)
+        with pytest.raises(ValueError):
+            DDIMScheduler().set_timesteps(4, eta=eta)
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_ddim_eta_stochastic_and_reproducible(kind):
+    s = DDIMScheduler(prediction_type=kind, eta=1.0)
+    s.set_timesteps(10)
+    out, x_t, _ = _step_inputs(2)
+    t = 174
+    a = s.step(out, t, x_t, generator=torch.Generator().manual_seed(7)).prev_sample
+    b = s.step(out, t, x_t, generator=torch.Generator().manual_seed(7)).prev_sample
+    c = s.step(out, t, x_t, generator=torch.Generator().manual_seed(8)).prev_sample
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # the draw is torch.randn(sample.shape, generator) exactly
+    z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, s.step(out, t, x_t, noise=z).prev_sample)
+    # and differs from the deterministic step
+    s0 = DDIMScheduler(prediction_type=kind)
+    s0.set_timesteps(10)
+    assert not torch.equal(a, s0.step(out, t, x_t).prev_sample)
+
+
+@pytest.mark.parametrize("eta", [0.3, 1.0])
+def test_ddim_eta_step_hand_derived(eta):
+    """x_prev = sqrt(a_p) x0 + sqrt(1 - a_p - sigma^2) eps + sigma z,
+    sigma = eta sqrt((1 - a_p) / (1 - a_t)) sqrt(1 - a_t / a_p)."""
+    s = DDIMScheduler(prediction_type="epsilon", eta=eta)
+    s.set_timesteps(10)
+    t, t_prev = 174, 149
+    a_t, a_p = abar64(t), abar64(t_prev)
+    sigma = eta * math.sqrt((1 - a_p) / (1 - a_t)) * math.sqrt(1 - a_t / a_p)
+    assert s.update_coefficients(t)[4] == pytest.approx(sigma, rel=1e-5)
+    x0 = np.array([0.6, -1.0, 1.0, -0.25], np.float64)
+    eps = np.array([-0.3, 1.2, 0.05, -2.0], np.float64)
+    z = np.array([0.4, -1.1, 2.0, 0.0], np.float64)
+    x_t = math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * eps
+    want = math.sqrt(a_p) * x0 + math.sqrt(1 - a_p - sigma**2) * eps + sigma * z
+    f = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    r = s.step(f(eps), t, f(x_t), noise=f(z))
+    np.testing.assert_allclose(r.prev_sample.double().numpy(), want, rtol=0, atol=5e-5)
+    np.testing.assert_allclose(r.pred_original_sample.double().numpy(), x0, rtol=0, atol=5e-5)
+
+
+def test_ddim_eta1_all_steps_is_ddpm_variance(sched):
+    """eta = 1 on all T steps: sigma_t^2 is the DDPM posterior variance."""
+    s = DDIMScheduler(eta=1.0)
+    s.set_timesteps(T)
+    for t in (249, 137, 1):
+        sigma = s.update_coefficients(t)[4]
+        assert sigma**2 == pytest.approx(float(sched.posterior_variance[t]), rel=1e-4)
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_ddim_eta_last_step_is_x0_without_draw(K):
+    s = DDIMScheduler(prediction_type="sample", eta=1.0)
+    s.set_timesteps(K)
+    t = int(s.timesteps[-1])
+    out, x_t, _ = _step_inputs(3)
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    r = s.step(out.clamp(-1, 1), t, x_t, generator=g)
+    assert s.update_coefficients(t)[4] == 0.0
+    assert torch.equal(g.get_state(), state)
+    assert torch.equal(r.prev_sample, r.pred_original_sample)
 
 
 # ----------------------------------------------------------------------------------------
@@ -367,3 +505,41 @@ def test_sample_masks_reports_progress():
     seen = []
     sample_masks(Oracle("sample", s.schedule), image, s, progress=lambda i, n: seen.append((i, n)))
     assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_sample_masks_ddim_eta_reproducible_from_generator():
+    """With eta > 0 sample_masks feeds its generator to the DDIM step: same seed, same run."""
+    _, image = _oracle_images(B=1, H=12, W=12)
+    noise = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+
+    def net(x, g, t):  # not an oracle: the stochastic term must matter
+        return 0.5 * x + 0.1 * g[:, :1]
+
+    def run(eta, seed):
+        s = DDIMScheduler(prediction_type="epsilon", eta=eta)
+        s.set_timesteps(4)
+        return sample_masks(net, image, s, ensemble=2, generator=torch.Generator().manual_seed(seed), noise=noise)
+
+    (m1, s1), (m2, s2), (m3, _) = run(0.8, 5), run(0.8, 5), run(0.8, 6)
+    assert torch.equal(m1, m2) and torch.equal(s1, s2) and not torch.equal(m1, m3)
+    (d1, _), (d2, _) = run(0.0, 5), run(0.0, 6)
+    assert torch.equal(d1, d2) and not torch.equal(d1, m1)
+
+
+def test_sample_masks_takes_any_scheduler_with_the_shared_step():
+    """No isinstance in the loop: a duck-typed scheduler gets the same call as DDPM / DDIM."""
+    _, image = _oracle_images(B=1, H=8, W=8)
+    calls = []
+
+    class Sched:
+        timesteps = torch.tensor([3, 1])
+
+        def step(self, model_output, timestep, sample, generator=None):
+            calls.append((timestep, generator))
+            return SchedulerOutput(sample * 0.5, sample)
+
+    g = torch.Generator().manual_seed(0)
+    noise = torch.ones(1, 1, 8, 8)
+    mean, _ = sample_masks(lambda x, g_, t: x, image, Sched(), generator=g, noise=noise)
+    assert calls == [(3, g), (1, g)]
+    torch.testing.assert_close(mean, torch.full((1, 1, 8, 8), 0.25))
