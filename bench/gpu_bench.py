@@ -711,7 +711,7 @@ def run_sampler(model, images, settings, backend: str, bf16: bool, steps_run: in
     import torch
 
     from edgeseg.diffusion import sample_masks
-    from edgeseg.kernels import make_scheduler
+    from edgeseg.sampling import make_scheduler
 
     sch = make_scheduler(settings.sampler, settings.steps, model.preset.prediction_type, backend=backend)
     if steps_run is not None and steps_run < len(sch.timesteps):
