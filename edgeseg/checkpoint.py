@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from edgeseg import files
 from edgeseg.errors import CheckpointError
 from edgeseg.models import PRESETS, DermoSegDiff, Preset, build
 
@@ -51,15 +51,8 @@ def new_file_mode() -> int:
 
 
 def check_regular_file(path: Path, what: str, error=CheckpointError) -> None:
-    """`error` unless `path` is a regular file (a named pipe or a device would block or never end)."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise error(f"{path}: {what} not found") from None
-    except OSError as e:
-        raise error(f"{path}: cannot open the {what} ({e.strerror or e})") from None
-    if not stat.S_ISREG(mode):
-        raise error(f"{path}: the {what} is not a regular file")
+    """`error` unless `path` is a regular file (see :func:`edgeseg.files.check_regular_file`)."""
+    files.check_regular_file(path, what, error)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -8,12 +8,12 @@ scaled to 8 bits (not clipped), anything else converted to RGB. Errors are
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 import numpy as np
 
 from edgeseg.errors import ImageReadError
+from edgeseg.files import check_regular_file
 
 __all__ = ["MAX_PIXELS", "read_rgb", "resize_rgb"]
 
@@ -22,15 +22,6 @@ MAX_PIXELS = 100_000_000  # a 4288 x 2848 dermatoscope photo is 12 MP
 
 def _short(e: Exception) -> str:
     return str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-
-
-def _check_regular(path: Path, label: str) -> None:
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as e:
-        raise ImageReadError(f"{label}: cannot open ({e.strerror or _short(e)})") from None
-    if not stat.S_ISREG(mode):
-        raise ImageReadError(f"{label}: not a regular file")
 
 
 def _to_rgb8(im) -> np.ndarray:
@@ -53,7 +44,7 @@ def read_rgb(path: str | os.PathLike, draft_size: int | None = None, label: str 
 
     path = Path(path)
     label = label or str(path)
-    _check_regular(path, label)
+    check_regular_file(path, "image", ImageReadError, label)
     try:
         with Image.open(path) as im:
             w, h = im.size

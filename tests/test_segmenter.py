@@ -105,7 +105,7 @@ def test_reader_16bit_scaled_truncated_and_fifo(tmp_path):
     with pytest.raises(ImageReadError, match="t.jpg: truncated"):
         read_rgb(tmp_path / "t.jpg")
     os.mkfifo(tmp_path / "pipe.png")
-    with pytest.raises(ImageReadError, match="pipe.png: not a regular file"):
+    with pytest.raises(ImageReadError, match="pipe.png: the image is not a regular file"):
         read_rgb(tmp_path / "pipe.png")
 
 

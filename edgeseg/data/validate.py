@@ -6,7 +6,6 @@ already: the cache key changes with any file), so a bad file never surfaces hour
 from __future__ import annotations
 
 import os
-import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import cv2
 import numpy as np
 
 from edgeseg.errors import DatasetError
+from edgeseg.files import check_regular_file
 from edgeseg.imageio import read_rgb, resize_rgb
 
 __all__ = ["read_pair", "read_all", "validate_dataset"]
@@ -26,12 +26,7 @@ def _open(path: Path, root: Path, what: str):
     from edgeseg.imageio import MAX_PIXELS
 
     label = _rel(path, root)
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as e:
-        raise DatasetError(f"{label}: cannot open {what} ({e.strerror or _short(e)})") from None
-    if not stat.S_ISREG(mode):
-        raise DatasetError(f"{label}: {what} is not a regular file")
+    check_regular_file(path, what, DatasetError, label)
     try:
         im = Image.open(path)
         orig = im.size
