@@ -119,3 +119,18 @@ def test_ph2_cli_info_and_bad_folder(tmp_path):
     r = subprocess.run(cmd + ["--data-dir", str(empty)], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.count("\n") == 1 and "IMDxxx" in r.stderr and str(empty) in r.stderr
+
+
+def test_evaluate_scores_a_checkpoint_on_ph2_all(tmp_path):
+    """`edgeseg evaluate --dataset ph2 --data-dir DIR --split all` writes the metrics JSON and overlays."""
+    import json
+
+    root = make_ph2(tmp_path / "PH2Dataset", n=6)
+    env = {"EDGESEG_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "edgeseg.cli.main", "evaluate", "--checkpoint", "tiny-student-synthetic",
+                        "--dataset", "ph2", "--data-dir", str(root), "--split", "all", "--out", str(tmp_path / "ev")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "ev" / "eval-tiny-student-synthetic-all-ddim1x3.json").read_text())
+    assert report["dataset"] == "ph2" and report["split"] == "all" and report["n_images"] == 6
+    assert 0.0 <= report["dsc"] <= 1.0 and (tmp_path / "ev" / "overlays" / "tiny-student-synthetic-all-ddim1x3.png").is_file()
