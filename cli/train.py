@@ -226,7 +226,7 @@ def evaluate_cmd(
     from edgeseg.data import load_dataset
     from edgeseg.evaluate import evaluate, format_table, metrics_summary, write_overlays
     from edgeseg.models import count_params
-    from edgeseg.runs import resolve_checkpoint, training_dataset
+    from edgeseg.runs import is_shipped, resolve_checkpoint, training_dataset
 
     path = resolve_checkpoint(checkpoint, which, runs_dir)
     model = load_model(path)
@@ -235,8 +235,7 @@ def evaluate_cmd(
     settings = _settings(protocol, steps, ensemble, model.preset.prediction_type)
     r = evaluate(model, ds, settings, max_images=max_images, seed=seed, label=model.preset.name)
     r["params"] = count_params(model)
-    shipped = path.parent.name == "assets" and path.parent.parent.name == "edgeseg"
-    out = out or (Path("evaluations") if shipped else path.parent)
+    out = out or (Path("evaluations") if is_shipped(path) else path.parent)
     tag = f"{path.stem}-{split}-{settings.sampler}{settings.steps}x{settings.ensemble}"
     write_overlays(r["keep"], out / "overlays" / f"{tag}.png", title_prefix=f"{path.stem} ")
     atomic_write_json(out / f"eval-{tag}.json", {"checkpoint": str(path), "dataset": dataset, "split": split,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from edgeseg.errors import CheckpointError
 
-__all__ = ["RUNS_DIR", "SHIPPED_MODELS", "shipped_path", "latest_run", "resolve_checkpoint", "training_dataset"]
+__all__ = ["RUNS_DIR", "SHIPPED_MODELS", "shipped_path", "is_shipped", "latest_run", "resolve_checkpoint", "training_dataset"]
 
 RUNS_DIR = Path("runs")
 
@@ -32,6 +32,13 @@ def shipped_path(name: str) -> Path:
     if not path.exists():
         raise CheckpointError(f"{path}: shipped model file is missing (broken install?)")
     return path
+
+
+def is_shipped(path: str | Path) -> bool:
+    """Whether a weights file is one of the models shipped in the package (read-only outputs)."""
+    from importlib import resources
+
+    return Path(path).resolve().parent == Path(str(resources.files("edgeseg") / "assets")).resolve()
 
 
 def latest_run(root: str | Path = RUNS_DIR, require: str = "student.safetensors") -> Path:
