@@ -1,6 +1,6 @@
 """One trainer for teacher and student: Adam, ReduceLROnPlateau, EMA, checkpoints, resume, DDP.
 
-Objectives (DESIGN.md sections 4-5):
+Objectives (the paper's Eq. 1-7):
   teacher  1.0 L2 + 0.25 boundary
   student  1.0 L2 + 0.25 KD + 0.25 boundary, KD = "efkd" (default) | "global" | "none"
 The student's loss goes through `distill_loss`, the single dispatch point: with EFKD it calls

@@ -11,7 +11,10 @@ HAM_P1, HAM_P2 = "HAM10000_images_part_1", "HAM10000_images_part_2"
 HAM_GT = "HAM10000_segmentations_lesion_tschandl"
 
 
-def write_pair(img_path: Path, mask_path: Path, i: int, w: int = 24, h: int = 20) -> None:
+def write_pair(img_path: Path, mask_path: Path, i: int, w: int = 24, h: int = 20, fmt: str | None = None,
+               one_bit: bool = False) -> None:
+    """A dark rectangular lesion on noisy skin; ``fmt`` forces the file format (e.g. "BMP"),
+    ``one_bit`` saves the mask as a 1-bit image."""
     rng = np.random.default_rng(i)
     img = rng.integers(150, 230, (h, w, 3), dtype=np.uint8)
     mask = np.zeros((h, w), np.uint8)
@@ -19,8 +22,9 @@ def write_pair(img_path: Path, mask_path: Path, i: int, w: int = 24, h: int = 20
     img[mask > 0] //= 3
     img_path.parent.mkdir(parents=True, exist_ok=True)
     mask_path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).save(img_path, quality=95)
-    Image.fromarray(mask).save(mask_path)
+    Image.fromarray(img).save(img_path, format=fmt, **({} if fmt else {"quality": 95}))
+    m = Image.fromarray(mask)
+    (m.convert("1") if one_bit else m).save(mask_path, format=fmt)
 
 
 def make_isic(root: Path, n: int = 10) -> Path:
@@ -77,28 +81,14 @@ def make_isic2017(root: Path, sizes=(5, 2, 3)) -> Path:
     return root
 
 
-def write_bmp_pair(img_path: Path, mask_path: Path, i: int, one_bit: bool, w: int = 24, h: int = 20) -> None:
-    """A PH2-style case: 24-bit BMP image, lesion mask as a 1-bit or 8-bit (0/255) BMP."""
-    rng = np.random.default_rng(i)
-    img = rng.integers(150, 230, (h, w, 3), dtype=np.uint8)
-    mask = np.zeros((h, w), np.uint8)
-    mask[h // 5: 4 * h // 5, w // 5: 3 * w // 4] = 255
-    img[mask > 0] //= 3
-    img_path.parent.mkdir(parents=True, exist_ok=True)
-    mask_path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).save(img_path, format="BMP")
-    m = Image.fromarray(mask)
-    (m.convert("1") if one_bit else m).save(mask_path, format="BMP")
-
-
 def make_ph2(root: Path, n: int = 10) -> Path:
     """Official PH2 layout: PH2Dataset/PH2 Dataset images/IMDxxx/{image, lesion, roi folders}."""
     cases = root / PH2_IMAGES
     for k in range(n):
         cid = f"IMD{2 + 3 * k:03d}"
         case = cases / cid
-        write_bmp_pair(case / f"{cid}_Dermoscopic_Image" / f"{cid}.bmp",
-                       case / f"{cid}_lesion" / f"{cid}_lesion.bmp", k, one_bit=k % 2 == 0)
+        write_pair(case / f"{cid}_Dermoscopic_Image" / f"{cid}.bmp", case / f"{cid}_lesion" / f"{cid}_lesion.bmp",
+                   k, fmt="BMP", one_bit=k % 2 == 0)
         (case / f"{cid}_roi").mkdir()
         Image.fromarray(np.zeros((20, 24), np.uint8)).save(case / f"{cid}_roi" / f"{cid}_R1_Label4.bmp")
     (root / "PH2_dataset.txt").write_text("|| Name || Histological Diagnosis ||\n")

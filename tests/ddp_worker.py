@@ -43,6 +43,22 @@ def register_micro(mp=None) -> None:
             PRESETS[p.name] = p
 
 
+def micro_environment(base_tmp: Path):
+    """Generator behind the test modules' `micro_env` fixtures: micro presets registered, one
+    synthetic cache under `base_tmp` shared by the session's test files, 1 thread, no curve plots."""
+    import pytest
+
+    mp = pytest.MonkeyPatch()
+    register_micro(mp)
+    mp.setenv("EDGESEG_CACHE", str(base_tmp / "edgeseg-cache"))
+    mp.setattr("edgeseg.viz.plot_curves", lambda *a, **k: None)  # ~1.5 s per epoch; one test draws them
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    mp.undo()
+
+
 def micro_datasets(n_train: int = 32, n_val: int = 8, materialize: bool = True):
     """Small fixed subsets of the synthetic set at 32 px (cached under $EDGESEG_CACHE).
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import edgeseg.viz
-from ddp_worker import MICRO_STUDENT, MICRO_TEACHER, micro_presets, register_micro
+from ddp_worker import MICRO_STUDENT, MICRO_TEACHER, micro_environment, micro_presets
 from edgeseg.checkpoint import save_model
 from edgeseg.cli.main import app
 from edgeseg.models import DermoSegDiff, Preset
@@ -24,15 +23,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module", autouse=True)
 def micro_env(tmp_path_factory):
     """Micro presets registered, the session's shared synthetic cache, 1 thread, no curve plots."""
-    mp = pytest.MonkeyPatch()
-    register_micro(mp)
-    mp.setenv("EDGESEG_CACHE", str(tmp_path_factory.getbasetemp() / "edgeseg-cache"))
-    mp.setattr(edgeseg.viz, "plot_curves", lambda *a, **k: None)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    mp.undo()
+    yield from micro_environment(tmp_path_factory.getbasetemp())
 
 
 def invoke(*args: str):

@@ -13,8 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import edgeseg.viz
-from ddp_worker import MICRO_STUDENT, micro_datasets, register_micro
+from ddp_worker import MICRO_STUDENT, micro_datasets, micro_environment
 from edgeseg.errors import CheckpointError, EdgesegError, ExportError, RunFolderError, SettingsError
 from edgeseg.train import TrainConfig, Trainer, TrainingDiverged
 
@@ -23,15 +22,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module", autouse=True)
 def micro_env(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    register_micro(mp)
-    mp.setenv("EDGESEG_CACHE", str(tmp_path_factory.getbasetemp() / "edgeseg-cache"))
-    mp.setattr(edgeseg.viz, "plot_curves", lambda *a, **k: None)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    mp.undo()
+    yield from micro_environment(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ddp_worker import (MICRO_STUDENT, MICRO_TEACHER, ddp_config, micro_datasets, micro_teacher,
-                        register_micro)
+                        micro_environment)
 import edgeseg.viz
 from edgeseg.errors import EdgesegError
 from edgeseg.models import Preset, build
@@ -32,15 +32,7 @@ TESTS = Path(__file__).resolve().parent
 @pytest.fixture(scope="module", autouse=True)
 def micro_env(tmp_path_factory):
     """Micro presets registered, one synthetic cache shared by the session's test files, 1 thread."""
-    mp = pytest.MonkeyPatch()
-    register_micro(mp)
-    mp.setenv("EDGESEG_CACHE", str(tmp_path_factory.getbasetemp() / "edgeseg-cache"))
-    mp.setattr("edgeseg.viz.plot_curves", lambda *a, **k: None)  # ~1.5 s per epoch; one test draws them
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    mp.undo()
+    yield from micro_environment(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
