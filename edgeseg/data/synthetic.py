@@ -75,13 +75,13 @@ def _u(rng, lo, hi, b):
     return rng.uniform(lo, hi, b).astype(np.float32)[:, None, None]
 
 
-def generate_batch(rng: np.random.Generator, b: int, s: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """Generate ``b`` images (b, s, s, 3) uint8 RGB and masks (b, s, s) uint8 in {0, 1}."""
-    f32 = np.float32
-    yy, xx = np.mgrid[0:s, 0:s].astype(f32)
-    xx, yy = xx[None], yy[None]
+def _lesion_shape(rng: np.random.Generator, b: int, s: int, xx: np.ndarray, yy: np.ndarray):
+    """Centre, radius and the signed distance (> 0 inside, pixels) of an irregular blob.
 
-    # ---------------- lesion geometry ----------------
+    Returns ``(R, cx, cy, theta, sd)``: radius (b,), centre (b, 1, 1), polar angle and signed
+    distance (b, s, s). Lesions pushed against the frame are a bit larger.
+    """
+    f32 = np.float32
     R = (s * np.exp(rng.uniform(math.log(0.10), math.log(0.40), b))).astype(f32)
     cx = s * (0.5 + 0.10 * rng.standard_normal(b))
     cy = s * (0.5 + 0.10 * rng.standard_normal(b))
@@ -101,21 +101,36 @@ def generate_batch(rng: np.random.Generator, b: int, s: int = 128) -> tuple[np.n
     v = (-dx * np.sin(phi) + dy * np.cos(phi)) / aspect
     rho = np.sqrt(u * u + v * v)
     theta = np.arctan2(v, u)
+    rfac = _radius_factor(rng, b, s, theta)
+    Rb = R[:, None, None]
+    warp = _lowfreq(rng, b, 7, s) * _u(rng, 0.04, 0.16, b) * Rb
+    sd = Rb * rfac + warp - rho  # signed distance-ish in pixels, > 0 inside
+    return R, cx, cy, theta, sd
+
+
+def _radius_factor(rng: np.random.Generator, b: int, s: int, theta: np.ndarray) -> np.ndarray:
+    """Radius factor (b, s, s) as a sum of harmonics of the angle ``theta``.
+
+    Tabulated on ``_NANG`` angles and looked up, rather than evaluated per pixel.
+    """
+    f32 = np.float32
     irregular = rng.uniform(0.04, 0.30, b).astype(f32)
     ks = np.arange(2, 8)
     amps = (irregular[:, None] * rng.random((b, ks.size)) / ks ** 0.9).astype(f32)
     phases = rng.uniform(0, 2 * math.pi, (b, ks.size)).astype(f32)
-    # radius factor as a function of angle, tabulated on _NANG angles and looked up
     ang = np.linspace(-math.pi, math.pi, _NANG + 1, dtype=f32)
     table = 1 + (amps[:, :, None] * np.cos(ks[None, :, None] * ang[None, None, :]
                                             + phases[:, :, None])).sum(1)
     idx = ((theta + math.pi) * (_NANG / (2 * math.pi))).astype(np.int32).reshape(b, -1)
-    rfac = np.take_along_axis(table.astype(f32), idx, 1).reshape(b, s, s)
-    Rb = R[:, None, None]
-    warp = _lowfreq(rng, b, 7, s) * _u(rng, 0.04, 0.16, b) * Rb
-    sd = Rb * rfac + warp - rho  # signed distance-ish in pixels, > 0 inside
+    return np.take_along_axis(table.astype(f32), idx, 1).reshape(b, s, s)
 
-    # satellites (part of the lesion, sharp-edged so they are visible where labelled)
+
+def _satellites(rng, b, s, R, cx, cy, xx, yy) -> np.ndarray:
+    """Signed distance (b, s, s) of up to 3 small satellites around the lesion (-1e3 if none).
+
+    Satellites are part of the lesion, sharp-edged so they are visible where labelled.
+    """
+    f32 = np.float32
     sat = np.full((b, s, s), -1e3, f32)
     for _ in range(3):
         present = rng.random(b) < 0.22
@@ -126,8 +141,15 @@ def generate_batch(rng: np.random.Generator, b: int, s: int = 128) -> tuple[np.n
         rs = rng.uniform(1.5, 4.0, b).astype(f32)[:, None, None]
         sds = rs - np.sqrt((xx - sx) ** 2 + (yy - sy) ** 2)
         sat = np.where(present[:, None, None], np.maximum(sat, sds), sat)
+    return sat
 
-    # border softness: sharp on some sides, fuzzy on others
+
+def _soft_border(rng, b, theta, sd, sat):
+    """Opacity ``alpha``, ground-truth ``mask`` and the merged signed distance of blob + satellites.
+
+    The border is sharp on some sides and fuzzy on others; the mask is the 50 % iso-line.
+    """
+    f32 = np.float32
     fuzzy = rng.random(b) < 0.6
     w0 = np.where(fuzzy, rng.uniform(1.5, 5.5, b), rng.uniform(0.35, 1.0, b)).astype(f32)
     psi = _u(rng, 0, 2 * math.pi, b)
@@ -135,9 +157,11 @@ def generate_batch(rng: np.random.Generator, b: int, s: int = 128) -> tuple[np.n
     w = w0[:, None, None] * np.exp(wvar * np.cos(theta - psi))
     alpha = np.maximum(_sigmoid(sd / w), _sigmoid(sat / 0.6))
     mask = (sd > 0) | (sat > 0)
-    sd = np.maximum(sd, sat)
+    return alpha, mask, np.maximum(sd, sat)
 
-    # radial streaks / pseudopods (thin structures, part of the lesion)
+
+def _streaks(rng, b, s, R, cx, cy) -> np.ndarray:
+    """Radial streaks / pseudopods (b, s, s) uint8 in {0, 255}: thin structures, part of the lesion."""
     streak = np.zeros((b, s, s), np.uint8)
     has_streaks = rng.random(b) < 0.22
     for i in np.flatnonzero(has_streaks):
@@ -148,17 +172,26 @@ def generate_batch(rng: np.random.Generator, b: int, s: int = 128) -> tuple[np.n
             p1 = (cx[i, 0, 0] + r_out * math.cos(a), cy[i, 0, 0] + r_out * math.sin(a))
             cv2.line(streak[i], (int(p0[0]), int(p0[1])), (int(p1[0]), int(p1[1])), 255,
                      int(rng.integers(1, 3)), cv2.LINE_8)
-    st = streak.astype(f32) / 255.0
-    alpha = np.maximum(alpha, st)
-    mask |= streak > 0
+    return streak
 
-    # ---------------- skin ----------------
+
+def _skin(rng, b, s, xx, yy) -> np.ndarray:
+    """Skin (b, s, s, 3) float32: tone, tone variation, erythema, furrows and freckles."""
+    f32 = np.float32
     tone = _u(rng, 0, 1, b)[..., None]
     skin = _SKIN_LIGHT * (1 - tone) + _SKIN_DARK * tone + rng.uniform(-10, 10, (b, 1, 1, 3)).astype(f32)
     skin = skin * (1 + 0.06 * _lowfreq(rng, b, 4, s))[..., None]
     ery = np.maximum(_lowfreq(rng, b, 5, s), 0) * _u(rng, 0, 14, b)
     skin = skin + ery[..., None] * np.array([0.6, -0.8, -0.5], f32)
-    # furrows
+    skin = skin * (1 - _furrows(rng, b, s, xx, yy))[..., None]
+    # freckles (distractors, not lesion)
+    fr = (rng.random((b, s, s), dtype=f32) < _u(rng, 0.0, 0.0012, b)).astype(f32)
+    fr = _blur_batch(fr, 1.3) * 14.0
+    return skin * (1 - np.clip(fr, 0, 1) * _u(rng, 0.05, 0.18, b))[..., None]
+
+
+def _furrows(rng, b, s, xx, yy) -> np.ndarray:
+    """Darkening (b, s, s) of two crossing, warped sets of skin furrows."""
     beta = _u(rng, 0, math.pi, b)
     lam = _u(rng, 4.0, 8.0, b)
     fw = _lowfreq(rng, b, 5, s) * 2.5
@@ -167,14 +200,12 @@ def generate_batch(rng: np.random.Generator, b: int, s: int = 128) -> tuple[np.n
     tex = np.maximum(furrow, furrow2)
     tex = tex * tex
     tex = tex * tex
-    tex = tex * tex * _u(rng, 0.015, 0.05, b)
-    skin = skin * (1 - tex)[..., None]
-    # freckles (distractors, not lesion)
-    fr = (rng.random((b, s, s), dtype=f32) < _u(rng, 0.0, 0.0012, b)).astype(f32)
-    fr = _blur_batch(fr, 1.3) * 14.0
-    skin = skin * (1 - np.clip(fr, 0, 1) * _u(rng, 0.05, 0.18, b))[..., None]
+    return tex * tex * _u(rng, 0.015, 0.05, b)
 
-    # ---------------- lesion appearance ----------------
+
+def _lesion_colour(rng, b, s, skin, sd, Rb) -> np.ndarray:
+    """Lesion colour (b, s, s, 3): 2-3 pigments, low-contrast lesions and a lighter periphery."""
+    f32 = np.float32
     p_main = np.array([0.3, 0.35, 0.25, 0.1])
     c1 = _PIGMENTS[rng.choice(4, b, p=p_main)]
     c2 = _PIGMENTS[rng.integers(0, 6, b)]
@@ -188,17 +219,19 @@ def generate_batch(rng: np.random.Generator, b: int, s: int = 128) -> tuple[np.n
     edge_frac = _u(rng, 0.3, 1.0, b)
     depth = np.sqrt(np.clip(sd / (0.5 * Rb), 0, 1))
     strength = (contrast[:, None, None] * (edge_frac + (1 - edge_frac) * depth))[..., None]
-    lesion = skin + (col - skin) * strength
-    # pigment network
+    return skin + (col - skin) * strength
+
+
+def _lesion_structures(rng, b, s, lesion, sd, Rb) -> np.ndarray:
+    """Pigment network, dots / globules and regression areas lighter than the skin."""
+    f32 = np.float32
     net = rng.random(b) < 0.4
     nf = _lowfreq(rng, b, 22, s)
     pattern = np.exp(-(nf * nf) * 6.0) * (_u(rng, 0.12, 0.35, b) * net[:, None, None])
     lesion = lesion * (1 - pattern)[..., None]
-    # dots / globules
     dots = (rng.random((b, s, s), dtype=f32) < _u(rng, 0, 0.01, b)).astype(f32)
     dots = np.clip(_blur_batch(dots, 0.8) * 6, 0, 1)
     lesion = lesion * (1 - 0.45 * dots)[..., None]
-    # regression areas, lighter than skin
     reg = np.flatnonzero(rng.random(b) < 0.3)
     rthr, rstr = _u(rng, 0.0, 1.0, b), _u(rng, 0.5, 0.9, b)
     rcol = _REGRESSION[rng.integers(0, 2, b)][:, None, None]
@@ -206,57 +239,83 @@ def generate_batch(rng: np.random.Generator, b: int, s: int = 128) -> tuple[np.n
         rf = _sigmoid((_lowfreq(rng, reg.size, 5, s) - rthr[reg]) * 5)
         rf = (rf * np.clip(sd[reg] / (0.25 * Rb[reg]), 0, 1) * rstr[reg])[..., None]
         lesion[reg] = lesion[reg] * (1 - rf) + rcol[reg] * rf
+    return lesion
 
-    img = skin * (1 - alpha[..., None]) + lesion * alpha[..., None]
 
-    # ---------------- acquisition artefacts ----------------
-    dark = np.zeros((b, s, s), np.uint8)  # hair, ruler
-    light = np.zeros((b, s, s), np.uint8)  # light hair
-    bright = np.zeros((b, s, s), np.uint8)  # bubble rims, glare
-    shade = np.zeros((b, s, s), np.uint8)  # bubble inner rims
+def _draw_hair(rng, dark: np.ndarray, light: np.ndarray, s: int) -> None:
+    """Up to 30 curved hairs, dark or (rarely) light, drawn into one image's layer."""
+    nh = int(min(rng.geometric(0.12), 30))
+    tgt = light if rng.random() < 0.12 else dark
+    for _ in range(nh):
+        p = rng.uniform(-0.1 * s, 1.1 * s, 2)
+        ang = rng.uniform(0, 2 * math.pi)
+        ln = rng.uniform(0.3, 1.4) * s
+        curv = rng.uniform(-0.6, 0.6)
+        t = np.linspace(0, 1, 12)
+        a = ang + curv * t
+        pts = p + np.stack([np.cumsum(np.cos(a)), np.cumsum(np.sin(a))], 1) * ln / 12
+        cv2.polylines(tgt, [np.round(pts * 4).astype(np.int32)], False,
+                      int(rng.integers(150, 256)), 1 if rng.random() < 0.75 else 2,
+                      cv2.LINE_AA, 2)
+
+
+def _draw_ruler(rng, dark: np.ndarray, s: int) -> None:
+    """A ruler with ticks along one edge of one image."""
+    horiz = rng.random() < 0.5
+    o = int(rng.integers(2, 14))
+    o = o if rng.random() < 0.5 else s - 1 - o
+    step = int(rng.integers(4, 7))
+    for k, q in enumerate(range(int(rng.integers(0, 4)), s, step)):
+        ln = 7 if k % 5 == 0 else 4
+        d = ln if o < s // 2 else -ln
+        p0, p1 = ((q, o), (q, o + d)) if horiz else ((o, q), (o + d, q))
+        cv2.line(dark, p0, p1, 230, 1, cv2.LINE_AA)
+    p0, p1 = ((0, o), (s - 1, o)) if horiz else ((o, 0), (o, s - 1))
+    cv2.line(dark, p0, p1, 230, 1, cv2.LINE_AA)
+
+
+def _draw_bubbles(rng, bright: np.ndarray, shade: np.ndarray, s: int) -> None:
+    """1-5 air bubbles of one image: bright rim, darker inner rim and a highlight."""
+    for _ in range(int(rng.integers(1, 6))):
+        c = rng.uniform(0, s, 2)
+        r = rng.uniform(3, 20)
+        ci = (int(c[0] * 4), int(c[1] * 4))
+        cv2.circle(bright, ci, int(r * 4), int(rng.integers(120, 230)), 1, cv2.LINE_AA, 2)
+        cv2.circle(shade, ci, int(r * 4 * 0.85), int(rng.integers(40, 120)), 1,
+                   cv2.LINE_AA, 2)
+        hc = (int((c[0] - 0.45 * r) * 4), int((c[1] - 0.45 * r) * 4))
+        cv2.circle(bright, hc, int(max(1.0, 0.18 * r) * 4), 255, -1, cv2.LINE_AA, 2)
+
+
+def _draw_glare(rng, bright: np.ndarray, s: int) -> None:
+    """1-3 gel glare ellipses of one image."""
+    for _ in range(int(rng.integers(1, 4))):
+        c = rng.uniform(0, s, 2)
+        ax = (int(rng.uniform(1, 7)), int(rng.uniform(1, 4)))
+        cv2.ellipse(bright, (int(c[0]), int(c[1])), ax, rng.uniform(0, 180), 0, 360,
+                    int(rng.integers(150, 256)), -1, cv2.LINE_AA)
+
+
+def _artefact_layers(rng, b: int, s: int):
+    """Per-image artefact layers (b, s, s) uint8: ``dark`` (hair, ruler), ``light`` (light
+    hair), ``bright`` (bubble rims, glare) and ``shade`` (bubble inner rims)."""
+    dark, light, bright, shade = (np.zeros((b, s, s), np.uint8) for _ in range(4))
     for i in range(b):
-        if rng.random() < 0.45:  # hair
-            nh = int(min(rng.geometric(0.12), 30))
-            tgt = light[i] if rng.random() < 0.12 else dark[i]
-            for _ in range(nh):
-                p = rng.uniform(-0.1 * s, 1.1 * s, 2)
-                ang = rng.uniform(0, 2 * math.pi)
-                ln = rng.uniform(0.3, 1.4) * s
-                curv = rng.uniform(-0.6, 0.6)
-                t = np.linspace(0, 1, 12)
-                a = ang + curv * t
-                pts = p + np.stack([np.cumsum(np.cos(a)), np.cumsum(np.sin(a))], 1) * ln / 12
-                cv2.polylines(tgt, [np.round(pts * 4).astype(np.int32)], False,
-                              int(rng.integers(150, 256)), 1 if rng.random() < 0.75 else 2,
-                              cv2.LINE_AA, 2)
-        if rng.random() < 0.12:  # ruler along one edge
-            horiz = rng.random() < 0.5
-            o = int(rng.integers(2, 14))
-            o = o if rng.random() < 0.5 else s - 1 - o
-            step = int(rng.integers(4, 7))
-            for k, q in enumerate(range(int(rng.integers(0, 4)), s, step)):
-                ln = 7 if k % 5 == 0 else 4
-                d = ln if o < s // 2 else -ln
-                p0, p1 = ((q, o), (q, o + d)) if horiz else ((o, q), (o + d, q))
-                cv2.line(dark[i], p0, p1, 230, 1, cv2.LINE_AA)
-            p0, p1 = ((0, o), (s - 1, o)) if horiz else ((o, 0), (o, s - 1))
-            cv2.line(dark[i], p0, p1, 230, 1, cv2.LINE_AA)
-        if rng.random() < 0.28:  # air bubbles
-            for _ in range(int(rng.integers(1, 6))):
-                c = rng.uniform(0, s, 2)
-                r = rng.uniform(3, 20)
-                ci = (int(c[0] * 4), int(c[1] * 4))
-                cv2.circle(bright[i], ci, int(r * 4), int(rng.integers(120, 230)), 1, cv2.LINE_AA, 2)
-                cv2.circle(shade[i], ci, int(r * 4 * 0.85), int(rng.integers(40, 120)), 1,
-                           cv2.LINE_AA, 2)
-                hc = (int((c[0] - 0.45 * r) * 4), int((c[1] - 0.45 * r) * 4))
-                cv2.circle(bright[i], hc, int(max(1.0, 0.18 * r) * 4), 255, -1, cv2.LINE_AA, 2)
-        if rng.random() < 0.2:  # gel glare
-            for _ in range(int(rng.integers(1, 4))):
-                c = rng.uniform(0, s, 2)
-                ax = (int(rng.uniform(1, 7)), int(rng.uniform(1, 4)))
-                cv2.ellipse(bright[i], (int(c[0]), int(c[1])), ax, rng.uniform(0, 180), 0, 360,
-                            int(rng.integers(150, 256)), -1, cv2.LINE_AA)
+        if rng.random() < 0.45:
+            _draw_hair(rng, dark[i], light[i], s)
+        if rng.random() < 0.12:
+            _draw_ruler(rng, dark[i], s)
+        if rng.random() < 0.28:
+            _draw_bubbles(rng, bright[i], shade[i], s)
+        if rng.random() < 0.2:
+            _draw_glare(rng, bright[i], s)
+    return dark, light, bright, shade
+
+
+def _apply_artefacts(rng, img: np.ndarray, b: int, s: int) -> np.ndarray:
+    """Hair, ruler marks, bubbles and glare composited over the image."""
+    f32 = np.float32
+    dark, light, bright, shade = _artefact_layers(rng, b, s)
     hair_col = rng.uniform(15, 75, (b, 1, 1, 1)).astype(f32) * np.array([1.0, 0.82, 0.7], f32)
     dk = dark.astype(f32)[..., None] / 255.0
     img = img * (1 - dk) + hair_col * dk
@@ -265,22 +324,27 @@ def generate_batch(rng: np.random.Generator, b: int, s: int = 128) -> tuple[np.n
     sh = shade.astype(f32)[..., None] / 255.0
     img = img * (1 - 0.35 * sh)
     br = _blur_batch(bright.astype(f32) / 255.0, 0.6)[..., None]
-    img = img + (250 - img) * np.clip(br, 0, 1)
+    return img + (250 - img) * np.clip(br, 0, 1)
 
-    # illumination: gradient, vignette, colour cast
+
+def _illumination(rng, img: np.ndarray, b: int, s: int, xx, yy) -> np.ndarray:
+    """Illumination gradient, vignetting and a colour cast."""
     ga = _u(rng, 0, 2 * math.pi, b)
     grad = 1 + _u(rng, 0, 0.16, b) * ((xx - s / 2) * np.cos(ga) + (yy - s / 2) * np.sin(ga)) / s
     r2 = ((xx - s / 2) ** 2 + (yy - s / 2) ** 2) / (s * s / 2)
     vig = 1 - _u(rng, 0.0, 0.45, b) * r2 * np.sqrt(r2)
     img = img * (grad * vig)[..., None]
-    img = img * rng.uniform(0.9, 1.1, (b, 1, 1, 3)).astype(f32)
-    # round dermatoscope field with dark corners
+    return img * rng.uniform(0.9, 1.1, (b, 1, 1, 3)).astype(np.float32)
+
+
+def _scope_field(rng, img: np.ndarray, mask: np.ndarray, b: int, s: int, xx, yy) -> None:
+    """Round dermatoscope field with dark corners, in place; the mask stops where it goes dark."""
     scope = rng.random(b) < 0.35
     rc = _u(rng, 0.52, 0.72, b) * s
     ccx = s / 2 + _u(rng, -0.06, 0.06, b) * s
     ccy = s / 2 + _u(rng, -0.06, 0.06, b) * s
     soft = _u(rng, 0.6, 2.5, b)
-    outside = rng.uniform(5, 35, (b, 1, 1, 1)).astype(f32)
+    outside = rng.uniform(5, 35, (b, 1, 1, 1)).astype(np.float32)
     sc = np.flatnonzero(scope)
     if sc.size:
         dist_c = np.sqrt((xx - ccx[sc]) ** 2 + (yy - ccy[sc]) ** 2)
@@ -288,11 +352,40 @@ def generate_batch(rng: np.random.Generator, b: int, s: int = 128) -> tuple[np.n
         img[sc] = img[sc] * field + outside[sc] * (1 - field)
         mask[sc] &= field[..., 0] > 0.5
 
-    # defocus and noise
+
+def _defocus_and_noise(rng, img: np.ndarray, b: int, s: int) -> np.ndarray:
+    """Defocus blur on some images, then sensor noise on all."""
+    f32 = np.float32
     for i in np.flatnonzero(rng.random(b) < 0.3):
         img[i] = cv2.GaussianBlur(img[i], (0, 0), float(rng.uniform(0.5, 1.2)))
     noise = rng.standard_normal((b, s, s, 1), dtype=f32) * _u(rng, 1.5, 6.0, b)[..., None]
-    img = img + noise * np.array([1.0, 0.9, 1.1], f32)
+    return img + noise * np.array([1.0, 0.9, 1.1], f32)
+
+
+def generate_batch(rng: np.random.Generator, b: int, s: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Generate ``b`` images (b, s, s, 3) uint8 RGB and masks (b, s, s) uint8 in {0, 1}.
+
+    The helpers draw from ``rng`` in a fixed order; reordering them changes the data set
+    (bump ``GENERATOR_VERSION`` if you do).
+    """
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    xx, yy = xx[None], yy[None]
+    R, cx, cy, theta, sd = _lesion_shape(rng, b, s, xx, yy)
+    sat = _satellites(rng, b, s, R, cx, cy, xx, yy)
+    alpha, mask, sd = _soft_border(rng, b, theta, sd, sat)
+    streak = _streaks(rng, b, s, R, cx, cy)
+    alpha = np.maximum(alpha, streak.astype(np.float32) / 255.0)
+    mask |= streak > 0
+
+    skin = _skin(rng, b, s, xx, yy)
+    Rb = R[:, None, None]
+    lesion = _lesion_structures(rng, b, s, _lesion_colour(rng, b, s, skin, sd, Rb), sd, Rb)
+    img = skin * (1 - alpha[..., None]) + lesion * alpha[..., None]
+
+    img = _apply_artefacts(rng, img, b, s)
+    img = _illumination(rng, img, b, s, xx, yy)
+    _scope_field(rng, img, mask, b, s, xx, yy)
+    img = _defocus_and_noise(rng, img, b, s)
     images = np.clip(img + 0.5, 0, 255).astype(np.uint8)
     return images, mask.astype(np.uint8)
 
