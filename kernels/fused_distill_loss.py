@@ -1,8 +1,10 @@
 """Fused student objective (L2 + EFKD + boundary) in one pass over the maps, plus its backward.
 
-Liger-Kernel layout: the Triton kernels, the `torch.autograd.Function` and the plain-torch
+Liger-Kernel layout: the Triton kernels (top-level `@triton.jit` functions in
+`_distill_loss_kernels`, which `_kernels()` imports on first use, so importing this module never
+needs Triton), their launch functions, the `torch.autograd.Function` and the plain-torch
 reference (`fused_distill_loss_torch`, self-contained: the same torch expressions as
-`edgeseg.losses`, which tests/test_kernels.py checks it against) live side by side. Like all of
+`edgeseg.losses`, which tests/test_kernels.py checks it against) side by side. Like all of
 `edgeseg.kernels`, this module imports nothing from the rest of `edgeseg`.
 
 Semantics are those of `edgeseg.losses` (and of the authors' code, tests/golden/README.md) exactly:
@@ -17,15 +19,6 @@ with A = d ** t_p (t_p as `edgeseg.boundary.t_power`, of which `t_power` here is
 float64 from the integer t, rounded to float32; 0 ** 0 = 1), edge = A(d, t; gamma_kd) > tau in
 float32 (ties go to body), empty regions adding 0 but still counted in the batch mean.
 Everything is computed in float32 whatever the input dtype.
-
-Triton is imported lazily (inside `_kernels()`), so importing this module never needs it.
-
-Forward: grid (B, ceil(N / BLOCK)); each program reads its block of the four maps once, forms
-both attentions in-register from one log2 (`exp2(t_p * log2(d))`), and writes five partial sums
-(sum d2, sum A_b d2, n_edge, sum edge d2_kd, sum body d2_kd) to a small [B, nblk, 5] buffer.
-A single-program finalize kernel reduces that buffer in a fixed order (deterministic: no
-atomics) into the four scalars and the per-sample edge counts. Backward: one more pass that
-recomputes the attentions and writes d(loss)/d(pred_s) in pred_s's dtype.
 """
 from __future__ import annotations
 
@@ -41,149 +34,20 @@ __all__ = [
     "t_power",
 ]
 
-_EPS_COUNT = 1e-8  # edgeseg.losses._EPS_COUNT
+_EPS_COUNT = 1e-8  # = edgeseg.losses._EPS_COUNT (tests check); the kernels take it as `eps`
 _NUM_PARTIALS = 5
 DEFAULT_BLOCK = 1024
 
 
 # ----------------------------------------------------------------------------------------
-# Triton kernels (built on first use so that `import triton` happens only then)
+# Triton kernels (their module is imported on first use, so `import triton` happens only then)
 # ----------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _kernels():
-    global triton, tl  # the jitted functions resolve `tl` from this module's globals
-    import triton
-    import triton.language as tl
+    """(forward partials, forward finalize, backward) kernels."""
+    from . import _distill_loss_kernels as k
 
-    @triton.jit
-    def _distill_fwd_partials(
-        s_ptr, te_ptr, y_ptr, d_ptr, t_ptr, tp_kd_ptr, tp_b_ptr, part_ptr,
-        N, NBLK, T, tau,
-        BLOCK: tl.constexpr,
-    ):
-        b = tl.program_id(0)
-        blk = tl.program_id(1)
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
-        m = offs < N
-        base = b.to(tl.int64) * N
-        s = tl.load(s_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
-        te = tl.load(te_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
-        d = tl.load(d_ptr + base + offs, mask=m, other=1.0).to(tl.float32)
-        tb = tl.load(t_ptr + b)
-        t_ok = (tb >= 0) & (tb <= T)  # memory safety only: t must lie in [0, T]
-        tp_kd = tl.load(tp_kd_ptr + tb, mask=t_ok, other=0.0)
-        tp_b = tl.load(tp_b_ptr + tb, mask=t_ok, other=0.0)
-        # d ** tp in-register, one log2 for both exponents; 0 ** tp = 0 for tp > 0, 0 ** 0 = 1
-        # (d is a normalised distance in [0, 1]; d < 0 would be NaN in torch.pow, 0/1 here).
-        lg = tl.log2(tl.where(d > 0.0, d, 1.0))
-        a_kd = tl.where(d > 0.0, tl.exp2(tp_kd * lg), (tp_kd <= 0.0).to(tl.float32))
-        a_b = tl.where(d > 0.0, tl.exp2(tp_b * lg), (tp_b <= 0.0).to(tl.float32))
-        dn = s - y
-        d2n = dn * dn
-        dk = s - te
-        d2k = dk * dk
-        edge = (a_kd > tau) & m
-        out = part_ptr + (b.to(tl.int64) * NBLK + blk) * 5
-        tl.store(out + 0, tl.sum(d2n, axis=0))
-        tl.store(out + 1, tl.sum(a_b * d2n, axis=0))
-        tl.store(out + 2, tl.sum(edge.to(tl.float32), axis=0))
-        tl.store(out + 3, tl.sum(tl.where(edge, d2k, 0.0), axis=0))
-        tl.store(out + 4, tl.sum(tl.where(edge, 0.0, d2k), axis=0))
-
-    @triton.jit
-    def _distill_fwd_finalize(
-        part_ptr, cnt_ptr, out_ptr,
-        B, NBLK, n_f, bn_f, b_f, lambda_e, lambda_b, w0, w1, w2,
-        BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        acc_n = tl.zeros([BLOCK_B], dtype=tl.float32)
-        acc_a = tl.zeros([BLOCK_B], dtype=tl.float32)
-        acc_e = tl.zeros([BLOCK_B], dtype=tl.float32)
-        acc_b = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for b0 in range(0, B, BLOCK_B):
-            ob = b0 + tl.arange(0, BLOCK_B)
-            mb = ob < B
-            s_n = tl.zeros([BLOCK_B], dtype=tl.float32)
-            s_a = tl.zeros([BLOCK_B], dtype=tl.float32)
-            s_c = tl.zeros([BLOCK_B], dtype=tl.float32)
-            s_e = tl.zeros([BLOCK_B], dtype=tl.float32)
-            s_b = tl.zeros([BLOCK_B], dtype=tl.float32)
-            for k0 in range(0, NBLK, BLOCK_K):
-                ok = k0 + tl.arange(0, BLOCK_K)
-                mk = mb[:, None] & (ok < NBLK)[None, :]
-                p = part_ptr + (ob[:, None].to(tl.int64) * NBLK + ok[None, :]) * 5
-                s_n += tl.sum(tl.load(p + 0, mask=mk, other=0.0), axis=1)
-                s_a += tl.sum(tl.load(p + 1, mask=mk, other=0.0), axis=1)
-                s_c += tl.sum(tl.load(p + 2, mask=mk, other=0.0), axis=1)
-                s_e += tl.sum(tl.load(p + 3, mask=mk, other=0.0), axis=1)
-                s_b += tl.sum(tl.load(p + 4, mask=mk, other=0.0), axis=1)
-            tl.store(cnt_ptr + ob, s_c, mask=mb)
-            # IEEE division (as torch) rather than the approximate div.full.f32 of `/`
-            l_edge = tl.div_rn(s_e, s_c + 1e-8)
-            l_body = tl.div_rn(s_b, (n_f - s_c) + 1e-8)
-            acc_n += s_n
-            acc_a += s_a
-            acc_e += tl.where(mb, l_edge, 0.0)
-            acc_b += tl.where(mb, l_body, 0.0)
-        l2 = tl.div_rn(tl.sum(acc_n, axis=0), bn_f)
-        bd = tl.div_rn(tl.sum(acc_a, axis=0), bn_f)
-        efkd = lambda_e * tl.div_rn(tl.sum(acc_e, axis=0), b_f) + lambda_b * tl.div_rn(tl.sum(acc_b, axis=0), b_f)
-        total = w0 * l2 + w1 * efkd + w2 * bd
-        tl.store(out_ptr + 0, total)
-        tl.store(out_ptr + 1, l2)
-        tl.store(out_ptr + 2, efkd)
-        tl.store(out_ptr + 3, bd)
-
-    @triton.jit
-    def _distill_bwd(
-        s_ptr, te_ptr, y_ptr, d_ptr, t_ptr, tp_kd_ptr, tp_b_ptr, cnt_ptr,
-        g_tot_ptr, g_l2_ptr, g_kd_ptr, g_bd_ptr, grad_ptr,
-        N, T, n_f, tau, inv_bn, inv_b, lambda_e, lambda_b, w0, w1, w2,
-        HAS_G_TOT: tl.constexpr, HAS_G_L2: tl.constexpr, HAS_G_KD: tl.constexpr, HAS_G_BD: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        b = tl.program_id(0)
-        blk = tl.program_id(1)
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
-        m = offs < N
-        base = b.to(tl.int64) * N
-        # Effective weights of the three terms: total's weight times g_total plus each term's
-        # own incoming gradient (when a term itself was back-propagated).
-        g_tot = 0.0
-        if HAS_G_TOT:
-            g_tot = tl.load(g_tot_ptr).to(tl.float32)
-        W0 = g_tot * w0
-        W1 = g_tot * w1
-        W2 = g_tot * w2
-        if HAS_G_L2:
-            W0 += tl.load(g_l2_ptr).to(tl.float32)
-        if HAS_G_KD:
-            W1 += tl.load(g_kd_ptr).to(tl.float32)
-        if HAS_G_BD:
-            W2 += tl.load(g_bd_ptr).to(tl.float32)
-        n_e = tl.load(cnt_ptr + b)
-        c_n = 2.0 * W0 * inv_bn
-        c_a = 2.0 * W2 * inv_bn
-        c_e = 2.0 * W1 * lambda_e * inv_b / (n_e + 1e-8)
-        c_b = 2.0 * W1 * lambda_b * inv_b / ((n_f - n_e) + 1e-8)
-
-        s = tl.load(s_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
-        te = tl.load(te_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
-        d = tl.load(d_ptr + base + offs, mask=m, other=1.0).to(tl.float32)
-        tb = tl.load(t_ptr + b)
-        t_ok = (tb >= 0) & (tb <= T)  # memory safety only: t must lie in [0, T]
-        tp_kd = tl.load(tp_kd_ptr + tb, mask=t_ok, other=0.0)
-        tp_b = tl.load(tp_b_ptr + tb, mask=t_ok, other=0.0)
-        lg = tl.log2(tl.where(d > 0.0, d, 1.0))
-        a_kd = tl.where(d > 0.0, tl.exp2(tp_kd * lg), (tp_kd <= 0.0).to(tl.float32))
-        a_b = tl.where(d > 0.0, tl.exp2(tp_b * lg), (tp_b <= 0.0).to(tl.float32))
-        edge = a_kd > tau
-        g = (s - y) * (c_n + c_a * a_b) + (s - te) * tl.where(edge, c_e, c_b)
-        tl.store(grad_ptr + base + offs, g.to(grad_ptr.dtype.element_ty), mask=m)
-
-    return _distill_fwd_partials, _distill_fwd_finalize, _distill_bwd
+    return k._distill_fwd_partials, k._distill_fwd_finalize, k._distill_bwd
 
 
 def t_power(t: torch.Tensor, T: int, gamma: float) -> torch.Tensor:
@@ -242,40 +106,76 @@ def _check_maps(eps_s, eps_t, noise, d) -> Tuple[int, int]:
     return B, N
 
 
+# ----------------------------------------------------------------------------------------
+# launch functions
+# ----------------------------------------------------------------------------------------
+def _launch_forward(s, te, y, dd, tt, tp_kd, tp_b, T, tau, lambda_e, lambda_b, w0, w1, w2, block):
+    """Run the forward kernels; returns (out = [total, l2, efkd, boundary], per-sample edge counts)."""
+    fwd_partials, fwd_finalize, _ = _kernels()
+    B = int(s.shape[0])
+    N = s.numel() // B
+    dev = s.device
+    nblk = cdiv(N, block)
+    part = torch.empty((B, nblk, _NUM_PARTIALS), device=dev, dtype=torch.float32)
+    counts = torch.empty((B,), device=dev, dtype=torch.float32)
+    out = torch.empty((4,), device=dev, dtype=torch.float32)
+    block_b = min(64, max(2, next_pow2(B)))
+    block_k = min(64, max(2, next_pow2(nblk)))
+    with device_of(s):
+        fwd_partials[(B, nblk)](
+            s, te, y, dd, tt, tp_kd, tp_b, part, N, nblk, int(T), float(tau),
+            BLOCK=block, num_warps=num_warps(block),
+        )
+        fwd_finalize[(1,)](
+            part, counts, out, B, nblk, float(N), float(B * N), float(B),
+            float(lambda_e), float(lambda_b), float(w0), float(w1), float(w2), _EPS_COUNT,
+            BLOCK_B=block_b, BLOCK_K=block_k, num_warps=4,
+        )
+    return out, counts
+
+
+def _launch_backward(saved, consts, grads, grad_dtype):
+    """Run the backward kernel; returns d(loss)/d(eps_s) in `grad_dtype`.
+
+    `grads` are the incoming (g_total, g_l2, g_efkd, g_boundary), some of them None."""
+    _, _, bwd = _kernels()
+    s, te, y, dd, tt, tp_kd, tp_b, counts = saved
+    B, N, T, tau, lambda_e, lambda_b, w0, w1, w2, block = consts
+    # Triton's CPU interpreter truncates fp32 -> bf16/fp16 stores instead of rounding to
+    # nearest even as the GPU does; there, write fp32 and let torch round (tests only).
+    grad = torch.empty(s.shape, device=s.device, dtype=store_dtype(grad_dtype))
+    gs = [g.contiguous() if g is not None else None for g in grads]
+    dummy = next(g for g in gs if g is not None)
+    with device_of(s):
+        bwd[(B, cdiv(N, block))](
+            s, te, y, dd, tt, tp_kd, tp_b, counts,
+            *[g if g is not None else dummy for g in gs], grad,
+            N, T, float(N), tau, 1.0 / (B * N), 1.0 / B, lambda_e, lambda_b, w0, w1, w2, _EPS_COUNT,
+            HAS_G_TOT=gs[0] is not None, HAS_G_L2=gs[1] is not None,
+            HAS_G_KD=gs[2] is not None, HAS_G_BD=gs[3] is not None,
+            BLOCK=block, num_warps=num_warps(block),
+        )
+    return grad.to(grad_dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# autograd.Function
+# ----------------------------------------------------------------------------------------
 class FusedDistillLossFunction(torch.autograd.Function):
     """Autograd wrapper: outputs (total, l2, efkd, boundary); gradient w.r.t. eps_s only."""
 
     @staticmethod
     def forward(ctx, eps_s, eps_t, noise, d, t, T, tau, lambda_e, lambda_b, gamma_kd, gamma_b, w0, w1, w2, block):
-        fwd_partials, fwd_finalize, _ = _kernels()
         B, N = _check_maps(eps_s, eps_t, noise, d)
         dev = eps_s.device
-        s = eps_s.detach().contiguous()
-        te = eps_t.detach().contiguous()
-        y = noise.detach().contiguous()
-        dd = d.detach().contiguous()
+        s, te, y, dd = (x.detach().contiguous() for x in (eps_s, eps_t, noise, d))
         tt = _as_t(t, B, dev)
         if not tt.is_cuda and tt.numel() and not bool(((tt >= 0) & (tt <= int(T))).all()):
             raise ValueError(f"t must lie in [0, {int(T)}]")  # (not checked on CUDA: no host sync)
         tp_kd = _tp_table(T, gamma_kd, dev)
         tp_b = _tp_table(T, gamma_b, dev)
         block = int(block) if block else min(DEFAULT_BLOCK, max(16, next_pow2(N)))
-        nblk = cdiv(N, block)
-        part = torch.empty((B, nblk, _NUM_PARTIALS), device=dev, dtype=torch.float32)
-        counts = torch.empty((B,), device=dev, dtype=torch.float32)
-        out = torch.empty((4,), device=dev, dtype=torch.float32)
-        block_b = min(64, max(2, next_pow2(B)))
-        block_k = min(64, max(2, next_pow2(nblk)))
-        with device_of(s):
-            fwd_partials[(B, nblk)](
-                s, te, y, dd, tt, tp_kd, tp_b, part, N, nblk, int(T), float(tau),
-                BLOCK=block, num_warps=num_warps(block),
-            )
-            fwd_finalize[(1,)](
-                part, counts, out, B, nblk, float(N), float(B * N), float(B),
-                float(lambda_e), float(lambda_b), float(w0), float(w1), float(w2),
-                BLOCK_B=block_b, BLOCK_K=block_k, num_warps=4,
-            )
+        out, counts = _launch_forward(s, te, y, dd, tt, tp_kd, tp_b, T, tau, lambda_e, lambda_b, w0, w1, w2, block)
         ctx.save_for_backward(s, te, y, dd, tt, tp_kd, tp_b, counts)
         ctx.consts = (B, N, int(T), float(tau), float(lambda_e), float(lambda_b), float(w0), float(w1), float(w2), block)
         ctx.grad_dtype = eps_s.dtype
@@ -287,26 +187,8 @@ class FusedDistillLossFunction(torch.autograd.Function):
         n_none = 14
         if not ctx.needs_input_grad[0] or all(g is None for g in (g_tot, g_l2, g_kd, g_bd)):
             return (None,) * (n_none + 1)
-        _, _, bwd = _kernels()
-        s, te, y, dd, tt, tp_kd, tp_b, counts = ctx.saved_tensors
-        B, N, T, tau, lambda_e, lambda_b, w0, w1, w2, block = ctx.consts
-        # Triton's CPU interpreter truncates fp32 -> bf16/fp16 stores instead of rounding to
-        # nearest even as the GPU does; there, write fp32 and let torch round (tests only).
-        out_dtype = store_dtype(ctx.grad_dtype)
-        grad = torch.empty(s.shape, device=s.device, dtype=out_dtype)
-        gs = [g.contiguous() if g is not None else None for g in (g_tot, g_l2, g_kd, g_bd)]
-        dummy = next(g for g in gs if g is not None)
-        nblk = cdiv(N, block)
-        with device_of(s):
-            bwd[(B, nblk)](
-                s, te, y, dd, tt, tp_kd, tp_b, counts,
-                *[g if g is not None else dummy for g in gs], grad,
-                N, T, float(N), tau, 1.0 / (B * N), 1.0 / B, lambda_e, lambda_b, w0, w1, w2,
-                HAS_G_TOT=gs[0] is not None, HAS_G_L2=gs[1] is not None,
-                HAS_G_KD=gs[2] is not None, HAS_G_BD=gs[3] is not None,
-                BLOCK=block, num_warps=num_warps(block),
-            )
-        return (grad.to(ctx.grad_dtype),) + (None,) * n_none
+        grad = _launch_backward(ctx.saved_tensors, ctx.consts, (g_tot, g_l2, g_kd, g_bd), ctx.grad_dtype)
+        return (grad,) + (None,) * n_none
 
 
 def _unpack_weights(weights):

@@ -34,6 +34,7 @@ from edgeseg.diffusion import (  # noqa: E402
     SchedulerOutput,
     sample_masks,
 )
+from edgeseg import losses as core_losses  # noqa: E402
 from edgeseg.losses import student_objective  # noqa: E402
 from edgeseg.sampling import FusedDDIMScheduler, FusedDDPMScheduler, make_scheduler  # noqa: E402
 
@@ -165,6 +166,7 @@ def test_public_api():
     assert K.triton_available() is True
     # the kernels' own copies of core constants agree with the core
     assert FSS.PREDICTION_TYPES == PREDICTION_TYPES
+    assert FDL._EPS_COUNT == core_losses._EPS_COUNT  # the kernels get it as `eps`
 
 
 KERNELS_DIR = pathlib.Path(K.__file__).resolve().parent
@@ -583,13 +585,13 @@ def _compile_all():
         sig = {**{m: f"*{dt}" for m in maps}, "d_ptr": "*fp32", "t_ptr": "*i64", "tp_kd_ptr": "*fp32",
                "tp_b_ptr": "*fp32", "cnt_ptr": "*fp32", "g_tot_ptr": "*fp32", "g_l2_ptr": "*fp32",
                "g_kd_ptr": "*fp32", "g_bd_ptr": "*fp32", "grad_ptr": f"*{dt}", "N": "i32", "T": "i32",
-               **{k: "fp32" for k in ("n_f", "tau", "inv_bn", "inv_b", "lambda_e", "lambda_b", "w0", "w1", "w2")},
+               **{k: "fp32" for k in ("n_f", "tau", "inv_bn", "inv_b", "lambda_e", "lambda_b", "w0", "w1", "w2", "eps")},
                "HAS_G_TOT": "constexpr", "HAS_G_L2": "constexpr", "HAS_G_KD": "constexpr", "HAS_G_BD": "constexpr",
                "BLOCK": "constexpr"}
         for flags in ((True, False, False, False), (False, True, True, True)):
             compile_(bwd, sig, {**dict(zip(("HAS_G_TOT", "HAS_G_L2", "HAS_G_KD", "HAS_G_BD"), flags)), "BLOCK": 1024})
     sig = {"part_ptr": "*fp32", "cnt_ptr": "*fp32", "out_ptr": "*fp32", "B": "i32", "NBLK": "i32",
-           **{k: "fp32" for k in ("n_f", "bn_f", "b_f", "lambda_e", "lambda_b", "w0", "w1", "w2")},
+           **{k: "fp32" for k in ("n_f", "bn_f", "b_f", "lambda_e", "lambda_b", "w0", "w1", "w2", "eps")},
            "BLOCK_B": "constexpr", "BLOCK_K": "constexpr"}
     compile_(fin, sig, {"BLOCK_B": 64, "BLOCK_K": 16})
     for pred in range(3):
