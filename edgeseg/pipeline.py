@@ -171,14 +171,69 @@ def run_train_teacher(job: DistillJob) -> Path:
     return run
 
 
-def run_distill(job: DistillJob) -> dict:
-    """The main job. Returns the metrics written to `<run>/metrics.json`."""
-    t0 = time.time()
+def _presets(job: DistillJob):
+    """(teacher preset name, student preset name, student preset), checked to exist."""
     t_default, s_default = default_presets(job.dataset)
     s_name = job.student_preset or s_default
     s_preset = preset(s_name)
     t_name = job.teacher_preset or s_preset.teacher or t_default
     preset(t_name)
+    return t_name, s_name, s_preset
+
+
+def _get_teacher(job: DistillJob, cfg_t: TrainConfig, t_name: str, run: Path, rank: int):
+    """The teacher: --teacher or the shipped one (copied into the run folder), else trained
+    now. Returns (model, training seconds or None)."""
+    teacher_src = job.teacher or shipped_teacher(t_name, job.dataset)
+    if teacher_src is None:
+        _say(job, f"teacher: training {t_name} on {job.dataset} (no --teacher given)")
+        tt = time.time()
+        teacher = _train(cfg_t, run, None, job)
+        return teacher, time.time() - tt
+    teacher = load_model(teacher_src, expect_preset=t_name)
+    _say(job, f"teacher: {t_name} from {teacher_src}")
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        save_model(teacher, run / "teacher.safetensors", extra={"source": str(teacher_src)})
+    return teacher, None
+
+
+def _evaluate_both(job: DistillJob, run: Path, models: dict, test_ds) -> dict:
+    """Evaluate each role's model on the test split; overlays go to <run>/overlays/<role>.png."""
+    results = {}
+    for role, model in models.items():
+        r = evaluate(model, test_ds, job.eval, max_images=job.eval_images, progress=not job.quiet, label=role)
+        write_overlays(r["keep"], run / "overlays" / f"{role}.png", title_prefix=f"{role} ")
+        r["params"] = count_params(model)
+        results[role] = r
+    return results
+
+
+def _metrics(job: DistillJob, cfg_s: TrainConfig, models: dict, results: dict, seconds: dict) -> dict:
+    """The content of <run>/metrics.json."""
+    metrics = {
+        role: {"preset": model.preset.name, "params": count_params(model), **metrics_summary(results[role])}
+        for role, model in models.items()
+    }
+    metrics["dataset"] = job.dataset
+    metrics["kd"] = {"type": cfg_s.kd, "tau": cfg_s.tau, "lambda_e": cfg_s.lambda_e, "lambda_b": cfg_s.lambda_b}
+    metrics["seconds"] = {k: None if v is None else round(v, 1) for k, v in seconds.items()}
+    return metrics
+
+
+def _print_summary(job: DistillJob, results: dict, metrics: dict, run: Path) -> None:
+    if job.quiet:
+        return
+    from rich.console import Console
+
+    Console(width=max(120, Console().width)).print(format_table(results, title=f"{job.dataset} test split ({results['student']['n']} images)"))
+    Console().print(f"run folder: {run}   ({metrics['seconds']['total']:.0f} s)")
+
+
+def run_distill(job: DistillJob) -> dict:
+    """The main job. Returns the metrics written to `<run>/metrics.json`."""
+    t0 = time.time()
+    t_name, s_name, s_preset = _presets(job)
     run = _run_dir(job, s_name)
     # settings first: a typo must fail now, not after the teacher has trained
     cfg_t = _apply(recipe("teacher", t_name, job.dataset, job.data_dir), job.teacher_overrides)
@@ -186,30 +241,15 @@ def run_distill(job: DistillJob) -> dict:
     device = init_distributed()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
-    # ---- data first: a bad file must surface now, not hours into a run
+    # data first: a bad file must surface now, not hours into a run
     from edgeseg.data import load_dataset
 
     size = s_preset.image_size
     test_ds = load_dataset(job.dataset, "test", data_dir=job.data_dir, size=size)
-
-    # ---- teacher
-    teacher_src = job.teacher or shipped_teacher(t_name, job.dataset)
-    teacher_seconds = None
-    if teacher_src is not None:
-        teacher = load_model(teacher_src, expect_preset=t_name)
-        _say(job, f"teacher: {t_name} from {teacher_src}")
-        if rank == 0:
-            run.mkdir(parents=True, exist_ok=True)
-            save_model(teacher, run / "teacher.safetensors", extra={"source": str(teacher_src)})
-    else:
-        _say(job, f"teacher: training {t_name} on {job.dataset} (no --teacher given)")
-        tt = time.time()
-        teacher = _train(cfg_t, run, None, job)
-        teacher_seconds = time.time() - tt
+    teacher, teacher_seconds = _get_teacher(job, cfg_t, t_name, run, rank)
     if teacher.preset.image_size != size:
         raise EdgesegError(f"teacher {t_name} works at {teacher.preset.image_size}px, student {s_name} at {size}px")
 
-    # ---- student
     _say(job, f"student: distilling {s_name} with KD={cfg_s.kd} (tau {cfg_s.tau}) into {run}")
     ts = time.time()
     student = _train(cfg_s, run, teacher, job)
@@ -217,26 +257,10 @@ def run_distill(job: DistillJob) -> dict:
     if rank != 0:
         return {}
 
-    # ---- evaluate both on the test split
-    teacher, student = teacher.to(device).eval(), student.to(device).eval()
-    results = {}
-    for role, model in (("teacher", teacher), ("student", student)):
-        r = evaluate(model, test_ds, job.eval, max_images=job.eval_images, progress=not job.quiet, label=role)
-        write_overlays(r["keep"], run / "overlays" / f"{role}.png", title_prefix=f"{role} ")
-        r["params"] = count_params(model)
-        results[role] = r
-    metrics = {
-        role: {"preset": r_model.preset.name, "params": count_params(r_model), **metrics_summary(results[role])}
-        for role, r_model in (("teacher", teacher), ("student", student))
-    }
-    metrics["dataset"] = job.dataset
-    metrics["kd"] = {"type": cfg_s.kd, "tau": cfg_s.tau, "lambda_e": cfg_s.lambda_e, "lambda_b": cfg_s.lambda_b}
-    metrics["seconds"] = {"total": round(time.time() - t0, 1), "student_training": round(student_seconds, 1),
-                          "teacher_training": None if teacher_seconds is None else round(teacher_seconds, 1)}
+    models = {"teacher": teacher.to(device).eval(), "student": student.to(device).eval()}
+    results = _evaluate_both(job, run, models, test_ds)
+    metrics = _metrics(job, cfg_s, models, results, {
+        "total": time.time() - t0, "student_training": student_seconds, "teacher_training": teacher_seconds})
     atomic_write_json(run / "metrics.json", metrics)
-    if not job.quiet:
-        from rich.console import Console
-
-        Console(width=max(120, Console().width)).print(format_table(results, title=f"{job.dataset} test split ({results['student']['n']} images)"))
-        Console().print(f"run folder: {run}   ({metrics['seconds']['total']:.0f} s)")
+    _print_summary(job, results, metrics, run)
     return metrics

@@ -28,7 +28,6 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from edgeseg.checkpoint import atomic_write_json, load_model, save_model, save_tensors
-from edgeseg.diffusion import NoiseSchedule
 from edgeseg.errors import EdgesegError, SettingsError
 from edgeseg.losses import student_objective, teacher_objective
 from edgeseg.models import DermoSegDiff, build, preset
@@ -352,7 +351,7 @@ class Trainer:
         self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.opt, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience
         )
-        self.schedule = NoiseSchedule()
+        self.schedule = self.model.noise_schedule
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # timesteps + noise, checkpointed
         self.step, self.epoch = 0, 0
         self.epoch_sums: dict[str, float] = {}
@@ -590,8 +589,11 @@ class Trainer:
             pin_memory=self.device.type == "cuda", persistent_workers=False,
         )
 
+    def _steps_per_epoch(self) -> int:
+        return len(self.train_ds) // self.cfg.batch_size
+
     def total_steps(self) -> int:
-        per_epoch = len(self.train_ds) // self.cfg.batch_size
+        per_epoch = self._steps_per_epoch()
         if per_epoch == 0:
             raise EdgesegError(
                 f"the {self.cfg.dataset} train split has {len(self.train_ds)} images, fewer than one batch "
@@ -603,71 +605,64 @@ class Trainer:
     def fit(self, on_epoch_end: Callable[["Trainer", dict], None] | None = None,
             stop_after_steps: int | None = None) -> nn.Module:
         """Train to the end (or `stop_after_steps` more steps, for tests); returns the EMA model."""
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
         total = self.total_steps()
-        budget = None if stop_after_steps is None else self.step + stop_after_steps
-        show = self.rank == 0 and not self.quiet
-        progress = Progress(
-            TextColumn(f"[bold]{self.cfg.role} {self.p.name}[/]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            disable=not show, transient=False,
-        )
-        with progress:
-            task = progress.add_task("train", total=total, completed=self.step, info="")
-            per_epoch = len(self.train_ds) // self.cfg.batch_size
-            while self.step < total and (budget is None or self.step < budget):
-                t0 = time.time()
-                skip = self.step - self.epoch * per_epoch  # > 0 after resuming mid-epoch
-                if skip == 0:
-                    self.epoch_sums = {}
-                run = self.epoch_sums  # running loss sums of this epoch (checkpointed)
-                for batch in self._loader(self.epoch, skip):
-                    if self.step >= total or (budget is not None and self.step >= budget):
-                        break
-                    try:
-                        logs = self.train_step(batch)
-                    except TrainingDiverged:
-                        progress.stop()
-                        raise
-                    for k, v in logs.items():
-                        run[k] = run.get(k, 0.0) + v
-                    nb = self.step - self.epoch * per_epoch
-                    info = " ".join(f"{k} {v / nb:.4f}" for k, v in run.items() if k in ("loss", "kd"))
-                    progress.update(task, completed=self.step, info=f"ep {self.epoch + 1} {info} lr {self.lr:.1e}")
-                    if show and not progress.console.is_terminal and self.step % 50 == 0:
-                        # logs and pipes get a line now and then instead of a live bar
-                        progress.console.print(f"{self.cfg.role} step {self.step}/{total} {info} "
-                                               f"({time.time() - t0:.0f} s into epoch {self.epoch + 1})")
-                    if self.cfg.save_every_steps and self.step % self.cfg.save_every_steps == 0:
-                        self.save_state()
-                else:
-                    # a full epoch: validate, step the plateau scheduler, log, checkpoint
-                    self.epoch += 1
-                    rec = {"epoch": self.epoch, "step": self.step, "lr": self.lr,
-                           "seconds": round(time.time() - t0, 2),
-                           **{f"train_{k}": v / per_epoch for k, v in run.items()}}
-                    if self.epoch % self.cfg.val_every == 0:
-                        rec["val_loss"] = self.validate()
-                        if math.isfinite(rec["val_loss"]):
-                            self.plateau.step(rec["val_loss"])
-                    if on_epoch_end is not None:
-                        on_epoch_end(self, rec)
-                    if show:
-                        progress.console.print(
-                            f"{self.cfg.role} epoch {self.epoch} step {self.step}: "
-                            + " ".join(f"{k} {v:.4g}" for k, v in rec.items()
-                                       if k not in ("epoch", "step") and isinstance(v, float))
-                        )
-                    self.history.append(rec)
-                    self._write_log(rec)
-                    self.save_state()
-                    continue
-                break  # stopped inside the epoch by max_steps / budget
+        stop = total if stop_after_steps is None else min(total, self.step + stop_after_steps)
+        with _FitProgress(self, total, show=self.rank == 0 and not self.quiet) as bar:
+            while self.step < stop and self._fit_epoch(bar, stop, on_epoch_end):
+                pass
             self.save_state()
         if self.rank == 0:
             self.save_final()
         return self.ema.model
+
+    def _fit_epoch(self, bar: "_FitProgress", stop: int, on_epoch_end) -> bool:
+        """Train the rest of the current epoch (after a mid-epoch resume, only the rest).
+
+        Returns True when the epoch ran to its end (and was closed by `_end_epoch`), False when
+        `stop` was reached inside it."""
+        t0 = time.time()
+        skip = self.step - self.epoch * self._steps_per_epoch()  # > 0 after resuming mid-epoch
+        if skip == 0:
+            self.epoch_sums = {}
+        for batch in self._loader(self.epoch, skip):
+            if self.step >= stop:
+                return False
+            self._fit_step(batch, bar, t0)
+        self._end_epoch(bar, t0, on_epoch_end)
+        return True
+
+    def _fit_step(self, batch, bar: "_FitProgress", t0: float) -> None:
+        """One optimiser step: add its losses to the epoch's running sums, report, checkpoint."""
+        try:
+            logs = self.train_step(batch)
+        except TrainingDiverged:
+            bar.stop()
+            raise
+        run = self.epoch_sums  # running loss sums of this epoch (checkpointed)
+        for k, v in logs.items():
+            run[k] = run.get(k, 0.0) + v
+        nb = self.step - self.epoch * self._steps_per_epoch()
+        bar.on_step(self, " ".join(f"{k} {v / nb:.4f}" for k, v in run.items() if k in ("loss", "kd")), t0)
+        if self.cfg.save_every_steps and self.step % self.cfg.save_every_steps == 0:
+            self.save_state()
+
+    def _end_epoch(self, bar: "_FitProgress", t0: float, on_epoch_end) -> None:
+        """A full epoch: validate, step the plateau scheduler, log, checkpoint."""
+        self.epoch += 1
+        per_epoch = self._steps_per_epoch()
+        rec = {"epoch": self.epoch, "step": self.step, "lr": self.lr,
+               "seconds": round(time.time() - t0, 2),
+               **{f"train_{k}": v / per_epoch for k, v in self.epoch_sums.items()}}
+        if self.epoch % self.cfg.val_every == 0:
+            rec["val_loss"] = self.validate()
+            if math.isfinite(rec["val_loss"]):
+                self.plateau.step(rec["val_loss"])
+        if on_epoch_end is not None:
+            on_epoch_end(self, rec)
+        bar.on_epoch(self, rec)
+        self.history.append(rec)
+        self._write_log(rec)
+        self.save_state()
 
     @property
     def lr(self) -> float:
@@ -697,3 +692,44 @@ class Trainer:
         if self.resumes:
             extra["resumes"] = self.resumes
         return save_model(self.ema.model, self.out_dir / f"{self.cfg.role}.safetensors", extra=extra)
+
+
+class _FitProgress:
+    """What `Trainer.fit` shows: a live bar on a terminal, a line every 50 steps in logs and
+    pipes, a line per epoch; nothing unless `show`."""
+
+    def __init__(self, trainer: Trainer, total: int, show: bool):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.total, self.show, self.start = total, show, trainer.step
+        self.progress = Progress(
+            TextColumn(f"[bold]{trainer.cfg.role} {trainer.p.name}[/]"), BarColumn(),
+            TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not show, transient=False,
+        )
+
+    def __enter__(self) -> "_FitProgress":
+        self.progress.__enter__()
+        self.task = self.progress.add_task("train", total=self.total, completed=self.start, info="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+    def on_step(self, tr: Trainer, info: str, t0: float) -> None:
+        self.progress.update(self.task, completed=tr.step, info=f"ep {tr.epoch + 1} {info} lr {tr.lr:.1e}")
+        if self.show and not self.progress.console.is_terminal and tr.step % 50 == 0:
+            # logs and pipes get a line now and then instead of a live bar
+            self.progress.console.print(f"{tr.cfg.role} step {tr.step}/{self.total} {info} "
+                                        f"({time.time() - t0:.0f} s into epoch {tr.epoch + 1})")
+
+    def on_epoch(self, tr: Trainer, rec: dict) -> None:
+        if self.show:
+            self.progress.console.print(
+                f"{tr.cfg.role} epoch {tr.epoch} step {tr.step}: "
+                + " ".join(f"{k} {v:.4g}" for k, v in rec.items()
+                           if k not in ("epoch", "step") and isinstance(v, float))
+            )
