@@ -174,7 +174,7 @@ def measure_cost(teacher_path: str, student_preset: str, budget: Budget, threads
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from edgeseg.baselines import SmallUNet, count_params as unet_params
+    from edgeseg.baselines import SmallUNet
     from edgeseg.checkpoint import load_model
     from edgeseg.evaluate import SamplerSettings, predict
     from edgeseg.models import build, count_params, flops_per_call
@@ -205,7 +205,7 @@ def measure_cost(teacher_path: str, student_preset: str, budget: Budget, threads
         unet(img)
     with torch.no_grad():
         ms = median_ms(lambda: unet(img), repeats * 4)
-    cost["unet"] = {"params": unet_params(unet), "gflop_per_call": round(fc.get_total_flops() / 1e9, 3),
+    cost["unet"] = {"params": count_params(unet), "gflop_per_call": round(fc.get_total_flops() / 1e9, 3),
                     "settings": {"single": {"gflop": round(fc.get_total_flops() / 1e9, 3), "latency_ms": round(ms, 2)}}}
     return cost
 

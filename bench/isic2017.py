@@ -113,7 +113,7 @@ def cost_diffusion(model, settings) -> dict:
 def cost_unet(model, size: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from edgeseg.baselines import count_params
+    from edgeseg.models import count_params
 
     img = torch.rand(1, 3, size, size)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:

@@ -57,6 +57,7 @@ __all__ = [
     "summarize",
     "confusion_counts",
     "dice",
+    "mask_dice",
     "iou",
     "sensitivity",
     "specificity",
@@ -140,11 +141,16 @@ def _ratio(num: torch.Tensor, den: torch.Tensor, when_zero: float) -> torch.Tens
     return torch.where(den > 0, num / safe, torch.full_like(num, when_zero))
 
 
+def _dice_ratio(inter: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """2 |P & G| / (|P| + |G|) from the intersection and the summed sizes; total == 0 only
+    when both masks are empty -> 1."""
+    return _ratio(2 * inter, total, 1.0)
+
+
 def _confusion_metrics(c: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     tp, fp, fn, tn = c["tp"], c["fp"], c["fn"], c["tn"]
     return {
-        # den == 0 only when both masks are empty -> 1
-        "dsc": _ratio(2 * tp, 2 * tp + fp + fn, 1.0),
+        "dsc": _dice_ratio(tp, 2 * tp + fp + fn),
         "iou": _ratio(tp, tp + fp + fn, 1.0),
         "se": _ratio(tp, tp + fn, 1.0),
         "sp": _ratio(tn, tn + fp, 1.0),
@@ -154,7 +160,22 @@ def _confusion_metrics(c: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def dice(pred: MaskLike, target: MaskLike) -> torch.Tensor:
     """Per-sample Dice similarity coefficient (DSC); 1 if both masks are empty."""
-    return _confusion_metrics(confusion_counts(pred, target))["dsc"]
+    return mask_dice(*_pair(pred, target))
+
+
+def mask_dice(a: MaskLike, b: MaskLike) -> torch.Tensor:
+    """Per-sample Dice of two mask batches ``B x ...`` of one shape, nonzero = foreground,
+    without :func:`dice`'s checks: float64 ``(B,)`` on the masks' device (a numpy pair gives a
+    CPU tensor); 1 if both masks are empty.
+
+    The one Dice of the package: :func:`dice`, ``edgeseg.baselines.dice`` and
+    ``edgeseg.mobile.sidecar.dice_masks`` all compute it here.
+    """
+    a, b = (torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x for x in (a, b))
+    a = a.reshape(a.shape[0], -1).bool()
+    b = b.reshape(b.shape[0], -1).bool()
+    inter = (a & b).sum(1).to(_DTYPE)
+    return _dice_ratio(inter, (a.sum(1) + b.sum(1)).to(_DTYPE))
 
 
 def iou(pred: MaskLike, target: MaskLike) -> torch.Tensor:

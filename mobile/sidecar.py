@@ -168,12 +168,11 @@ def io_spec(batch: int, ensemble: int, h: int, w: int) -> tuple[list[dict], list
 
 
 def dice_masks(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image Dice between boolean masks (B x ...); two empty masks agree perfectly (1.0)."""
-    a = a.reshape(a.shape[0], -1).bool()
-    b = b.reshape(b.shape[0], -1).bool()
-    inter = (a & b).sum(1).double()
-    tot = (a.sum(1) + b.sum(1)).double()
-    return torch.where(tot == 0, torch.ones_like(tot), 2 * inter / tot.clamp(min=1))
+    """Per-image Dice between boolean masks (B x ...); two empty masks agree perfectly (1.0).
+    An alias of :func:`edgeseg.metrics.mask_dice`."""
+    from edgeseg.metrics import mask_dice
+
+    return mask_dice(a, b)
 
 
 def read_sidecar(model_path: str | Path) -> dict:

@@ -19,6 +19,7 @@ from edgeseg.metrics import (
     hd95,
     iou,
     mask_boundary,
+    mask_dice,
     segmentation_metrics,
     sensitivity,
     specificity,
@@ -56,6 +57,26 @@ def test_two_squares_known_overlap():
     c = confusion_counts(a[None], b[None])
     assert [c[k].item() for k in ("tp", "fp", "fn", "tn")] == [25, 75, 75, 32 * 32 - 175]
 
+
+
+def test_one_dice_behind_every_alias():
+    """metrics.dice, metrics.mask_dice, baselines.dice and mobile.sidecar.dice_masks agree
+    exactly (one implementation), empty pairs included, and mask_dice keeps the device."""
+    from edgeseg.baselines import dice as np_dice
+    from edgeseg.mobile.sidecar import dice_masks
+
+    rng = np.random.default_rng(0)
+    a = rng.random((6, 9, 11)) < rng.random((6, 1, 1))
+    b = rng.random((6, 9, 11)) < rng.random((6, 1, 1))
+    a[0], b[0] = False, False  # both empty -> 1
+    a[1] = False  # one empty -> 0
+    b[1, 0, 0] = True
+    want = dice(a, b)
+    assert want[0].item() == 1.0 and want[1].item() == 0.0 and want.dtype == torch.float64
+    assert torch.equal(mask_dice(a, b), want)
+    assert torch.equal(dice_masks(torch.from_numpy(a)[:, None], torch.from_numpy(b)[:, None]), want)
+    assert [np_dice(x.astype(np.uint8) * 255, y) for x, y in zip(a, b)] == want.tolist()
+    assert mask_dice(torch.from_numpy(a).to("meta"), torch.from_numpy(b).to("meta")).device.type == "meta"
 
 def test_se_sp_acc_hand_made_4x4():
     target = np.array([[1, 1, 0, 0],
