@@ -42,10 +42,10 @@ class ExportGroupNorm(nn.Module):
     """GroupNorm as XNNPACK runs it best: channels-last, no reshape, no transposes.
 
     XNNPACK runs the network in NHWC; an op it considers layout-bound (a reshape, a binary op
-    with an NCHW constant) costs a transpose on each side. Measured on the tiny student, the
-    straightforward ``reshape(B, G, C/G, HW)`` GroupNorm, then its per-channel constants
-    (eps, affine), put 473 and then 348 transposes into the XNNPACK graph (of ~1,700 nodes).
-    Here every step is a global average pool or a conv, which XNNPACK runs in NHWC:
+    with an NCHW constant) costs a transpose on each side, and the straightforward
+    ``reshape(B, G, C/G, HW)`` GroupNorm with per-channel constants (eps, affine) fills the
+    graph with them (numbers: bench/README.md, "Design measurements"). Here every step is a
+    global average pool or a conv, which XNNPACK runs in NHWC:
 
     * statistics: per-channel spatial means (``mean(dims=(2, 3))``: global average pooling),
       then a fixed 1x1 conv that averages them over each group of C/G channels (every channel
@@ -208,50 +208,46 @@ def _is_nearest_up2(m: nn.Module) -> bool:
     )
 
 
-def _rewrite(module: nn.Module, ws: bool, gn: bool, up: bool, attn: bool) -> None:
+def _is_upsample_conv(m: nn.Module) -> bool:
+    """The decoder's ``Sequential(nearest 2x Upsample, plain 3x3 conv, stride 1, padding 1)``."""
+    return (
+        isinstance(m, nn.Sequential) and len(m) == 2 and _is_nearest_up2(m[0])
+        and isinstance(m[1], nn.Conv2d) and not isinstance(m[1], WSConv2d)
+        and m[1].kernel_size == (3, 3) and m[1].padding == (1, 1)
+        and m[1].stride == (1, 1) and m[1].groups == 1
+    )
+
+
+def _rewrite(module: nn.Module) -> None:
+    """Replace, in place and depth first, every submodule that has an export-friendly form."""
     for name, child in list(module.named_children()):
-        if gn and type(child) is Block:
-            _rewrite(child, ws, gn, up, attn)
+        if type(child) is Block:
+            _rewrite(child)
             setattr(module, name, ExportBlock(child))
-        elif attn and type(child) is LinearAttention:
+        elif type(child) is LinearAttention:
             new = ExportLinearAttention(child)
-            _rewrite(new, ws, gn, up, attn)
+            _rewrite(new)
             setattr(module, name, new)
-        elif attn and type(child) is Attention:
+        elif type(child) is Attention:
             new = ExportAttention(child)
-            _rewrite(new, ws, gn, up, attn)
+            _rewrite(new)
             setattr(module, name, new)
-        elif ws and isinstance(child, WSConv2d):
+        elif isinstance(child, WSConv2d):
             setattr(module, name, fold_ws_conv(child))
-        elif gn and isinstance(child, nn.GroupNorm):
+        elif isinstance(child, nn.GroupNorm):
             setattr(module, name, ExportGroupNorm.from_group_norm(child))
-        elif (
-            up and isinstance(child, nn.Sequential) and len(child) == 2 and _is_nearest_up2(child[0])
-            and isinstance(child[1], nn.Conv2d) and not isinstance(child[1], WSConv2d)
-            and child[1].kernel_size == (3, 3) and child[1].padding == (1, 1)
-            and child[1].stride == (1, 1) and child[1].groups == 1
-        ):
+        elif _is_upsample_conv(child):
             setattr(module, name, fold_upsample_conv(child[1]))
         else:
-            _rewrite(child, ws, gn, up, attn)
+            _rewrite(child)
 
 
-def prepare_for_export(
-    model: nn.Module, *, fold_ws: bool = True, group_norm: bool = True, upsample: bool = True,
-    attention: bool = True,
-) -> nn.Module:
-    """A deep copy of `model` in eval mode, rewritten for export (see the module docstring).
-
-    The keyword switches exist to measure what each rewrite buys (the naive graph is
-    ``prepare_for_export(m, fold_ws=False, group_norm=False, upsample=False, attention=False)``);
-    export always
-    uses all of them. A model with WSConv2d left unfolded still exports (the standardisation is
-    traced into the graph), it is just slower.
-    """
+def prepare_for_export(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` in eval mode, with every rewrite of the module docstring applied."""
     out = copy.deepcopy(model).eval()
     for p in out.parameters():
         p.requires_grad_(False)
-    _rewrite(out, fold_ws, group_norm, upsample, attention)
+    _rewrite(out)
     return out
 
 

@@ -17,10 +17,8 @@ def _golden_candidates() -> list[Path]:
     if env:
         p = Path(env).expanduser()
         out.append(p if p.suffix == ".npz" else p / GOLDEN_NAME)
-    # a copy lives in the repository (tests/golden/, with its README), so a clean clone checks it;
-    # dev machines also keep the original beside the clone: <parent>/shared/golden
+    # a copy lives in the repository (tests/golden/, with its README), so a clean clone checks it
     out.append(REPO_ROOT / "tests" / "golden" / GOLDEN_NAME)
-    out.append(Path(__file__).resolve().parents[2] / "shared" / "golden" / GOLDEN_NAME)
     return out
 
 

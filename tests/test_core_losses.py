@@ -1,6 +1,6 @@
 """Boundary maps (edgeseg.boundary) and the paper's losses (edgeseg.losses).
 
-Golden parity against the paper authors' reference vectors (../shared/golden), plus the edge
+Golden parity against the paper authors' reference vectors (tests/golden), plus the edge
 cases the golden file has not seen, checked against an independent reimplementation of the
 golden README's exact rules (Canny(0, 0) non-maximum suppression, scipy's exact EDT).
 Run with `pytest -s` to see the maximum errors.

@@ -160,7 +160,7 @@ def test_flops_every_preset():
         rows[n] = flops / 1e9
         print(f"[flops] {n:20s} {rows[n]:8.2f} GFLOP per call at {s}x{s}")
     assert rows["student-mobile"] <= 5.0
-    # DESIGN.md's compute note: the depth cut keeps nearly all the work (2 FLOPs per MAC)
+    # the depth cut keeps nearly all the work (2 FLOPs per MAC)
     assert rows["teacher-isic2018"] == pytest.approx(56.1, rel=0.01)
     assert rows["student-isic2018"] == pytest.approx(53.7, rel=0.01)
     assert rows["tiny-student"] < 2.0 and rows["tiny-teacher"] < 2.0

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
-import os
 
 import cv2
 import numpy as np
@@ -410,7 +409,7 @@ def generate_split(split: str, n: int | None = None, seed: int = 0, size: int = 
     imgs = np.empty((n, 128, 128, 3), np.uint8)
     masks = np.empty((n, 128, 128), np.uint8)
     jobs = [(seed, _SPLIT_INDEX[split], c) for c in range((n + _CHUNK - 1) // _CHUNK)]
-    procs = min(workers or 1, len(jobs))  # a pool did not pay off on 2 cores
+    procs = min(workers or 1, len(jobs))  # one process unless asked: a pool costs more than it saves on few cores
     if procs > 1:
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         with ctx.Pool(procs) as pool:

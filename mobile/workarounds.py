@@ -1,0 +1,98 @@
+"""Where edgeseg reaches into ExecuTorch internals, in one place.
+
+Both work around behaviour of ExecuTorch 1.5's XNNPACK backend that its public API does not
+expose. `tests/test_mobile.py::test_executorch_workarounds_still_apply` checks the internals
+they rely on, so an ExecuTorch upgrade that moves them fails loudly there instead of silently
+giving larger or unloadable programs.
+"""
+from __future__ import annotations
+
+import contextlib
+
+__all__ = ["compact_constant_keys", "int8_partitioner", "workarounds_apply"]
+
+
+@contextlib.contextmanager
+def compact_constant_keys():
+    """Name XNNPACK's constants 0, 1, 2, ... instead of by their 64-character sha256.
+
+    XNNPACK's serializer keys every constant (weights, biases, per-channel scales) by the hex
+    sha256 of its bytes, and the key is written twice: in the delegate's graph and in the
+    program's named-data table, a noticeable share of a small int8 program (bench/README.md,
+    "Design measurements"). Here the same digests map to short sequential ids for one lowering: equal
+    data still gets one key (constants shared by the unrolled steps are stored once) and
+    different data never shares one. If ExecuTorch no longer names constants this way, this
+    does nothing and the keys stay long.
+    """
+    from executorch.backends.xnnpack.operators import node_visitor
+
+    real = getattr(node_visitor, "hashlib", None)
+    if real is None or not hasattr(real, "sha256"):  # pragma: no cover
+        yield
+        return
+    ids: dict[bytes, str] = {}
+
+    class _ShortDigest:
+        def __init__(self, data=b""):
+            self._digest = real.sha256(data).digest()
+
+        def hexdigest(self) -> str:
+            return ids.setdefault(self._digest, format(len(ids), "x"))
+
+    node_visitor.hashlib = type("hashlib", (), {"sha256": _ShortDigest})
+    try:
+        yield
+    finally:
+        node_visitor.hashlib = real
+
+
+def int8_partitioner():
+    """XNNPACK partitioner for programs quantized by :func:`quantize_int8`.
+
+    The stock partitioner reads ``dequantize -> op -> quantize`` around ANY op as a quantized op
+    and hands it to XNNPACK in int8. With only convs/linears quantized, a concatenation of two
+    conv outputs feeding a conv is exactly that pattern, and XNNPACK's int8 concatenation needs
+    one scale for all inputs: it refuses the program at load ("Failed to create cat2 node ...
+    xnn_status_invalid_parameter"). Here every op but the GEMMs and the q/dq themselves is
+    partitioned as fp32, so the delegate computes exactly the q/dq graph that was calibrated:
+    int8 convs, explicit converts around them, fp32 everywhere else.
+    """
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.gemm_configs import GEMMConfig
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import (
+        DeQuantizedPerTensorConfig,
+        GenericNodePartitionerConfig,
+        QuantizedPerTensorConfig,
+    )
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    def fp32_only(cfg):
+        if (not issubclass(cfg, GenericNodePartitionerConfig) or issubclass(cfg, GEMMConfig)
+                or cfg in (QuantizedPerTensorConfig, DeQuantizedPerTensorConfig)):
+            return cfg
+        return type(f"{cfg.__name__}Fp32", (cfg,), {"supported_precision_types": lambda self: [ConfigPrecisionType.FP32]})
+
+    return XnnpackPartitioner(configs=[fp32_only(c) for c in ALL_PARTITIONER_CONFIGS])
+
+
+
+
+def workarounds_apply() -> list[str]:
+    """What no longer holds in the installed ExecuTorch (empty when both workarounds apply)."""
+    problems = []
+    from executorch.backends.xnnpack.operators import node_visitor
+
+    if not hasattr(getattr(node_visitor, "hashlib", None), "sha256"):
+        problems.append("executorch.backends.xnnpack.operators.node_visitor no longer uses hashlib.sha256: "
+                        "compact_constant_keys does nothing")
+    try:
+        from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+        from executorch.backends.xnnpack.partition.config.generic_node_configs import GenericNodePartitionerConfig
+
+        if not any(issubclass(c, GenericNodePartitionerConfig) for c in ALL_PARTITIONER_CONFIGS):
+            problems.append("ALL_PARTITIONER_CONFIGS holds no GenericNodePartitionerConfig: int8_partitioner "
+                            "changes nothing")
+    except ImportError as e:
+        problems.append(f"int8_partitioner's imports moved: {e}")
+    return problems
