@@ -15,12 +15,12 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from edgeseg.cli import data, export, train
+    from edgeseg.cli import data, evaluate, export, segment, train
 
     app.command("distill")(train.distill)
     app.command("train-teacher")(train.train_teacher)
-    app.command("evaluate")(train.evaluate_cmd)
-    app.command("segment")(train.segment)
+    app.command("evaluate")(evaluate.evaluate_cmd)
+    app.command("segment")(segment.segment)
     app.command("export")(export.export_cmd)
     app.add_typer(data.app, name="data")
 

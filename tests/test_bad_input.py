@@ -445,7 +445,8 @@ def results(tmp_path_factory):
         for cid, d in dirs.items():
             before[cid] = snapshot(d) if "unreadable" not in cid else None
         spec = {
-            "preimport": ["edgeseg.cli.main", "edgeseg.cli.train", "edgeseg.cli.export", "edgeseg.cli.data",
+            "preimport": ["edgeseg.cli.main", "edgeseg.cli.train", "edgeseg.cli.evaluate", "edgeseg.cli.segment",
+                          "edgeseg.cli.export", "edgeseg.cli.data",
                           "edgeseg.pipeline", "edgeseg.mobile.export", "edgeseg.data.validate"],
             "out": str(root),
             "cases": [{"id": c.id, "argv": c.argv, "cwd": str(dirs[c.id]), "timeout": c.timeout, "deny": c.deny,
