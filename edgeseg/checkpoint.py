@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from edgeseg import files
+from edgeseg.diffusion import NoiseSchedule
 from edgeseg.errors import CheckpointError
 from edgeseg.models import PRESETS, DermoSegDiff, Preset, build
 
@@ -110,8 +111,10 @@ def save_model(model: DermoSegDiff, path: str | Path, extra: dict | None = None)
         path = path.with_suffix(".safetensors")
     p = model.preset
     save_tensors(path, model.state_dict(), metadata={"preset": p.name, "preset_config": json.dumps(p.to_dict())})
-    extra = {k: v for k, v in (extra or {}).items() if k not in ("preset", "weights_sha256")}
-    atomic_write_json(_json_path(path), {"preset": p.to_dict(), "weights_sha256": file_sha256(path), **extra})
+    extra = {k: v for k, v in (extra or {}).items() if k not in ("preset", "weights_sha256", "noise_schedule")}
+    schedule = getattr(model, "noise_schedule", None) or NoiseSchedule()
+    atomic_write_json(_json_path(path), {"preset": p.to_dict(), "noise_schedule": schedule.to_dict(),
+                                         "weights_sha256": file_sha256(path), **extra})
     return path
 
 
@@ -224,8 +227,13 @@ def load_model(path: str | Path, expect_preset: str | None = None, map_location:
     preset, the same architecture (a renamed checkpoint of another preset is refused).
     """
     path = Path(path)
-    p, _ = verify_checkpoint(path, expect_preset)
+    p, meta = verify_checkpoint(path, expect_preset)
     model = build(p)
+    if "noise_schedule" in meta:  # older checkpoints predate it: the default schedule, which they used
+        try:
+            model.noise_schedule = NoiseSchedule.from_dict(meta["noise_schedule"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{_json_path(path)}: bad noise_schedule ({e})") from None
     try:
         state = load_file(str(path), device=map_location)
     except (SafetensorError, OSError) as e:

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
-PredictionType = Literal["epsilon", "sample", "v_prediction"]
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "sample", "v_prediction")
 
 __all__ = [
@@ -32,6 +32,8 @@ __all__ = [
     "SchedulerOutput",
     "DDPMScheduler",
     "DDIMScheduler",
+    "ddim_update",
+    "SamplerCore",
     "sample_masks",
 ]
 
@@ -98,6 +100,20 @@ class NoiseSchedule:
     def T(self) -> int:
         return self.num_train_timesteps
 
+    def to_dict(self) -> dict:
+        """What checkpoints and exports store (the schedule travels with the weights)."""
+        return {"kind": "linear", "num_train_timesteps": self.num_train_timesteps, "beta_start": self.beta_start,
+                "beta_end": self.beta_end}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NoiseSchedule":
+        if not isinstance(d, dict) or d.get("kind", "linear") != "linear":
+            raise ValueError(f"unknown noise schedule {d!r} (only 'linear' betas are implemented)")
+        T, b0, b1 = int(d["num_train_timesteps"]), float(d["beta_start"]), float(d["beta_end"])
+        if not (T >= 1 and 0.0 < b0 <= b1 < 1.0):
+            raise ValueError(f"noise schedule out of range: T={T}, betas {b0}..{b1}")
+        return cls(T, b0, b1)
+
     def posterior_std(self, t: int) -> torch.Tensor:
         """sqrt of the posterior variance, from the log-variance clipped as in the reference (var[0] == 0)."""
         return torch.exp(0.5 * torch.log(self.posterior_variance[t].clamp(min=1e-20)))
@@ -138,6 +154,27 @@ class NoiseSchedule:
         x0 = x0.clamp(-1.0, 1.0)
         eps = (x_t - sa * x0) / s1
         return x0, eps
+
+
+def ddim_update(model_output: torch.Tensor, sample: torch.Tensor, prediction_type: str, sa: float, s1: float,
+                c_x0: float, c_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One deterministic DDIM update on float coefficients: (c_x0 * x0 + c_eps * eps, x0).
+
+    (sa, s1) = (sqrt(abar_t), sqrt(1 - abar_t)); x0 is clipped to [-1, 1] and eps re-derived from
+    it. Plain Python floats keep the traced graph free of tensor constants; the final step
+    (c_x0 = 1, c_eps = 0) returns x0 itself, so the exported program ends on it.
+    """
+    if prediction_type == "epsilon":
+        x0 = (sample - s1 * model_output) / sa
+    elif prediction_type == "sample":
+        x0 = model_output
+    else:
+        x0 = sa * sample - s1 * model_output
+    x0 = x0.clamp(-1.0, 1.0)
+    if c_x0 == 1.0 and c_eps == 0.0:
+        return x0, x0
+    eps = (sample - sa * x0) / s1
+    return c_x0 * x0 + c_eps * eps, x0
 
 
 class _SchedulerBase:
@@ -227,6 +264,8 @@ class DDIMScheduler(_SchedulerBase):
         ts = (np.round(np.arange(T, 0, -T / K)).astype(np.int64) - 1)[:K]
         self.timesteps = torch.from_numpy(ts)
         self._index_prev()
+        # read once, as Python floats: a traced step (torch.export) must not read tensors
+        self._coefficients = {(int(t), self.eta): self._update_coefficients(int(t)) for t in ts}
 
     def step_coefficients(self, t: int) -> tuple[float, float, float, float]:
         """(sqrt(abar_t), sqrt(1-abar_t), sqrt(abar_prev), sqrt(1-abar_prev)) for this step."""
@@ -245,6 +284,10 @@ class DDIMScheduler(_SchedulerBase):
         with (sa, s1) = (sqrt(abar_t), sqrt(1-abar_t)) for the x0 / eps algebra.
 
         eta = 0: exactly `step_coefficients` and sigma = 0 (the deterministic step, bit for bit)."""
+        cached = getattr(self, "_coefficients", {}).get((int(t), self.eta))
+        return cached if cached is not None else self._update_coefficients(int(t))
+
+    def _update_coefficients(self, t: int) -> tuple[float, float, float, float, float]:
         sa, s1, sa_prev, s1_prev = self.step_coefficients(t)
         if self.eta == 0.0:
             return sa, s1, sa_prev, s1_prev, 0.0
@@ -265,15 +308,85 @@ class DDIMScheduler(_SchedulerBase):
         *,
         noise: torch.Tensor | None = None,
     ) -> SchedulerOutput:
-        t = int(timestep)
-        x0, eps = self.schedule.to_x0_eps(model_output, sample, t, self.prediction_type)
-        _, _, c_x0, c_eps, sigma = self.update_coefficients(t)
-        prev = c_x0 * x0 + c_eps * eps
+        sa, s1, c_x0, c_eps, sigma = self.update_coefficients(int(timestep))
+        prev, x0 = ddim_update(model_output, sample, self.prediction_type, sa, s1, c_x0, c_eps)
         if sigma > 0.0:
             if noise is None:
                 noise = _draw(sample, generator)
             prev = prev + sigma * noise
         return SchedulerOutput(prev, x0)
+
+
+class SamplerCore(nn.Module):
+    """The sampling loop: image batch + initial noise -> (mean, std) over an ensemble of N.
+
+    The one loop every inference runs (`edgeseg.Segmenter`, evaluation, the exported phone
+    program): for each of the scheduler's timesteps, the network's prediction, then
+    ``scheduler.step``. The ensemble is a batch dimension (image b occupies rows b*N .. b*N+N-1,
+    as ``repeat_interleave``); `noise` is the initial x_T, ``B*N x 1 x H x W``.
+
+    * A DermoSegDiff network (one with ``denoise``) gets its time embeddings computed once here
+      and stored as buffers, so a traced graph holds no sin/cos of constant inputs; any other
+      ``net(x_t, g, t)`` callable is called with the timestep batch.
+    * ``mean`` (B x 1 x H x W) is the ensemble average of the final x0 in [-1, 1]: threshold it at
+      0 for the mask; ``std`` is the population spread over the ensemble, in [0, 1].
+    * Tensor ops only on the traced path (concatenation instead of ``repeat_interleave``,
+      reductions over the innermost dims), so XNNPACK takes all of it.
+    """
+
+    def __init__(self, net: Callable, scheduler, ensemble: int = 1):
+        super().__init__()
+        if int(ensemble) < 1:
+            raise ValueError(f"ensemble must be >= 1, got {ensemble}")
+        self.net = net
+        self.scheduler = scheduler
+        self.ensemble = int(ensemble)
+        self.timesteps = [int(t) for t in scheduler.timesteps.tolist()]
+        self.step_nets: nn.ModuleList | None = None
+        self._embedded = callable(getattr(net, "denoise", None))
+        if self._embedded:
+            p = next(net.parameters())
+            with torch.no_grad():
+                for i, t in enumerate(self.timesteps):
+                    tt = torch.tensor([t], dtype=torch.long, device=p.device)
+                    self.register_buffer(f"temb_x{i}", net.time_x(tt).detach().clone(), persistent=False)
+                    self.register_buffer(f"temb_g{i}", net.time_g(tt).detach().clone(), persistent=False)
+
+    def untie_steps(self) -> "SamplerCore":
+        """Give each step after the first its own copy of the network (for int8 export).
+
+        PT2E annotates a conv only if its weight node is not annotated yet, so with one shared
+        set of weights only the first unrolled step would be quantized. Quantized with the same
+        observers, the copies are byte-identical and the .pte stores them once.
+        """
+        import copy
+
+        self.step_nets = nn.ModuleList(copy.deepcopy(self.net) for _ in self.timesteps[1:])
+        return self
+
+    def _predict(self, i: int, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        net = self.net if i == 0 or self.step_nets is None else self.step_nets[i - 1]
+        if self._embedded:
+            return net.denoise(x, g, getattr(self, f"temb_x{i}"), getattr(self, f"temb_g{i}"))
+        t = torch.full((x.shape[0],), self.timesteps[i], device=x.device, dtype=torch.long)
+        return net(x, g, t)
+
+    def forward(self, image: torch.Tensor, noise: torch.Tensor, generator: torch.Generator | None = None,
+                progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        b, _, h, w = image.shape
+        n = self.ensemble
+        g = torch.cat([image] * n, dim=1).reshape(b * n, image.shape[1], h, w) if n > 1 else image
+        x = noise.to(image.device, image.dtype)
+        for i, t in enumerate(self.timesteps):
+            x = self.scheduler.step(self._predict(i, x, g), t, x, generator=generator).prev_sample
+            if progress is not None:
+                progress(i + 1, len(self.timesteps))
+        # (B*N, 1, H, W) -> (B, HW, N, 1): ensemble statistics as reductions over the last two dims
+        xr = x.reshape(b, n, h * w).permute(0, 2, 1).reshape(b, h * w, n, 1)
+        mean = xr.mean(dim=(2, 3), keepdim=True)
+        d = xr - mean
+        std = torch.sqrt((d * d).mean(dim=(2, 3), keepdim=True))
+        return mean.reshape(b, 1, h, w), std.reshape(b, 1, h, w)
 
 
 @torch.no_grad()
@@ -286,26 +399,13 @@ def sample_masks(
     noise: torch.Tensor | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Segment a batch of images: returns (mean, std) over the ensemble, each B x 1 x H x W.
+    """Segment a batch of images with :class:`SamplerCore`: (mean, std) over the ensemble.
 
-    The ensemble is a batch dimension (image repeated N times), never a Python loop. `mean`
-    is the averaged final x0 in [-1, 1]; threshold it at 0 for the mask. `std` is the
-    per-pixel spread of the ensemble, an uncertainty map.
-    `noise` (B*N x 1 x H x W) fixes the initial x_T for reproducible runs; `generator` also feeds
-    the schedulers' own draws (DDPM, DDIM with eta > 0). Any scheduler with the shared
-    `step(model_output, timestep, sample, generator)` -> SchedulerOutput call works here.
+    `noise` (B*N x 1 x H x W) fixes the initial x_T for reproducible runs (drawn from `generator`
+    when None); `generator` also feeds the schedulers' own draws (DDPM, DDIM with eta > 0). Any
+    scheduler with the shared `step(model_output, timestep, sample, generator)` call works here.
     """
     B, _, H, W = image.shape
-    g = image.repeat_interleave(ensemble, dim=0)
     if noise is None:
         noise = torch.randn((B * ensemble, 1, H, W), generator=generator, device=image.device)
-    x = noise.to(image.device, image.dtype)
-    steps = scheduler.timesteps.tolist()
-    for i, t in enumerate(steps):
-        tb = torch.full((B * ensemble,), t, device=image.device, dtype=torch.long)
-        out = model(x, g, tb)
-        x = scheduler.step(out, t, x, generator=generator).prev_sample
-        if progress is not None:
-            progress(i + 1, len(steps))
-    x = x.view(B, ensemble, 1, H, W)
-    return x.mean(dim=1), x.std(dim=1, unbiased=False)
+    return SamplerCore(model, scheduler, ensemble)(image, noise, generator=generator, progress=progress)

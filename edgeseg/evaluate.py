@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from edgeseg.diffusion import sample_masks
 from edgeseg.metrics import MetricAccumulator
 from edgeseg.models import DermoSegDiff
 
@@ -22,33 +21,32 @@ __all__ = ["SamplerSettings", "PAPER_PROTOCOL", "predict", "evaluate", "write_ov
 @dataclass(frozen=True)
 class SamplerSettings:
     sampler: str = "ddim"  # "ddim" or "ddpm"
-    steps: int = 2
+    steps: int = 1
     ensemble: int = 3
+    eta: float = 0.0  # DDIM only
 
     def describe(self) -> str:
-        return f"{self.sampler.upper()} {self.steps} steps x {self.ensemble}"
+        eta = f" eta {self.eta:g}" if self.eta else ""
+        return f"{self.sampler.upper()} {self.steps} steps x {self.ensemble}{eta}"
+
+    def segmenter(self, model: DermoSegDiff, seed: int = 0):
+        """The :class:`edgeseg.Segmenter` that runs these settings on `model`."""
+        from edgeseg.segmenter import Segmenter
+
+        steps = None if self.sampler == "ddpm" else self.steps
+        return Segmenter.from_model(model, sampler=self.sampler, steps=steps, ensemble=self.ensemble, eta=self.eta,
+                                    seed=seed)
 
 
 PAPER_PROTOCOL = SamplerSettings("ddpm", 250, 9)
 
 
-def make_scheduler(model: DermoSegDiff, settings: SamplerSettings):
-    from edgeseg.sampling import make_scheduler as _make
-
-    return _make(settings.sampler, settings.steps, model.preset.prediction_type)
-
-
 @torch.no_grad()
 def predict(model: DermoSegDiff, images: torch.Tensor, settings: SamplerSettings,
             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) over the ensemble for a batch of images; mean in [-1, 1], mask = mean > 0."""
-    model.eval()
-    device = next(model.parameters()).device
-    scheduler = make_scheduler(model, settings)
-    B, _, H, W = images.shape
-    noise = torch.randn((B * settings.ensemble, 1, H, W), generator=generator)
-    return sample_masks(model, images.to(device), scheduler, settings.ensemble, generator=generator,
-                        noise=noise.to(device))
+    """(mean, std) over the ensemble for a batch of images; mean in [-1, 1], mask = mean > 0.
+    One call of :meth:`edgeseg.Segmenter.predict` (build the Segmenter once for many batches)."""
+    return settings.segmenter(model).predict(images, generator=generator)
 
 
 @torch.no_grad()
@@ -64,6 +62,7 @@ def evaluate(model: DermoSegDiff, dataset, settings: SamplerSettings, batch_size
     subset = torch.utils.data.Subset(dataset, range(n))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False)
     gen = torch.Generator().manual_seed(seed)
+    segmenter = settings.segmenter(model, seed)
     acc = MetricAccumulator()
     kept: list[tuple] = []
     prog = Progress(TextColumn(f"[bold]evaluate {label}[/] {settings.describe()}"), BarColumn(),
@@ -72,7 +71,7 @@ def evaluate(model: DermoSegDiff, dataset, settings: SamplerSettings, batch_size
     with prog:
         task = prog.add_task("eval", total=n)
         for image, mask, _ in loader:
-            mean, std = predict(model, image, settings, generator=gen)
+            mean, std = segmenter.predict(image, generator=gen)
             mean, std = mean.cpu(), std.cpu()
             acc.update_masks(mean > 0, mask > 0)
             for i in range(min(len(image), keep - len(kept))):

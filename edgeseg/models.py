@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeseg.diffusion import NoiseSchedule
+
 __all__ = ["Preset", "PRESETS", "DermoSegDiff", "build", "preset", "list_presets", "count_params", "flops_per_call"]
 
 
@@ -406,6 +408,7 @@ class DermoSegDiff(nn.Module):
     def __init__(self, p: Preset):
         super().__init__()
         self.preset = p
+        self.noise_schedule = NoiseSchedule()  # saved with the weights; load_model restores it
         dims_x = [p.dim_x] + [p.dim_x * m for m in p.dim_x_mults]
         dims_g = [p.dim_g] + [p.dim_g * m for m in p.dim_g_mults]
         tx, tg = 4 * p.dim_x, 4 * p.dim_g

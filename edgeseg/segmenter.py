@@ -42,43 +42,65 @@ class Segmentation:
         return float(self.mask.mean())
 
 
-Predict = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+Predict = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
 class Segmenter:
-    """A trained student and its sampler; see the module docstring."""
+    """A trained student and its sampler; see the module docstring.
+
+    ``core`` is the :class:`~edgeseg.diffusion.SamplerCore` (network + scheduler + ensemble) for an
+    eager model: the module ``edgeseg export`` traces, so the phone runs what :meth:`segment` runs.
+    It is None for a loaded ``.pte`` (the program is the core).
+    """
 
     def __init__(self, predict: Predict, image_size: int, steps: int, ensemble: int, source: str = "",
-                 seed: int = 0):
+                 seed: int = 0, core: torch.nn.Module | None = None, sampler: str = "ddim", eta: float = 0.0):
         self._predict = predict
         self.image_size, self.steps, self.ensemble = int(image_size), int(steps), int(ensemble)
-        self.source, self.seed = source, int(seed)
+        self.source, self.seed, self.core = source, int(seed), core
+        self.sampler, self.eta = sampler, float(eta)
 
     def __repr__(self) -> str:
-        return (f"Segmenter({self.source!r}, {self.image_size}px, DDIM {self.steps} step(s) x "
-                f"{self.ensemble})")
+        eta = f", eta {self.eta:g}" if self.eta else ""
+        return (f"Segmenter({self.source!r}, {self.image_size}px, {self.sampler.upper()} {self.steps} step(s) x "
+                f"{self.ensemble}{eta})")
 
     # ---- loading ---------------------------------------------------------------------
     @classmethod
     def from_model(cls, model, *, steps: int | None = None, ensemble: int | None = None, seed: int = 0,
-                   source: str = "") -> "Segmenter":
-        """Wrap an eager DermoSegDiff (defaults for K and N from :mod:`edgeseg.defaults`)."""
+                   source: str = "", sampler: str = "ddim", eta: float = 0.0, backend: str = "auto"
+                   ) -> "Segmenter":
+        """Wrap an eager DermoSegDiff (defaults for K and N from :mod:`edgeseg.defaults`).
+
+        `sampler` "ddim" (K steps, `eta` as :class:`~edgeseg.diffusion.DDIMScheduler`) or "ddpm"
+        (the paper's ancestral sampler, all T steps); `backend` as :func:`edgeseg.sampling.make_scheduler`
+        ("torch" for the plain core step, as exported)."""
         from edgeseg.defaults import sampler_defaults
-        from edgeseg.evaluate import SamplerSettings, predict
+        from edgeseg.diffusion import SamplerCore
+        from edgeseg.sampling import make_scheduler
 
         dk, dn = sampler_defaults(model.preset.prediction_type)
-        settings = SamplerSettings("ddim", _positive(steps, dk, "steps"), _positive(ensemble, dn, "ensemble"))
-        model = model.eval()
+        sampler = str(sampler).lower()
+        k = None if sampler == "ddpm" and steps is None else _positive(steps, dk, "steps")
+        n = _positive(ensemble, dn, "ensemble")
+        try:
+            scheduler = make_scheduler(sampler, k, model.preset.prediction_type, backend,
+                                       schedule=getattr(model, "noise_schedule", None), eta=eta)
+        except ValueError as e:
+            raise EdgesegError(str(e)) from None
+        core = SamplerCore(model.eval(), scheduler, n)
 
-        def run(images: torch.Tensor, gen: torch.Generator):
-            return predict(model, images, settings, generator=gen)
+        @torch.no_grad()
+        def run(images: torch.Tensor, noise: torch.Tensor, gen: torch.Generator):
+            device = next(model.parameters()).device
+            return core(images.to(device), noise.to(device), generator=gen)
 
-        return cls(run, model.preset.image_size, settings.steps, settings.ensemble,
-                   source or model.preset.name, seed)
+        return cls(run, model.preset.image_size, len(core.timesteps), n, source or model.preset.name, seed,
+                   core=core, sampler=sampler, eta=eta)
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | None = None, *, steps: int | None = None,
-                        ensemble: int | None = None, seed: int = 0) -> "Segmenter":
+                        ensemble: int | None = None, seed: int = 0, eta: float = 0.0) -> "Segmenter":
         """``source``: a run folder, a ``.safetensors`` checkpoint, a shipped model's name, or an
         exported ``.pte``; ``None`` is the default shipped model (``edgeseg.defaults.DEFAULT_MODEL``)."""
         from edgeseg.checkpoint import load_model
@@ -86,18 +108,20 @@ class Segmenter:
         from edgeseg.runs import SHIPPED_MODELS, shipped_path
 
         source = DEFAULT_MODEL if source is None else source
+        kw = dict(steps=steps, ensemble=ensemble, seed=seed, eta=eta)
         if isinstance(source, str) and source in SHIPPED_MODELS:
-            return cls.from_model(load_model(shipped_path(source)), steps=steps, ensemble=ensemble, seed=seed,
-                                  source=source)
+            return cls.from_model(load_model(shipped_path(source)), source=source, **kw)
         path = Path(source)
         if path.suffix == ".pte":
+            if eta:
+                raise EdgesegError(f"{path}: an exported program runs DDIM with eta = 0; eta={eta} is eager only")
             return cls._from_pte(path, steps, ensemble, seed)
         if path.is_dir():
             path = path / "student.safetensors"
         if path.suffix != ".safetensors" or not path.exists():
             raise CheckpointError(f"{source}: not a run folder, .safetensors checkpoint, .pte program or shipped "
                                   f"model (shipped: {', '.join(SHIPPED_MODELS)})")
-        return cls.from_model(load_model(path), steps=steps, ensemble=ensemble, seed=seed, source=str(path))
+        return cls.from_model(load_model(path), source=str(path), **kw)
 
     @classmethod
     def _from_pte(cls, path: Path, steps: int | None, ensemble: int | None, seed: int) -> "Segmenter":
@@ -110,17 +134,26 @@ class Segmenter:
         if pte.image_size[0] != pte.image_size[1]:
             raise EdgesegError(f"{path}: non-square programs are not supported ({pte.image_size})")
 
-        def run(images: torch.Tensor, gen: torch.Generator):
-            return pte(images, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        def run(images: torch.Tensor, noise: torch.Tensor, gen: torch.Generator):
+            return pte(images, noise)
 
         return cls(run, pte.image_size[0], pte.steps, pte.ensemble, str(path), seed)
 
     # ---- batched tensors (evaluation, export checks) -------------------------------------
-    def predict(self, images: torch.Tensor, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean in [-1, 1], ensemble std) for B x 3 x S x S images in [0, 1]; mask = mean > 0."""
+    def predict(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean in [-1, 1], ensemble std) for B x 3 x S x S images in [0, 1]; mask = mean > 0.
+
+        `noise` (B*N x 1 x S x S) is the initial x_T; when None it is drawn from `generator`
+        (default: one seeded with ``seed``), which also feeds the sampler's own draws (eta > 0, DDPM)."""
         gen = generator if generator is not None else torch.Generator().manual_seed(self.seed)
-        return self._predict(images, gen)
+        b, _, h, w = images.shape
+        if noise is None:
+            noise = torch.randn((b * self.ensemble, 1, h, w), generator=gen)
+        elif tuple(noise.shape) != (b * self.ensemble, 1, h, w):
+            raise EdgesegError(f"noise must be {b * self.ensemble} x 1 x {h} x {w} for {b} image(s) and an "
+                               f"ensemble of {self.ensemble}, got {tuple(noise.shape)}")
+        return self._predict(images, noise, gen)
 
     # ---- one photo -----------------------------------------------------------------------
     def preprocess(self, image) -> tuple[torch.Tensor, np.ndarray, tuple[int, int]]:

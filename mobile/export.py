@@ -2,13 +2,13 @@
 
 ExecuTorch (:func:`export_executorch`)::
 
-    network --prepare_for_export--> FewStepSegmenter(K, N) --torch.export--> constant folding
+    network --prepare_for_export--> Segmenter(K, N).core --torch.export--> constant folding
       (the time embeddings and per-block scale/shift of the K fixed timesteps become constants)
       --[int8: PT2E, XNNPACK quantizer, calibrated on training images]-->
       to_edge_transform_and_lower(partitioner=[XnnpackPartitioner()]) --> .pte
 
 then the parity gate: the .pte runs in ExecuTorch's Python runtime on held-out images with
-the same K, N and noise as eager PyTorch (``edgeseg.diffusion.sample_masks`` on the original,
+the same K, N and noise as eager PyTorch (:meth:`edgeseg.Segmenter.predict` on the original,
 unfolded network); the mean Dice between the thresholded masks must reach 0.99 (fp32) or 0.97
 (int8). **On failure** the program is moved to ``<out>.failed`` (with ``<out>.failed.json``,
 ``"status": "failed"``), ``<out>`` itself is not written (an earlier file there is left as it
@@ -43,7 +43,7 @@ from edgeseg.errors import EdgesegError, ExportError
 from edgeseg.mobile import sidecar as sc
 from edgeseg.runs import training_dataset
 from edgeseg.mobile.fold import prepare_for_export
-from edgeseg.mobile.segmenter import FewStepSegmenter
+from edgeseg.diffusion import SamplerCore
 
 __all__ = [
     "DEFAULTS", "PARITY_THRESHOLDS", "default_steps_ensemble", "load_for_export", "export_program",
@@ -57,8 +57,6 @@ PARITY_THRESHOLDS = {"none": 0.99, "int8": 0.97}
 # 2: conv-only int8 with per-step weight copies, reshape-free GroupNorm, short constant keys.
 EXPORT_RECIPE = 2
 CALIBRATION_IMAGES = 32
-# Submodules of FewStepSegmenter left in fp32 by the int8 quantizer (see export_program).
-INT8_SKIP_MODULES: tuple[str, ...] = ()
 PARITY_IMAGES = 16
 
 Progress = Callable[[str], None]
@@ -243,14 +241,15 @@ def export_program(
     model: nn.Module, steps: int, ensemble: int, batch: int = 1, quantize: str = "none",
     calibration_images: torch.Tensor | None = None, progress: Progress | None = None,
     prepare: Callable[[nn.Module], nn.Module] = prepare_for_export, fold_constants: bool = True,
-) -> tuple[torch.export.ExportedProgram, FewStepSegmenter]:
-    """torch.export of the prepared FewStepSegmenter (int8 q/dq graph when quantize == "int8")."""
+) -> tuple[torch.export.ExportedProgram, SamplerCore]:
+    """torch.export of the Segmenter's core on the prepared network (int8 q/dq graph when
+    quantize == "int8"): the exported program is ``Segmenter.from_model(...).core``."""
     from executorch.exir.passes.constant_prop_pass import constant_prop_pass
 
     if quantize not in ("none", "int8"):
         raise EdgesegError(f"--quantize must be none or int8 for ExecuTorch, got {quantize!r}")
     s = model.preset.image_size
-    seg = FewStepSegmenter(prepare(model), steps, ensemble, copy_per_step=quantize == "int8").eval()
+    seg = exported_core(prepare(model), steps, ensemble, untie=quantize == "int8")
     example = (torch.rand(batch, 3, s, s), torch.randn(batch * ensemble, 1, s, s))
     with _quiet(), torch.no_grad():
         ep = torch.export.export(seg, example, strict=False)
@@ -264,9 +263,17 @@ def export_program(
             if calibration_images is None or len(calibration_images) < batch:
                 raise EdgesegError("int8 quantization needs calibration images")
             _say(progress, f"calibrating int8 on {len(calibration_images)} training images")
-            ep = quantize_int8(ep, example, calibration_batches(calibration_images, ensemble, batch),
-                               skip_modules=INT8_SKIP_MODULES)
+            ep = quantize_int8(ep, example, calibration_batches(calibration_images, ensemble, batch))
     return ep, seg
+
+
+def exported_core(net: nn.Module, steps: int, ensemble: int, untie: bool = False) -> SamplerCore:
+    """The module every export traces: :class:`edgeseg.Segmenter`'s core (plain torch DDIM step,
+    eta = 0), with per-step copies of the network when `untie` (int8, see SamplerCore.untie_steps)."""
+    from edgeseg.segmenter import Segmenter
+
+    core = Segmenter.from_model(net, steps=steps, ensemble=ensemble, backend="torch").core
+    return (core.untie_steps() if untie else core).eval()
 
 
 def count_delegates(lowered) -> tuple[int, dict[str, int]]:
@@ -284,40 +291,6 @@ def count_delegates(lowered) -> tuple[int, dict[str, int]]:
     return calls, dict(other)
 
 
-@contextlib.contextmanager
-def _compact_constant_keys():
-    """Name XNNPACK's constants 0, 1, 2, ... instead of by their 64-character sha256.
-
-    XNNPACK's serializer keys every constant (weights, biases, per-channel scales) by the hex
-    sha256 of its bytes, and the key is written twice: in the delegate's graph and in the
-    program's named-data table. At ~600 constants that is ~75 KB, 9% of the tiny student's
-    int8 program. Here the same digests map to short sequential ids for one lowering: equal
-    data still gets one key (constants shared by the unrolled steps are stored once) and
-    different data never shares one. If ExecuTorch no longer names constants this way, this
-    does nothing and the keys stay long.
-    """
-    from executorch.backends.xnnpack.operators import node_visitor
-
-    real = getattr(node_visitor, "hashlib", None)
-    if real is None or not hasattr(real, "sha256"):  # pragma: no cover
-        yield
-        return
-    ids: dict[bytes, str] = {}
-
-    class _ShortDigest:
-        def __init__(self, data=b""):
-            self._digest = real.sha256(data).digest()
-
-        def hexdigest(self) -> str:
-            return ids.setdefault(self._digest, format(len(ids), "x"))
-
-    node_visitor.hashlib = type("hashlib", (), {"sha256": _ShortDigest})
-    try:
-        yield
-    finally:
-        node_visitor.hashlib = real
-
-
 def lower_executorch(ep: torch.export.ExportedProgram, quantize: str = "none"):
     """to_edge_transform_and_lower with the XNNPACK partitioner -> (EdgeProgramManager, calls, others).
 
@@ -326,10 +299,10 @@ def lower_executorch(ep: torch.export.ExportedProgram, quantize: str = "none"):
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    from edgeseg.mobile.quantize import int8_partitioner
+    from edgeseg.mobile.workarounds import compact_constant_keys, int8_partitioner
 
     partitioner = int8_partitioner() if quantize == "int8" else XnnpackPartitioner()
-    with _quiet(), _compact_constant_keys():
+    with _quiet(), compact_constant_keys():
         lowered = to_edge_transform_and_lower(ep, partitioner=[partitioner])
     calls, others = count_delegates(lowered)
     return lowered, calls, others
@@ -354,15 +327,12 @@ def _noise_for(n_images: int, batch: int, ensemble: int, size: int, seed: int) -
 
 def _eager_means(model: nn.Module, images: torch.Tensor, noises: list[torch.Tensor], steps: int, ensemble: int,
                  batch: int) -> torch.Tensor:
-    from edgeseg.diffusion import DDIMScheduler, sample_masks
+    """What `edgeseg segment` computes for these images and noises (the parity reference)."""
+    from edgeseg.segmenter import Segmenter
 
-    sch = DDIMScheduler(prediction_type=model.preset.prediction_type)
-    sch.set_timesteps(steps)
-    outs = []
-    for i, noise in enumerate(noises):
-        mean, _ = sample_masks(model, images[i * batch : (i + 1) * batch], sch, ensemble=ensemble, noise=noise)
-        outs.append(mean)
-    return torch.cat(outs)
+    seg = Segmenter.from_model(model, steps=steps, ensemble=ensemble, backend="torch")
+    return torch.cat([seg.predict(images[i * batch : (i + 1) * batch], noise=noise)[0]
+                      for i, noise in enumerate(noises)])
 
 
 def parity_pte(path: str | Path, model: nn.Module, images: torch.Tensor, steps: int, ensemble: int,
@@ -395,8 +365,10 @@ def parity_pte(path: str | Path, model: nn.Module, images: torch.Tensor, steps: 
 
 
 def _common_sidecar(model, target, out: Path, steps, ensemble, batch, quantize, checkpoint, dataset):
-    from edgeseg.mobile.segmenter import ddim_plan
+    from edgeseg.segmenter import Segmenter
 
+    core = Segmenter.from_model(model, steps=steps, ensemble=ensemble, backend="torch").core
+    schedule = core.scheduler.schedule
     p = model.preset
     s = p.image_size
     inputs, outputs = sc.io_spec(batch, ensemble, s, s)
@@ -416,10 +388,11 @@ def _common_sidecar(model, target, out: Path, steps, ensemble, batch, quantize, 
         "preprocessing": sc.preprocessing_for(s, dataset),
         "inputs": inputs,
         "outputs": outputs,
-        "sampler": {"name": "ddim", "eta": 0.0, "timestep_spacing": "trailing", "num_train_timesteps": 250,
-                    "clip_x0": [-1.0, 1.0]},
+        "sampler": {"name": "ddim", "eta": 0.0, "timestep_spacing": "trailing",
+                    "num_train_timesteps": schedule.num_train_timesteps, "clip_x0": [-1.0, 1.0]},
+        "noise_schedule": schedule.to_dict(),
         "steps": steps,
-        "timesteps": [t for t, _ in ddim_plan(steps)],
+        "timesteps": core.timesteps,
         "ensemble": ensemble,
         "batch": batch,
         "defaults": {"steps": dflt["steps"], "ensemble": dflt["ensemble"], "provisional": dflt["provisional"]},

@@ -29,7 +29,7 @@ from torch import nn
 
 from edgeseg.mobile.fold import ExportGroupNorm
 
-__all__ = ["quantize_int8", "calibration_batches", "int8_partitioner"]
+__all__ = ["quantize_int8", "calibration_batches"]
 
 
 def calibration_batches(
@@ -67,18 +67,11 @@ def _group_norm_conv(n) -> bool:
     return any(t == _EXPORT_GROUP_NORM for _, t in stack.values())  # (path, qualified type name)
 
 
-def _quantizable(skip_modules: tuple[str, ...]):
-    from torchao.quantization.pt2e.quantizer import get_module_name_filter
-
-    name_filters = [get_module_name_filter(m) for m in skip_modules]
-
-    def keep(n) -> bool:
-        return not (_single_input_channel_conv(n) or _group_norm_conv(n) or any(f(n) for f in name_filters))
-
-    return keep
+def _quantizable(n) -> bool:
+    return not (_single_input_channel_conv(n) or _group_norm_conv(n))
 
 
-def _xnnpack_conv_quantizer(skip_modules: tuple[str, ...]):
+def _xnnpack_conv_quantizer():
     """XNNPACK's quantizer restricted to convolutions and linears, with no shared observers.
 
     Measured on the trained tiny student (K=1, N=3, 16 test images, q/dq graph run in PyTorch):
@@ -107,38 +100,8 @@ def _xnnpack_conv_quantizer(skip_modules: tuple[str, ...]):
             return self._annotate_for_quantization_config(model)  # no propagate_annotation
 
     q = ConvLinearQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    q.set_filter_function(_quantizable(skip_modules))
+    q.set_filter_function(_quantizable)
     return q
-
-
-def int8_partitioner():
-    """XNNPACK partitioner for programs quantized by :func:`quantize_int8`.
-
-    The stock partitioner reads ``dequantize -> op -> quantize`` around ANY op as a quantized op
-    and hands it to XNNPACK in int8. With only convs/linears quantized, a concatenation of two
-    conv outputs feeding a conv is exactly that pattern, and XNNPACK's int8 concatenation needs
-    one scale for all inputs: it refuses the program at load ("Failed to create cat2 node ...
-    xnn_status_invalid_parameter"). Here every op but the GEMMs and the q/dq themselves is
-    partitioned as fp32, so the delegate computes exactly the q/dq graph that was calibrated:
-    int8 convs, explicit converts around them, fp32 everywhere else.
-    """
-    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
-    from executorch.backends.xnnpack.partition.config.gemm_configs import GEMMConfig
-    from executorch.backends.xnnpack.partition.config.generic_node_configs import (
-        DeQuantizedPerTensorConfig,
-        GenericNodePartitionerConfig,
-        QuantizedPerTensorConfig,
-    )
-    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
-    def fp32_only(cfg):
-        if (not issubclass(cfg, GenericNodePartitionerConfig) or issubclass(cfg, GEMMConfig)
-                or cfg in (QuantizedPerTensorConfig, DeQuantizedPerTensorConfig)):
-            return cfg
-        return type(f"{cfg.__name__}Fp32", (cfg,), {"supported_precision_types": lambda self: [ConfigPrecisionType.FP32]})
-
-    return XnnpackPartitioner(configs=[fp32_only(c) for c in ALL_PARTITIONER_CONFIGS])
 
 
 def quantize_int8(
@@ -146,7 +109,6 @@ def quantize_int8(
     example_inputs: tuple[torch.Tensor, ...],
     calibration: Iterable[tuple[torch.Tensor, ...]],
     progress: Callable[[int], None] | None = None,
-    skip_modules: tuple[str, ...] = (),
 ) -> torch.export.ExportedProgram:
     """Quantize (int8, per-channel symmetric weights) and re-export.
 
@@ -162,7 +124,7 @@ def quantize_int8(
         captured = module.module()
     else:
         captured = torch.export.export(module.eval(), example_inputs, strict=False).module()
-    prepared = prepare_pt2e(captured, _xnnpack_conv_quantizer(skip_modules))
+    prepared = prepare_pt2e(captured, _xnnpack_conv_quantizer())
     n = 0
     with torch.no_grad():
         for inputs in calibration:

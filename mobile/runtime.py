@@ -1,20 +1,20 @@
 """Run an exported ``.pte`` through ExecuTorch's Python runtime (``edgeseg segment --model x.pte``).
 
 >>> seg = PteSegmenter("student.pte")                  # reads student.pte.json too
->>> x = seg.preprocess(rgb_uint8_hw3)                  # 1 x 3 x H x W, as the sidecar says
->>> mean, std = seg(x, seed=0)                         # mean in [-1, 1]; mask = mean > seg.threshold
+>>> mean, std = seg(x, seed=0)                         # x: B x 3 x H x W in [0, 1]; mask = mean > 0
 
-The program has a fixed batch (the sidecar's ``batch``, 1 by default): ``__call__`` runs any
-number of images through it batch by batch. The initial noise is drawn from a
-``torch.Generator`` seeded with `seed`, one ``batch*N x 1 x H x W`` draw per program call in
-order, so the same images and seed give the same masks.
+Photos go through :class:`edgeseg.Segmenter` (``Segmenter.from_pretrained("student.pte")``),
+which preprocesses them exactly as for the eager model; this class is the runtime wrapper it
+uses. The program has a fixed batch (the sidecar's ``batch``, 1 by default): ``__call__`` runs
+any number of images through it batch by batch. The initial noise is given (``B*N x 1 x H x W``,
+image b's ensemble in rows b*N .. b*N+N-1, as the eager sampler takes it) or drawn in one call
+from a ``torch.Generator`` seeded with `seed`, so the same images and seed give the same masks.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from edgeseg.errors import EdgesegError
@@ -64,21 +64,6 @@ class PteSegmenter:
         return (f"PteSegmenter({str(self.path)!r}, preset={self.meta['preset']!r}, K={self.steps}, "
                 f"N={self.ensemble}, quantize={self.meta['quantize']!r})")
 
-    def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
-        """H x W x 3 uint8 RGB -> 1 x 3 x h x w float32 as recorded in the sidecar (bilinear, /255)."""
-        import cv2
-
-        pp = self.meta["preprocessing"]
-        h, w = self.image_size
-        arr = np.asarray(rgb)
-        if arr.ndim != 3 or arr.shape[2] != 3:
-            raise EdgesegError(f"expected an H x W x 3 RGB image, got shape {arr.shape}")
-        if arr.shape[:2] != (h, w):
-            arr = cv2.resize(arr, (w, h), interpolation=cv2.INTER_LINEAR)
-        x = arr.astype(np.float32) * float(pp["scale"])
-        x = (x - np.asarray(pp["mean"], np.float32)) / np.asarray(pp["std"], np.float32)
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
-
     def _check(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != self.image_size:
             raise EdgesegError(
@@ -87,27 +72,32 @@ class PteSegmenter:
             )
         return images.detach().to("cpu", torch.float32).contiguous()
 
-    def __call__(self, images: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, noise: torch.Tensor | None = None, seed: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean B x 1 x H x W in [-1, 1], std B x 1 x H x W) for preprocessed images."""
         images = self._check(images)
-        b, (h, w) = self.batch, self.image_size
+        b, n_ens, (h, w) = self.batch, self.ensemble, self.image_size
         n = images.shape[0]
-        gen = torch.Generator().manual_seed(int(seed))
+        if noise is None:
+            noise = torch.randn((n * n_ens, 1, h, w), generator=torch.Generator().manual_seed(int(seed)))
+        if tuple(noise.shape) != (n * n_ens, 1, h, w):
+            raise EdgesegError(f"noise must be {n * n_ens} x 1 x {h} x {w} for {n} image(s), got {tuple(noise.shape)}")
+        noise = noise.detach().to("cpu", torch.float32)
         means, stds = [], []
         for i in range(0, n, b):
-            chunk = images[i : i + b]
+            chunk, nz = images[i : i + b], noise[i * n_ens : (i + b) * n_ens]
             real = chunk.shape[0]
             if real < b:  # pad the last chunk up to the program's fixed batch
                 chunk = torch.cat([chunk, chunk[-1:].expand(b - real, -1, -1, -1)])
-            noise = torch.randn((b * self.ensemble, 1, h, w), generator=gen)
-            mean, std = self.method.execute((chunk.contiguous(), noise))[:2]
+                nz = torch.cat([nz, nz[-n_ens:].repeat(b - real, 1, 1, 1)])
+            mean, std = self.method.execute((chunk.contiguous(), nz.contiguous()))[:2]
             means.append(mean[:real].clone())
             stds.append(std[:real].clone())
         return torch.cat(means), torch.cat(stds)
 
     def masks(self, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
         """Boolean masks B x 1 x H x W (mean > threshold)."""
-        return self(images, seed)[0] > self.threshold
+        return self(images, seed=seed)[0] > self.threshold
 
     def latency(self, repeats: int = 10, warmup: int = 2) -> dict:
         """Median/min wall time of one program call (batch `batch`) in ms, random inputs."""
