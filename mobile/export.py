@@ -1,4 +1,4 @@
-"""Export the whole few-step segmenter to ExecuTorch (.pte, XNNPACK) and CoreML (.mlpackage).
+"""Export the whole few-step segmenter to ExecuTorch (.pte, XNNPACK), CoreML (.mlpackage) and ONNX.
 
 ExecuTorch (:func:`export_executorch`)::
 
@@ -6,22 +6,28 @@ ExecuTorch (:func:`export_executorch`)::
       (the time embeddings and per-block scale/shift of the K fixed timesteps become constants)
       --[int8: PT2E, XNNPACK quantizer, calibrated on training images]-->
       to_edge_transform_and_lower(partitioner=[XnnpackPartitioner()]) --> .pte
+      (+ <out>.etrecord, <out>.bpte: see edgeseg.mobile.devtools)
 
 then the parity gate: the .pte runs in ExecuTorch's Python runtime on held-out images with
 the same K, N and noise as eager PyTorch (:meth:`edgeseg.Segmenter.predict` on the original,
 unfolded network); the mean Dice between the thresholded masks must reach 0.99 (fp32) or 0.97
-(int8). **On failure** the program is moved to ``<out>.failed`` (with ``<out>.failed.json``,
-``"status": "failed"``), ``<out>`` itself is not written (an earlier file there is left as it
-was) and :class:`~edgeseg.errors.EdgesegError` is raised, which the CLI turns into one line and
-exit code 2.
+(int8), and the bundled program (the first held-out images, eager outputs, the tolerance the
+gate justifies) must verify in the runtime. **On failure** the program is moved to
+``<out>.failed`` (with ``<out>.failed.json``, ``"status": "failed"``, and its artefacts as
+``<out>.failed.etrecord`` / ``.bpte``), ``<out>`` itself is not written (an earlier file there is
+left as it was) and :class:`~edgeseg.errors.EdgesegError` is raised, which the CLI turns into
+one line and exit code 2.
 
 CoreML (:func:`export_coreml`): ``coremltools.convert`` on the same exported program
 (decomposed to ATen), mlprogram, fp16 compute precision, optional int8 (linear symmetric,
-per channel) or palettised (k-means LUT) weights via ``coremltools.optimize.coreml``. CoreML
-cannot execute on Linux: parity is measured only on macOS, elsewhere the sidecar says so and
-what is checked is the structure (mlprogram, inputs/outputs, fp16 ops, compressed weights).
+per channel) or palettised (k-means LUT) weights via ``coremltools.optimize.coreml``, with the
+model's metadata and I/O descriptions. CoreML cannot execute on Linux: parity is measured only
+on macOS, elsewhere the sidecar says so and what is checked is the structure (mlprogram,
+inputs/outputs and their descriptions, metadata, fp16 ops, compressed weights).
 
-Both write ``<out>.json`` (see :mod:`edgeseg.mobile.sidecar`).
+ONNX: :mod:`edgeseg.mobile.onnx_export` (the same traced program, gated in ONNX Runtime).
+
+All write ``<out>.json`` (see :mod:`edgeseg.mobile.sidecar`).
 """
 from __future__ import annotations
 
@@ -128,6 +134,7 @@ class _ExportJob:
     dataset: str
     data_dir: str | None
     data_seed: int
+    training_data: str | None = None  # the checkpoint's training dataset (None: not recorded)
 
     @classmethod
     def resolve(cls, model_or_ckpt, out, steps, ensemble, quantize: str, dataset, data_dir, target: str, ext: str,
@@ -157,18 +164,33 @@ class _ExportJob:
         except OSError as e:
             raise ExportError(f"{out.parent}: cannot create the output folder ({e.strerror or e})") from None
         dataset, data_dir, data_seed = training_dataset(ck_meta, dataset, data_dir)
-        return cls(model, checkpoint, steps, ensemble, out, dataset, data_dir, data_seed)
+        cfg = ck_meta.get("train_config") if isinstance(ck_meta.get("train_config"), dict) else {}
+        trained_on = cfg.get("dataset") or ck_meta.get("dataset")
+        return cls(model, checkpoint, steps, ensemble, out, dataset, data_dir, data_seed,
+                   str(trained_on) if trained_on else None)
+
+
+_KINDS = {".pte": "an ExecuTorch program", ".mlpackage": "a CoreML ML program", ".onnx": "an ONNX model"}
+#: Files written beside the model, named by appending the suffix (``m.pte`` -> ``m.pte.bpte``).
+ARTEFACTS = {".pte": {".etrecord": "an ETRecord", ".bpte": "a bundled program"}}
+
+
+def artefact_path(out: str | Path, suffix: str) -> Path:
+    """``model.pte`` + ``.bpte`` -> ``model.pte.bpte`` (appended, like the sidecar's ``.json``)."""
+    out = Path(out)
+    return out.with_name(out.name + suffix)
 
 
 def check_output(out: Path, ext: str, overwrite: bool) -> None:
-    """ExportError unless `out` (and its sidecar ``<out>.json``) may be written: the right suffix,
-    not taken (unless `overwrite`), and of a kind that can be replaced (a .pte is a file, a
-    .mlpackage a folder)."""
-    kind = "an ExecuTorch program" if ext == ".pte" else "a CoreML ML program"
+    """ExportError unless `out`, its sidecar ``<out>.json`` and its other artefacts (a .pte's
+    ``.etrecord`` and ``.bpte``) may be written: the right suffix, not taken (unless `overwrite`),
+    and of a kind that can be replaced (a .pte or .onnx is a file, a .mlpackage a folder)."""
+    kind = _KINDS.get(ext, "a model")
     if out.suffix != ext:
         raise ExportError(f"{out}: {kind} must end in {ext}")
-    side = sc.sidecar_path(out)
-    for path in (out, side):
+    paths = {out: kind, sc.sidecar_path(out): "a sidecar"}
+    paths.update({artefact_path(out, sfx): what for sfx, what in ARTEFACTS.get(ext, {}).items()})
+    for path, what_for in paths.items():
         if not (path.exists() or path.is_symlink()):
             continue
         if not overwrite:
@@ -176,7 +198,7 @@ def check_output(out: Path, ext: str, overwrite: bool) -> None:
         want_dir = path == out and ext == ".mlpackage"
         if path.is_symlink() or (path.is_dir() != want_dir) or not (path.is_dir() or path.is_file()):
             what = "a folder" if path.is_dir() else "not a regular file"
-            raise ExportError(f"{path} is {what}; it cannot be replaced by {kind if path == out else 'a sidecar'}")
+            raise ExportError(f"{path} is {what}; it cannot be replaced by {what_for}")
     if out.parent.exists() and not out.parent.is_dir():
         raise ExportError(f"{out.parent} is not a folder")
 
@@ -291,10 +313,11 @@ def count_delegates(lowered) -> tuple[int, dict[str, int]]:
     return calls, dict(other)
 
 
-def lower_executorch(ep: torch.export.ExportedProgram, quantize: str = "none"):
+def lower_executorch(ep: torch.export.ExportedProgram, quantize: str = "none", etrecord: bool = False):
     """to_edge_transform_and_lower with the XNNPACK partitioner -> (EdgeProgramManager, calls, others).
 
     `quantize` is how `ep` was made: "int8" programs need the partitioner that matches the quantizer.
+    With `etrecord` the managers record an ETRecord (``to_program(lowered).get_etrecord()``).
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
@@ -303,7 +326,7 @@ def lower_executorch(ep: torch.export.ExportedProgram, quantize: str = "none"):
 
     partitioner = int8_partitioner() if quantize == "int8" else XnnpackPartitioner()
     with _quiet(), compact_constant_keys():
-        lowered = to_edge_transform_and_lower(ep, partitioner=[partitioner])
+        lowered = to_edge_transform_and_lower(ep, partitioner=[partitioner], generate_etrecord=etrecord)
     calls, others = count_delegates(lowered)
     return lowered, calls, others
 
@@ -325,51 +348,74 @@ def _noise_for(n_images: int, batch: int, ensemble: int, size: int, seed: int) -
     return [torch.randn((batch * ensemble, 1, size, size), generator=gen) for _ in range(n_images // batch)]
 
 
-def _eager_means(model: nn.Module, images: torch.Tensor, noises: list[torch.Tensor], steps: int, ensemble: int,
-                 batch: int) -> torch.Tensor:
-    """What `edgeseg segment` computes for these images and noises (the parity reference)."""
+def _eager_outputs(model: nn.Module, images: torch.Tensor, noises: list[torch.Tensor], steps: int, ensemble: int,
+                   batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """What `edgeseg segment` computes for these images and noises (the parity reference):
+    (mean, std) per program call."""
     from edgeseg.segmenter import Segmenter
 
     seg = Segmenter.from_model(model, steps=steps, ensemble=ensemble, backend="torch")
-    return torch.cat([seg.predict(images[i * batch : (i + 1) * batch], noise=noise)[0]
-                      for i, noise in enumerate(noises)])
+    return [seg.predict(images[i * batch : (i + 1) * batch], noise=noise) for i, noise in enumerate(noises)]
 
 
-def parity_pte(path: str | Path, model: nn.Module, images: torch.Tensor, steps: int, ensemble: int,
-               batch: int = 1, seed: int = 0) -> dict:
-    """Mask Dice between the .pte (ExecuTorch Python runtime) and eager PyTorch, same K, N, noise."""
-    from executorch.runtime import Runtime
+@dataclass
+class ParityReference:
+    """The gate's inputs and eager outputs, per program call, and how far the program was from them."""
 
+    images: list[torch.Tensor]
+    noises: list[torch.Tensor]
+    eager: list[tuple[torch.Tensor, torch.Tensor]]
+    deviation: list[float]  # max |program - eager| over both outputs, per call
+
+
+RunProgram = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def run_parity(run: RunProgram, model: nn.Module, images: torch.Tensor, steps: int, ensemble: int,
+               batch: int = 1, seed: int = 0) -> tuple[dict, ParityReference]:
+    """Mask Dice between an exported program (`run`: image batch, noise -> mean, std) and eager
+    PyTorch with the same K, N and noise (seeded by `seed`), on `images`."""
     s = images.shape[-1]
     n = images.shape[0] - images.shape[0] % batch
     if n == 0:
         raise EdgesegError("parity check needs at least one held-out image")
-    images = images[:n]
     noises = _noise_for(n, batch, ensemble, s, seed)
+    chunks = [images[i * batch : (i + 1) * batch].contiguous() for i in range(n // batch)]
+    got = [tuple(t.float() for t in run(img, nz)[:2]) for img, nz in zip(chunks, noises)]
+    eager = _eager_outputs(model, images[:n], noises, steps, ensemble, batch)
+    dev = [max(float((g[0] - e[0]).abs().max()), float((g[1] - e[1]).abs().max())) for g, e in zip(got, eager)]
+    prog_mean, eager_mean = torch.cat([g[0] for g in got]), torch.cat([e[0] for e in eager])
+    dsc = sc.dice_masks(prog_mean > 0, eager_mean > 0)
+    parity = {
+        "mask_dsc_vs_eager": round(float(dsc.mean()), 6),
+        "n_images": int(n),
+        "min_dsc": round(float(dsc.min()), 6),
+        "max_abs_diff_mean": round(float((prog_mean - eager_mean).abs().max()), 6),
+        "max_abs_diff_std": round(max(float((g[1] - e[1]).abs().max()) for g, e in zip(got, eager)), 6),
+        "eager_foreground_fraction": round(float((eager_mean > 0).float().mean()), 4),
+        "noise_seed": seed,
+    }
+    return parity, ParityReference(chunks, noises, eager, dev)
+
+
+def parity_pte(path: str | Path, model: nn.Module, images: torch.Tensor, steps: int, ensemble: int,
+               batch: int = 1, seed: int = 0) -> tuple[dict, ParityReference]:
+    """:func:`run_parity` for a .pte in ExecuTorch's Python runtime (ProgramLoadError if it does not load)."""
+    from executorch.runtime import Runtime
+
     try:
         method = Runtime.get().load_program(Path(path)).load_method("forward")
     except RuntimeError as e:
         raise ProgramLoadError(f"the exported program does not load in the ExecuTorch runtime ({e})") from None
-    pte = torch.cat([method.execute((images[i * batch : (i + 1) * batch].contiguous(), nz))[0]
-                     for i, nz in enumerate(noises)])
-    eager = _eager_means(model, images, noises, steps, ensemble, batch)
-    dsc = sc.dice_masks(pte > 0, eager > 0)
-    return {
-        "mask_dsc_vs_eager": round(float(dsc.mean()), 6),
-        "n_images": int(n),
-        "min_dsc": round(float(dsc.min()), 6),
-        "max_abs_diff_mean": round(float((pte - eager).abs().max()), 6),
-        "eager_foreground_fraction": round(float((eager > 0).float().mean()), 4),
-        "noise_seed": seed,
-    }
+    return run_parity(lambda img, nz: method.execute((img, nz)), model, images, steps, ensemble, batch, seed)
 
 
 def _common_sidecar(model, target, out: Path, steps, ensemble, batch, quantize, checkpoint, dataset):
-    from edgeseg.segmenter import Segmenter
+    from edgeseg.sampling import make_scheduler
 
-    core = Segmenter.from_model(model, steps=steps, ensemble=ensemble, backend="torch").core
-    schedule = core.scheduler.schedule
     p = model.preset
+    scheduler = make_scheduler("ddim", steps, p.prediction_type, "torch", getattr(model, "noise_schedule", None))
+    schedule = scheduler.schedule
     s = p.image_size
     inputs, outputs = sc.io_spec(batch, ensemble, s, s)
     dflt = DEFAULTS[p.prediction_type]
@@ -392,7 +438,7 @@ def _common_sidecar(model, target, out: Path, steps, ensemble, batch, quantize, 
                     "num_train_timesteps": schedule.num_train_timesteps, "clip_x0": [-1.0, 1.0]},
         "noise_schedule": schedule.to_dict(),
         "steps": steps,
-        "timesteps": core.timesteps,
+        "timesteps": scheduler.timesteps.tolist(),
         "ensemble": ensemble,
         "batch": batch,
         "defaults": {"steps": dflt["steps"], "ensemble": dflt["ensemble"], "provisional": dflt["provisional"]},
@@ -414,6 +460,96 @@ def _finish(out: Path, meta: dict) -> dict:
     return meta
 
 
+def _export_images(job: _ExportJob, n_parity: int, n_calibration: int, progress: Progress | None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(held-out parity images, calibration images or None when `n_calibration` is 0), loaded before
+    any progress line: a bad dataset is the only line the user sees."""
+    s = job.model.preset.image_size
+    parity_images = load_images(job.dataset, "test", n_parity, s, job.data_dir, job.data_seed)
+    calib = load_images(job.dataset, "train", n_calibration, s, job.data_dir, job.data_seed) if n_calibration else None
+    _say(progress, f"loaded {len(parity_images)} held-out images ({job.dataset}, test split)"
+         + (f" and {len(calib)} calibration images" if calib is not None else ""))
+    return parity_images, calib
+
+
+def _calibration_info(job: _ExportJob, calib: torch.Tensor | None, **extra) -> dict | None:
+    if calib is None:
+        return None
+    return {"dataset": job.dataset, "split": "train", "n_images": int(len(calib)), "noise": "standard normal, seed 1234",
+            "timesteps": "the program's own K timesteps, on the sampler's trajectory", **extra}
+
+
+def _write_temp(out: Path, write: Callable) -> Path:
+    """`write(binary file)` into a fresh temporary file beside `out` (removed if writing fails)."""
+    tmp = _temp_path(out, ".partial")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _failed_path(out: Path) -> Path:
+    return out.with_name(out.name + ".failed")
+
+
+def _checked_parity(tmp: Path, out: Path, measure: Callable[[], tuple[dict, ParityReference]]
+                    ) -> tuple[dict, ParityReference]:
+    """`measure()`, the gate's parity run on the written program `tmp`; a program that does not load
+    is kept as ``<out>.failed`` and is an EdgesegError."""
+    try:
+        return measure()
+    except ProgramLoadError as e:
+        failed = _failed_path(out)
+        os.replace(tmp, failed)
+        raise EdgesegError(f"{e}; kept as {failed} for inspection, {out} was not written") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _dice_problem(parity: dict, threshold: float, quantize: str) -> str | None:
+    if parity["mask_dsc_vs_eager"] >= threshold:
+        return None
+    return (f"parity check failed: mask Dice of the exported program vs eager PyTorch is "
+            f"{parity['mask_dsc_vs_eager']:.4f} < {threshold} on {parity['n_images']} held-out images "
+            f"({'int8' if quantize == 'int8' else 'fp32'})")
+
+
+def _gate_and_place(tmp: Path, out: Path, meta: dict, problem: str | None, overwrite: bool,
+                    extras: dict[str, Path] | None = None) -> dict:
+    """The end of every file export. With a `problem` the program goes to ``<out>.failed`` (its
+    artefacts to ``<out>.failed<suffix>``, sidecar ``"status": "failed"``) and EdgesegError is
+    raised; else the artefacts, then the program are placed (:func:`_place`) and the sidecar written.
+    `extras` maps an artefact suffix (``.bpte``) to its temporary file."""
+    extras = extras or {}
+    try:
+        final = _failed_path(out) if problem else out
+        for sfx, t in extras.items():
+            if problem:
+                os.replace(t, artefact_path(final, sfx))
+            else:
+                _place(t, artefact_path(out, sfx), overwrite)
+            meta.setdefault(_ARTEFACT_KEYS[sfx], {})["file"] = artefact_path(final, sfx).name
+        if problem:
+            os.replace(tmp, final)
+            meta.update(status="failed", file=final.name)
+            _finish(final, meta)
+            raise EdgesegError(f"{problem}; the program was kept as {final} for inspection and {out} was not written")
+        _place(tmp, out, overwrite)
+    finally:
+        for t in (tmp, *extras.values()):
+            t.unlink(missing_ok=True)
+    meta = _finish(out, meta)
+    meta["path"] = str(out)
+    return meta
+
+
+_ARTEFACT_KEYS = {".etrecord": "etrecord", ".bpte": "bundled_program"}
+
+
 def export_executorch(
     model_or_ckpt: nn.Module | str | Path | None,
     out: str | Path | None = None,
@@ -432,81 +568,60 @@ def export_executorch(
     prepare: Callable[[nn.Module], nn.Module] = prepare_for_export,
     overwrite: bool = True,
 ) -> dict:
-    """Export to ``out`` (.pte) + ``out.json``; returns the sidecar dict (``meta["path"]`` = out).
+    """Export to ``out`` (.pte) + ``out.json`` + ``out.etrecord`` + ``out.bpte`` (see
+    :mod:`edgeseg.mobile.devtools`); returns the sidecar dict (``meta["path"]`` = out).
 
-    Raises EdgesegError when the parity gate fails (see the module docstring). `prepare` is the
-    network rewrite (tests pass a broken one to check the gate). The program is written under a
-    temporary name and renamed into place; with ``overwrite=False`` (the CLI's default) an
-    existing `out` or sidecar is an ExportError before any work.
+    Raises EdgesegError when the parity gate fails (see the module docstring): a mask Dice
+    below the threshold, or a bundled program that does not verify. `prepare` is the network
+    rewrite (tests pass a broken one to check the gate). Every file is written under a temporary
+    name and renamed into place; with ``overwrite=False`` (the CLI's default) an existing `out`,
+    sidecar or artefact is an ExportError before any work.
     """
     job = _ExportJob.resolve(model_or_ckpt, out, steps, ensemble, quantize, dataset, data_dir, "ExecuTorch", ".pte",
                              {"none": "fp32", "int8": "int8"}, overwrite)
-    model, checkpoint, p, out = job.model, job.checkpoint, job.model.preset, job.out
-    steps, ensemble, dataset, data_dir, data_seed = job.steps, job.ensemble, job.dataset, job.data_dir, job.data_seed
+    model, out, p = job.model, job.out, job.model.preset
     threshold = PARITY_THRESHOLDS[quantize] if parity_threshold is None else parity_threshold
-    s = p.image_size
+    images, calib = _export_images(job, n_parity_images, n_calibration_images if quantize == "int8" else 0, progress)
 
-    # the images first, before any progress line: a bad dataset is the only line the user sees
-    parity_images = load_images(dataset, "test", n_parity_images, s, data_dir, data_seed)
-    calib = None
-    if quantize == "int8":
-        calib = load_images(dataset, "train", n_calibration_images, s, data_dir, data_seed)
-    _say(progress, f"loaded {len(parity_images)} held-out images ({dataset}, test split)"
-         + (f" and {len(calib)} calibration images" if calib is not None else ""))
-
-    _say(progress, f"exporting {p.name}: {steps} DDIM steps x ensemble {ensemble} unrolled")
-    ep, _ = export_program(model, steps, ensemble, batch, quantize, calib, progress, prepare)
+    _say(progress, f"exporting {p.name}: {job.steps} DDIM steps x ensemble {job.ensemble} unrolled")
+    ep, _ = export_program(model, job.steps, job.ensemble, batch, quantize, calib, progress, prepare)
     _say(progress, "lowering to XNNPACK (the slow part)")
-    lowered, calls, others = lower_executorch(ep, quantize)
+    lowered, calls, others = lower_executorch(ep, quantize, etrecord=True)
     program = to_program(lowered)
+    tmp = _write_temp(out, program.write_to_file)
+    meta = _common_sidecar(model, "executorch", out, job.steps, job.ensemble, batch, quantize, job.checkpoint,
+                           job.dataset)
+    meta.update(delegate_calls=calls, non_delegated_ops=others, calibration=_calibration_info(job, calib))
 
-    tmp = _temp_path(out, ".partial")
-    try:
-        with open(tmp, "wb") as f:
-            program.write_to_file(f)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    meta = _common_sidecar(model, "executorch", out, steps, ensemble, batch, quantize, checkpoint, dataset)
-    meta["delegate_calls"] = calls
-    meta["non_delegated_ops"] = others
-    meta["calibration"] = (
-        {"dataset": dataset, "split": "train", "n_images": int(len(calib)), "noise": "standard normal, seed 1234",
-         "timesteps": "the program's own K timesteps, on the sampler's trajectory"}
-        if calib is not None else None
-    )
-
-    _say(progress, f"parity: .pte (ExecuTorch runtime) vs eager on {len(parity_images)} held-out images")
-    try:
-        parity = parity_pte(tmp, model, parity_images, steps, ensemble, batch, seed)
-    except ProgramLoadError as e:
-        failed = out.with_name(out.name + ".failed")
-        os.replace(tmp, failed)
-        raise EdgesegError(f"{e}; kept as {failed} for inspection, {out} was not written") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    parity.update(dataset=dataset, split="test", threshold=threshold, runtime="executorch.runtime (Python)")
+    _say(progress, f"parity: .pte (ExecuTorch runtime) vs eager on {len(images)} held-out images")
+    parity, ref = _checked_parity(tmp, out, lambda: parity_pte(tmp, model, images, job.steps, job.ensemble, batch,
+                                                                seed))
+    parity.update(dataset=job.dataset, split="test", threshold=threshold, runtime="executorch.runtime (Python)")
     meta["parity"] = parity
-    if parity["mask_dsc_vs_eager"] < threshold:
-        failed = out.with_name(out.name + ".failed")
-        os.replace(tmp, failed)
-        meta["status"] = "failed"
-        meta["file"] = failed.name
-        _finish(failed, meta)
-        raise EdgesegError(
-            f"parity check failed: mask Dice of the exported program vs eager PyTorch is "
-            f"{parity['mask_dsc_vs_eager']:.4f} < {threshold} on {parity['n_images']} held-out images "
-            f"({'int8' if quantize == 'int8' else 'fp32'}); the program was kept as {failed} for "
-            f"inspection and {out} was not written"
-        )
+    _say(progress, "writing the ETRecord and the bundled program; verifying the bundle in the runtime")
+    extras, meta["etrecord"], meta["bundled_program"], bundle_problem = _debug_artefacts(program, ref, out, tmp)
+    problem = _dice_problem(parity, threshold, quantize) or (
+        f"parity check failed: {bundle_problem}" if bundle_problem else None)
+    return _gate_and_place(tmp, out, meta, problem, overwrite, extras)
+
+
+def _debug_artefacts(program, ref: ParityReference, out: Path, tmp: Path):
+    """:func:`edgeseg.mobile.devtools.write_debug_artefacts`, its temporary files removed with `tmp` on error."""
+    from edgeseg.mobile.devtools import write_debug_artefacts
+
+    made: list[Path] = []
+
+    def tmp_for(suffix: str) -> Path:
+        made.append(_temp_path(out, suffix))
+        return made[-1]
+
     try:
-        _place(tmp, out, overwrite)
-    finally:
-        tmp.unlink(missing_ok=True)
-    meta = _finish(out, meta)
-    meta["path"] = str(out)
-    return meta
+        with _quiet():
+            return write_debug_artefacts(program, ref, tmp_for)
+    except BaseException:
+        for t in (tmp, *made):
+            t.unlink(missing_ok=True)
+        raise
 
 
 # ----------------------------------------------------------------------------------------
@@ -530,44 +645,118 @@ def _compress_coreml(mlmodel, quantize: str, nbits: int):
     return mlmodel
 
 
+#: ``--compute-units`` -> coremltools.ComputeUnit member (what the app should load the model with).
+COMPUTE_UNITS = {"all": "ALL", "cpu_only": "CPU_ONLY", "cpu_and_gpu": "CPU_AND_GPU", "cpu_and_ne": "CPU_AND_NE"}
+#: The user-defined metadata keys every .mlpackage carries (JSON-encoded where not a plain string).
+COREML_METADATA_KEYS = ("preprocessing", "threshold", "sampler", "steps", "ensemble", "training_data",
+                        "compute_units", "preset", "quantize", "output_range")
+
+
 def inspect_mlpackage(path: str | Path) -> dict:
-    """Structure of a saved .mlpackage, readable on Linux: type, I/O, op and dtype counts."""
+    """Structure of a saved .mlpackage, readable on Linux: type, I/O with descriptions, metadata,
+    op and dtype counts."""
     import coremltools as ct
 
     spec = ct.utils.load_spec(str(path))
     kind = spec.WhichOneof("Type")
     desc = spec.description
 
-    def shape(f):
-        t = f.type.multiArrayType
-        return [int(d) for d in t.shape]
+    def feature(f):
+        return {"name": f.name, "shape": [int(d) for d in f.type.multiArrayType.shape],
+                "description": f.shortDescription}
 
+    md = desc.metadata
     info = {
         "model_type": kind,
         "spec_version": int(spec.specificationVersion),
-        "inputs": [{"name": f.name, "shape": shape(f)} for f in desc.input],
-        "outputs": [{"name": f.name, "shape": shape(f)} for f in desc.output],
+        "inputs": [feature(f) for f in desc.input],
+        "outputs": [feature(f) for f in desc.output],
+        "metadata": {"author": md.author, "license": md.license, "short_description": md.shortDescription,
+                     "version": md.versionString, "user_defined": dict(md.userDefined)},
     }
-    if kind != "mlProgram":
-        return info
-    ops, dtypes = Counter(), Counter()
+    if kind == "mlProgram":
+        info.update(_mlprogram_ops(spec))
+    return info
+
+
+def _mlprogram_ops(spec) -> dict:
     from coremltools.proto import MIL_pb2
 
+    ops, dtypes = Counter(), Counter()
     names = {v: k for k, v in MIL_pb2.DataType.items()}
     for fn in spec.mlProgram.functions.values():
         for block in fn.block_specializations.values():
             for op in block.operations:
                 ops[op.type] += 1
                 for o in op.outputs:
-                    tt = o.type.tensorType
                     if o.type.WhichOneof("type") == "tensorType":
-                        dtypes[names.get(tt.dataType, str(tt.dataType))] += 1
-    info["op_counts"] = dict(ops)
-    info["output_dtypes"] = dict(dtypes)
-    info["fp16_ops"] = int(dtypes.get("FLOAT16", 0))
-    info["fp32_ops"] = int(dtypes.get("FLOAT32", 0))
-    info["compressed_weight_ops"] = int(sum(v for k, v in ops.items() if k.startswith("constexpr_")))
-    return info
+                        dt = o.type.tensorType.dataType
+                        dtypes[names.get(dt, str(dt))] += 1
+    return {"op_counts": dict(ops), "output_dtypes": dict(dtypes), "fp16_ops": int(dtypes.get("FLOAT16", 0)),
+            "fp32_ops": int(dtypes.get("FLOAT32", 0)),
+            "compressed_weight_ops": int(sum(v for k, v in ops.items() if k.startswith("constexpr_")))}
+
+
+def coreml_metadata(meta: dict, training_data: str | None, compute_units: str) -> dict:
+    """(author, license, short_description, version, user_defined) for the .mlpackage, from its sidecar `meta`."""
+    import json
+
+    version = sc.versions().get("edgeseg") or "unknown"
+    trained = training_data or "not recorded (a model object, no checkpoint)"
+    licence = "Apache-2.0 (edgeseg)" + (
+        "" if training_data in (None, "synthetic") else f"; trained on {training_data}, whose terms of use apply")
+    s = meta["image_size"][0]
+    user = {"preprocessing": meta["preprocessing"], "threshold": meta["threshold"],
+            "sampler": {**meta["sampler"], "timesteps": meta["timesteps"]}, "steps": meta["steps"],
+            "ensemble": meta["ensemble"], "training_data": {"dataset": trained, "split": "train"},
+            "compute_units": compute_units, "preset": meta["preset"], "quantize": meta["quantize"],
+            "output_range": meta["output_range"]}
+    return {
+        "author": "edgeseg",
+        "license": licence,
+        "short_description": (f"Skin-lesion segmentation ({meta['preset']}, a DermoSegDiff student): "
+                              f"{meta['steps']} DDIM step(s) x an ensemble of {meta['ensemble']} on a {s}x{s} RGB "
+                              "image; 'mean' > 0 is the lesion, 'std' its uncertainty."),
+        "version": f"{version}+recipe{EXPORT_RECIPE}",
+        "user_defined": {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in user.items()},
+    }
+
+
+def _describe_coreml(mlmodel, meta: dict, md: dict):
+    """Write the metadata `md` (:func:`coreml_metadata`) and the sidecar's I/O descriptions into `mlmodel`."""
+    mlmodel.author = md["author"]
+    mlmodel.license = md["license"]
+    mlmodel.short_description = md["short_description"]
+    mlmodel.version = md["version"]
+    for k, v in md["user_defined"].items():
+        mlmodel.user_defined_metadata[k] = v
+    for io in meta["inputs"]:
+        mlmodel.input_description[io["name"]] = io["description"]
+    for io in meta["outputs"]:
+        mlmodel.output_description[io["name"]] = io["description"]
+    return mlmodel
+
+
+def _convert_coreml(ep, quantize: str, nbits: int, target: str, compute_units: str, progress):
+    """coremltools.convert of the exported program -> MLModel (fp16, outputs named mean/std, compressed)."""
+    import coremltools as ct
+
+    with _quiet():
+        ep = ep.run_decompositions({})
+        _say(progress, "converting to a CoreML ML program (fp16)")
+        mlmodel = ct.convert(ep, convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
+                             minimum_deployment_target=getattr(ct.target, target),
+                             compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[compute_units]))
+        # name the outputs as in the contract (the converter names them after graph nodes)
+        spec = mlmodel.get_spec()
+        for o, new in zip([o.name for o in spec.description.output], ("mean", "std")):
+            if o != new:
+                ct.utils.rename_feature(spec, o, new)
+        mlmodel = ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir)
+        if quantize != "none":
+            _say(progress, f"compressing weights ({quantize})")
+            mlmodel = _compress_coreml(mlmodel, quantize, nbits)
+    return mlmodel
 
 
 def export_coreml(
@@ -584,6 +773,7 @@ def export_coreml(
     n_parity_images: int = PARITY_IMAGES,
     seed: int = 0,
     minimum_deployment_target: str = "iOS17",
+    compute_units: str = "all",
     progress: Progress | None = None,
     overwrite: bool = True,
 ) -> dict:
@@ -591,51 +781,45 @@ def export_coreml(
 
     `quantize`: "none" (fp16 weights), "int8" (linear symmetric per-channel weights) or
     "palettize" (`nbits`-bit k-means look-up table per tensor). Inputs ``image`` and ``noise``,
-    outputs ``mean`` and ``std`` (same contract as the .pte).
+    outputs ``mean`` and ``std`` (same contract as the .pte), each with its description; the
+    model's metadata (author, licence, description, version and ``user_defined_metadata``:
+    :data:`COREML_METADATA_KEYS`) come from the sidecar. `compute_units` (:data:`COMPUTE_UNITS`)
+    is what the model is converted for and what the app should load it with (Core ML keeps it
+    outside the model: it is recorded in the metadata and the sidecar).
     """
+    if compute_units not in COMPUTE_UNITS:
+        raise ExportError(f"--compute-units must be one of {', '.join(COMPUTE_UNITS)}, got {compute_units!r}")
     job = _ExportJob.resolve(model_or_ckpt, out, steps, ensemble, quantize, dataset, data_dir, "CoreML", ".mlpackage",
                              {"none": "fp16", "int8": "int8", "palettize": f"pal{nbits}"}, overwrite)
-    model, checkpoint, p, out = job.model, job.checkpoint, job.model.preset, job.out
-    steps, ensemble, dataset, data_dir, data_seed = job.steps, job.ensemble, job.dataset, job.data_dir, job.data_seed
-    s = p.image_size
     parity_images = None
     if platform.system() == "Darwin":  # parity runs on macOS only; its images are checked before any work
-        parity_images = load_images(dataset, "test", n_parity_images, s, data_dir, data_seed)
+        parity_images = load_images(job.dataset, "test", n_parity_images, job.model.preset.image_size, job.data_dir,
+                                    job.data_seed)
     with _quiet_import():  # checked first: a user error is not buried under coremltools' import chatter
-        import coremltools as ct
+        import coremltools  # noqa: F401
 
-    _say(progress, f"exporting {p.name}: {steps} DDIM steps x ensemble {ensemble} unrolled")
-    ep, _ = export_program(model, steps, ensemble, batch, "none", fold_constants=False)
-    with _quiet():
-        ep = ep.run_decompositions({})
-        _say(progress, "converting to a CoreML ML program (fp16)")
-        target = getattr(ct.target, minimum_deployment_target)
-        mlmodel = ct.convert(ep, convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
-                             minimum_deployment_target=target)
-        # name the outputs as in the contract (the converter names them after graph nodes)
-        spec = mlmodel.get_spec()
-        old = [o.name for o in spec.description.output]
-        for o, new in zip(old, ("mean", "std")):
-            if o != new:
-                ct.utils.rename_feature(spec, o, new)
-        mlmodel = ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir)
-        if quantize != "none":
-            _say(progress, f"compressing weights ({quantize})")
-            mlmodel = _compress_coreml(mlmodel, quantize, nbits)
+    _say(progress, f"exporting {job.model.preset.name}: {job.steps} DDIM steps x ensemble {job.ensemble} unrolled")
+    ep, _ = export_program(job.model, job.steps, job.ensemble, batch, "none", fold_constants=False)
+    mlmodel = _convert_coreml(ep, quantize, nbits, minimum_deployment_target, compute_units, progress)
+    meta = _common_sidecar(job.model, "coreml", job.out, job.steps, job.ensemble, batch, quantize, job.checkpoint,
+                           job.dataset)
+    meta.update(compute_precision="float16", minimum_deployment_target=minimum_deployment_target,
+                compute_units=compute_units, training_data=job.training_data,
+                weight_compression={"none": None, "int8": "linear_symmetric int8 per-channel",
+                                    "palettize": f"kmeans LUT {nbits}-bit per-tensor"}[quantize],
+                delegate_calls=None,  # not applicable: CoreML runs the whole ML program
+                calibration=None)  # weight-only compression needs no calibration
+    _describe_coreml(mlmodel, meta, coreml_metadata(meta, job.training_data, compute_units))
 
-    tmp = out.with_name(f".partial-{os.getpid()}-{out.name}")  # coremltools insists on the .mlpackage suffix
+    tmp = job.out.with_name(f".partial-{os.getpid()}-{job.out.name}")  # coremltools insists on the .mlpackage suffix
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        return _finish_coreml(tmp, out, overwrite, mlmodel, model, p, quantize, nbits, steps, ensemble, batch,
-                              checkpoint, dataset, parity_images, seed, minimum_deployment_target)
+        return _finish_coreml(tmp, job, overwrite, mlmodel, meta, parity_images, batch, seed)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _finish_coreml(tmp, out, overwrite, mlmodel, model, p, quantize, nbits, steps, ensemble, batch, checkpoint,
-                   dataset, parity_images, seed, minimum_deployment_target) -> dict:
-    mlmodel.save(str(tmp))
-    structure = inspect_mlpackage(tmp)
+def _coreml_problems(structure: dict, quantize: str) -> list[str]:
     problems = []
     if structure["model_type"] != "mlProgram":
         problems.append(f"model type {structure['model_type']}, expected mlProgram")
@@ -643,31 +827,36 @@ def _finish_coreml(tmp, out, overwrite, mlmodel, model, p, quantize, nbits, step
         problems.append(f"inputs {structure['inputs']}")
     if [o["name"] for o in structure["outputs"]] != ["mean", "std"]:
         problems.append(f"outputs {structure['outputs']}")
+    if not all(f["description"] for f in structure["inputs"] + structure["outputs"]):
+        problems.append("an input or output has no description")
+    missing = [k for k in COREML_METADATA_KEYS if k not in structure["metadata"]["user_defined"]]
+    if missing:
+        problems.append(f"user-defined metadata lacks {missing}")
     if structure.get("fp16_ops", 0) == 0:
         problems.append("no fp16 ops: compute precision was not applied")
     if quantize != "none" and structure.get("compressed_weight_ops", 0) == 0:
         problems.append("no compressed weights found")
+    return problems
+
+
+def _finish_coreml(tmp, job: _ExportJob, overwrite, mlmodel, meta, parity_images, batch, seed) -> dict:
+    mlmodel.save(str(tmp))
+    structure = inspect_mlpackage(tmp)
+    problems = _coreml_problems(structure, meta["quantize"])
     if problems:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise EdgesegError(f"CoreML export of {p.name} is malformed: " + "; ".join(problems))
-
-    meta = _common_sidecar(model, "coreml", out, steps, ensemble, batch, quantize, checkpoint, dataset)
-    meta["compute_precision"] = "float16"
-    meta["minimum_deployment_target"] = minimum_deployment_target
-    meta["weight_compression"] = {"none": None, "int8": "linear_symmetric int8 per-channel",
-                                  "palettize": f"kmeans LUT {nbits}-bit per-tensor"}[quantize]
-    meta["delegate_calls"] = None  # not applicable: CoreML runs the whole ML program
+        raise EdgesegError(f"CoreML export of {job.model.preset.name} is malformed: " + "; ".join(problems))
     meta["structure"] = structure
-    meta["calibration"] = None  # weight-only compression needs no calibration
     if parity_images is not None:
-        meta["parity"] = _parity_coreml(tmp, model, parity_images, steps, ensemble, batch, seed)
+        meta["parity"] = _parity_coreml(tmp, job.model, parity_images, job.steps, job.ensemble, batch, seed)
     else:
         meta["parity"] = {"mask_dsc_vs_eager": None, "n_images": 0,
                           "note": "not measured: running a CoreML model requires macOS; on Linux the "
-                                  "conversion, the program structure and the weight compression are checked"}
-    _place(tmp, out, overwrite)
-    meta = _finish(out, meta)
-    meta["path"] = str(out)
+                                  "conversion, the program structure, its metadata and the weight compression "
+                                  "are checked"}
+    _place(tmp, job.out, overwrite)
+    meta = _finish(job.out, meta)
+    meta["path"] = str(job.out)
     return meta
 
 
@@ -675,16 +864,12 @@ def _parity_coreml(path, model, images, steps, ensemble, batch, seed) -> dict:  
     import coremltools as ct
     import numpy as np
 
-    s = model.preset.image_size
-    n = images.shape[0] - images.shape[0] % batch
-    images = images[:n]
-    noises = _noise_for(n, batch, ensemble, s, seed)
     ml = ct.models.MLModel(str(path))
-    got = torch.cat([
-        torch.from_numpy(np.asarray(ml.predict({"image": images[i * batch:(i + 1) * batch].numpy(),
-                                                 "noise": nz.numpy()})["mean"], np.float32))
-        for i, nz in enumerate(noises)])
-    eager = _eager_means(model, images, noises, steps, ensemble, batch)
-    dsc = sc.dice_masks(got > 0, eager > 0)
-    return {"mask_dsc_vs_eager": round(float(dsc.mean()), 6), "n_images": int(n),
-            "min_dsc": round(float(dsc.min()), 6), "runtime": "coremltools (macOS)", "noise_seed": seed}
+
+    def run(img, nz):
+        res = ml.predict({"image": img.numpy(), "noise": nz.numpy()})
+        return tuple(torch.from_numpy(np.asarray(res[k], np.float32)) for k in ("mean", "std"))
+
+    parity, _ = run_parity(run, model, images, steps, ensemble, batch, seed)
+    parity["runtime"] = "coremltools (macOS)"
+    return parity
