@@ -145,15 +145,20 @@ class NoiseSchedule:
         p = _check_prediction_type(prediction_type)
         sa = _gather(self.sqrt_alphas_cumprod, t, x_t)
         s1 = _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t)
-        if p == "epsilon":
-            x0 = (x_t - s1 * model_output) / sa
-        elif p == "sample":
-            x0 = model_output
-        else:
-            x0 = sa * x_t - s1 * model_output
-        x0 = x0.clamp(-1.0, 1.0)
-        eps = (x_t - sa * x0) / s1
-        return x0, eps
+        x0 = predicted_x0(model_output, x_t, p, sa, s1)
+        return x0, (x_t - sa * x0) / s1
+
+
+def predicted_x0(model_output: torch.Tensor, sample: torch.Tensor, prediction_type: str, sa, s1) -> torch.Tensor:
+    """x0 implied by the network output at a step with (sa, s1) = (sqrt(abar_t), sqrt(1 - abar_t)),
+    clipped to [-1, 1] (masks live there)."""
+    if prediction_type == "epsilon":
+        x0 = (sample - s1 * model_output) / sa
+    elif prediction_type == "sample":
+        x0 = model_output
+    else:
+        x0 = sa * sample - s1 * model_output
+    return x0.clamp(-1.0, 1.0)
 
 
 def ddim_update(model_output: torch.Tensor, sample: torch.Tensor, prediction_type: str, sa: float, s1: float,
@@ -164,13 +169,7 @@ def ddim_update(model_output: torch.Tensor, sample: torch.Tensor, prediction_typ
     it. Plain Python floats keep the traced graph free of tensor constants; the final step
     (c_x0 = 1, c_eps = 0) returns x0 itself, so the exported program ends on it.
     """
-    if prediction_type == "epsilon":
-        x0 = (sample - s1 * model_output) / sa
-    elif prediction_type == "sample":
-        x0 = model_output
-    else:
-        x0 = sa * sample - s1 * model_output
-    x0 = x0.clamp(-1.0, 1.0)
+    x0 = predicted_x0(model_output, sample, prediction_type, sa, s1)
     if c_x0 == 1.0 and c_eps == 0.0:
         return x0, x0
     eps = (sample - sa * x0) / s1
