@@ -15,13 +15,14 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from edgeseg.cli import data, evaluate, export, segment, train
+    from edgeseg.cli import data, evaluate, export, profile, segment, train
 
     app.command("distill")(train.distill)
     app.command("train-teacher")(train.train_teacher)
     app.command("evaluate")(evaluate.evaluate_cmd)
     app.command("segment")(segment.segment)
     app.command("export")(export.export_cmd)
+    app.command("profile")(profile.profile_cmd)
     app.add_typer(data.app, name="data")
 
 
