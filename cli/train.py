@@ -108,8 +108,10 @@ def distill(
     run_name: Optional[str] = typer.Option(None, help="run folder name under --runs-dir"),
     runs_dir: Path = typer.Option(Path("runs"), help="where run folders go"),
     resume: bool = typer.Option(False, help="continue the run folder --run-name from its last checkpoint"),
-    eval_steps: int = typer.Option(2, help="DDIM steps for the final evaluation"),
-    eval_ensemble: int = typer.Option(3, help="ensemble size for the final evaluation"),
+    eval_steps: Optional[int] = typer.Option(None, help="DDIM steps for the final evaluation (default: the "
+                                             "defaults table, 1 for x0/v students)"),
+    eval_ensemble: Optional[int] = typer.Option(None, help="ensemble size for the final evaluation (default: "
+                                                "the defaults table, 3)"),
     eval_images: Optional[int] = typer.Option(None, help="evaluate on the first N test images only"),
 ):
     """Distil a student from a teacher with EFKD, evaluate both, and write a run folder.

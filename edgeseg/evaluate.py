@@ -20,14 +20,29 @@ __all__ = ["SamplerSettings", "PAPER_PROTOCOL", "predict", "evaluate", "write_ov
 
 @dataclass(frozen=True)
 class SamplerSettings:
+    """How to sample: "ddim" (K steps, N members, eta) or "ddpm" (the paper's ancestral sampler).
+    steps / ensemble None: the model's defaults from the one table, :mod:`edgeseg.defaults`."""
+
     sampler: str = "ddim"  # "ddim" or "ddpm"
-    steps: int = 1
-    ensemble: int = 3
+    steps: int | None = None
+    ensemble: int | None = None
     eta: float = 0.0  # DDIM only
 
     def describe(self) -> str:
         eta = f" eta {self.eta:g}" if self.eta else ""
-        return f"{self.sampler.upper()} {self.steps} steps x {self.ensemble}{eta}"
+        k = "default" if self.steps is None else self.steps
+        n = "default" if self.ensemble is None else self.ensemble
+        return f"{self.sampler.upper()} {k} steps x {n}{eta}"
+
+    def resolved(self, model: DermoSegDiff) -> "SamplerSettings":
+        """These settings with the table's defaults filled in for `model`."""
+        from dataclasses import replace
+
+        from edgeseg.defaults import sampler_defaults
+
+        dk, dn = sampler_defaults(model.preset.prediction_type)
+        steps = self.steps if self.steps is not None else (250 if self.sampler == "ddpm" else dk)
+        return replace(self, steps=steps, ensemble=self.ensemble if self.ensemble is not None else dn)
 
     def segmenter(self, model: DermoSegDiff, seed: int = 0):
         """The :class:`edgeseg.Segmenter` that runs these settings on `model`."""
@@ -62,6 +77,7 @@ def evaluate(model: DermoSegDiff, dataset, settings: SamplerSettings, batch_size
     subset = torch.utils.data.Subset(dataset, range(n))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False)
     gen = torch.Generator().manual_seed(seed)
+    settings = settings.resolved(model)
     segmenter = settings.segmenter(model, seed)
     acc = MetricAccumulator()
     kept: list[tuple] = []

@@ -23,7 +23,7 @@ __all__ = ["DistillJob", "run_distill", "run_train_teacher", "default_presets", 
            "DEFAULT_EVAL"]
 
 # Few-step evaluation used by the main job (x0-prediction presets); see README "Sampling defaults".
-DEFAULT_EVAL = SamplerSettings("ddim", steps=2, ensemble=3)
+DEFAULT_EVAL = SamplerSettings("ddim")  # K and N from the defaults table (edgeseg.defaults)
 # Per-epoch validation Dice for model selection: one deterministic step, cheap enough for every epoch.
 VAL_SELECT = SamplerSettings("ddim", steps=1, ensemble=1)
 
