@@ -1,7 +1,7 @@
-"""`edgeseg export`: the whole few-step segmenter to ExecuTorch (.pte) or CoreML (.mlpackage).
+"""`edgeseg export`: the whole few-step segmenter to ExecuTorch (.pte), CoreML (.mlpackage) or ONNX (.onnx).
 
 Registered in cli/main.py as ``app.command("export")(export_cmd)``. Heavy imports (torch,
-executorch, coremltools) happen inside the command so ``edgeseg --help`` stays fast.
+executorch, coremltools, onnx) happen inside the command so ``edgeseg --help`` stays fast.
 """
 from __future__ import annotations
 
@@ -18,6 +18,14 @@ from edgeseg.cli.common import user_errors
 class Target(str, Enum):
     executorch = "executorch"
     coreml = "coreml"
+    onnx = "onnx"
+
+
+class ComputeUnits(str, Enum):
+    all = "all"
+    cpu_only = "cpu_only"
+    cpu_and_gpu = "cpu_and_gpu"
+    cpu_and_ne = "cpu_and_ne"
 
 
 class Quantize(str, Enum):
@@ -43,21 +51,26 @@ def _size(n: int) -> str:
 
 @user_errors
 def export_cmd(
-    target: Target = typer.Option(..., "--target", help="executorch (.pte, XNNPACK) or coreml (.mlpackage)"),
+    target: Target = typer.Option(..., "--target", help="executorch (.pte, XNNPACK), coreml (.mlpackage) or onnx "
+                                  "(.onnx, ONNX Runtime)"),
     checkpoint: Optional[Path] = typer.Option(
         None, help="student .safetensors or run folder; default: the newest run's student under ./runs/"),
     quantize: Quantize = typer.Option(
-        Quantize.none, help="none, int8 (ExecuTorch: PT2E static int8; CoreML: int8 weights) or "
-                            "palettize (CoreML only: k-means LUT weights)"),
+        Quantize.none, help="none, int8 (ExecuTorch: PT2E static int8; ONNX: ONNX Runtime static QDQ int8; CoreML: "
+                            "int8 weights) or palettize (CoreML only: k-means LUT weights)"),
     steps: Optional[int] = typer.Option(None, "--steps", "-k", min=1, max=250, help=_STEPS_HELP),
     ensemble: Optional[int] = typer.Option(None, "--ensemble", "-n", min=1, max=64, help=_ENSEMBLE_HELP),
-    out: Optional[Path] = typer.Option(None, help="output path (default <preset>-k<K>n<N>-<precision>.pte/.mlpackage)"),
+    out: Optional[Path] = typer.Option(None, help="output path (default <preset>-k<K>n<N>-<precision>.pte/.mlpackage/"
+                                       ".onnx)"),
     n_parity_images: int = typer.Option(16, min=1, help="held-out (test split) images for the parity check"),
     n_calibration_images: int = typer.Option(32, min=1, help="training images for int8 calibration"),
     dataset: Optional[str] = typer.Option(None, help="dataset for calibration/parity (default: the checkpoint's)"),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder (not needed for synthetic)"),
     batch: int = typer.Option(1, min=1, help="images per program call (fixed in the program)"),
     nbits: int = typer.Option(6, min=1, max=8, help="bits per weight for --quantize palettize (CoreML)"),
+    compute_units: Optional[ComputeUnits] = typer.Option(
+        None, "--compute-units", help="CoreML only: the processors the model is converted and meant to be loaded "
+                                      "for (default all)"),
     seed: int = typer.Option(0, help="seed of the parity check's noise"),
     overwrite: bool = typer.Option(False, help="replace an existing output file and its sidecar (otherwise an "
                                    "existing one is an error, before any work)"),
@@ -65,64 +78,86 @@ def export_cmd(
     """Export the student with K DDIM steps and an N-member ensemble unrolled inside the program.
 
     Writes the model and a JSON sidecar next to it (<out>.json: preprocessing, K, timesteps, N, threshold, sha256, parity),
-    each under a temporary name renamed into place; an existing <out> is kept unless --overwrite.
+    each under a temporary name renamed into place; an existing <out> is kept unless --overwrite. ExecuTorch also writes
+    <out>.etrecord (for `edgeseg profile`) and <out>.bpte (a bundled program: held-out images and their expected outputs).
 
-    ExecuTorch exports are checked against eager PyTorch on held-out images in ExecuTorch's runtime; below 0.99 (fp32) / 0.97 (int8) mask Dice the export fails (exit 2) and the program is left as <out>.failed.
+    ExecuTorch and ONNX exports are checked against eager PyTorch on held-out images in their runtime (ExecuTorch's, ONNX Runtime); below 0.99 (fp32) / 0.97 (int8) mask Dice the export fails (exit 2) and the program is left as <out>.failed. CoreML models need macOS to run: on Linux their structure and metadata are checked.
     """
     from rich.console import Console
-    from rich.table import Table
 
+    from edgeseg.errors import EdgesegError
+
+    if target != Target.coreml and quantize == Quantize.palettize:
+        raise EdgesegError(f"--quantize palettize is CoreML only; use none or int8 for {target.value}")
+    if target != Target.coreml and compute_units is not None:
+        raise EdgesegError(f"--compute-units is CoreML only (the {target.value} program runs on the CPU)")
     console = Console(stderr=True)
     t0 = time.perf_counter()
 
     def progress(msg: str) -> None:
         console.log(f"[dim]{time.perf_counter() - t0:6.1f}s[/dim] {msg}")
 
-    from edgeseg.errors import EdgesegError
-
-    if target == Target.executorch and quantize == Quantize.palettize:
-        raise EdgesegError("--quantize palettize is CoreML only; use none or int8 for ExecuTorch")
-    from edgeseg.mobile.export import export_coreml, export_executorch
-
+    common = dict(batch=batch, dataset=dataset, data_dir=data_dir, n_parity_images=n_parity_images, seed=seed,
+                  progress=progress, overwrite=overwrite)
     with console.status("exporting ...", spinner="dots"):
-        if target == Target.executorch:
-            meta = export_executorch(
-                checkpoint, out, steps, ensemble, quantize.value, batch=batch, dataset=dataset,
-                data_dir=data_dir, n_parity_images=n_parity_images, n_calibration_images=n_calibration_images,
-                seed=seed, progress=progress, overwrite=overwrite,
-            )
-        else:
-            meta = export_coreml(
-                checkpoint, out, steps, ensemble, quantize.value, batch=batch, nbits=nbits, dataset=dataset,
-                data_dir=data_dir, n_parity_images=n_parity_images, seed=seed, progress=progress,
-                overwrite=overwrite,
-            )
+        meta = _export(target, checkpoint, out, steps, ensemble, quantize.value, common, n_calibration_images, nbits,
+                       compute_units.value if compute_units is not None else "all")
+    Console().print(_summary(meta, steps is None or ensemble is None, time.perf_counter() - t0))
+
+
+def _export(target: Target, checkpoint, out, steps, ensemble, quantize: str, common: dict, n_calibration_images: int,
+            nbits: int, compute_units: str) -> dict:
+    if target == Target.executorch:
+        from edgeseg.mobile.export import export_executorch
+
+        return export_executorch(checkpoint, out, steps, ensemble, quantize, n_calibration_images=n_calibration_images,
+                                 **common)
+    if target == Target.onnx:
+        from edgeseg.mobile.onnx_export import export_onnx
+
+        return export_onnx(checkpoint, out, steps, ensemble, quantize, n_calibration_images=n_calibration_images,
+                           **common)
+    from edgeseg.mobile.export import export_coreml
+
+    return export_coreml(checkpoint, out, steps, ensemble, quantize, nbits=nbits, compute_units=compute_units,
+                         **common)
+
+
+def _summary(meta: dict, defaulted: bool, seconds: float):
+    from rich.table import Table
 
     table = Table(title=f"edgeseg export: {meta['target']}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
     table.add_row("file", meta["path"])
     table.add_row("sidecar", meta["path"] + ".json")
+    for key, what in (("etrecord", "ETRecord"), ("bundled_program", "bundled program")):
+        if meta.get(key):
+            b = meta[key]
+            extra = (f", {b['n_images']} held-out images, atol {b['atol']:.3g}, verified in the runtime"
+                     if key == "bundled_program" else "")
+            table.add_row(what, f"{b['file']} ({_size(b['size_bytes'])}{extra})")
     table.add_row("preset", f"{meta['preset']} ({meta['prediction_type']}), {meta['image_size'][0]}x{meta['image_size'][1]}")
-    prov = " (provisional defaults)" if meta["defaults"]["provisional"] and (steps is None or ensemble is None) else ""
+    prov = " (provisional defaults)" if meta["defaults"]["provisional"] and defaulted else ""
     table.add_row("sampler", f"K={meta['steps']} DDIM steps {meta['timesteps']}, ensemble N={meta['ensemble']}{prov}")
-    table.add_row("precision", {"none": "fp32" if meta["target"] == "executorch" else "fp16"}.get(meta["quantize"], meta["quantize"]))
+    table.add_row("precision", {"none": "fp16" if meta["target"] == "coreml" else "fp32"}.get(meta["quantize"], meta["quantize"]))
     table.add_row("size", f"{_size(meta['size_bytes'])} ({meta['size_bytes']} bytes)")
     table.add_row("sha256", meta["sha256"])
+    par = meta["parity"]
     if meta["target"] == "executorch":
         others = meta.get("non_delegated_ops") or {}
         extra = f"; outside: {', '.join(f'{k} x{v}' for k, v in others.items())}" if others else ""
         table.add_row("delegate calls", f"{meta['delegate_calls']} (XNNPACK){extra}")
-        par = meta["parity"]
+    if meta["target"] in ("executorch", "onnx"):
         table.add_row("parity", f"mask Dice vs eager {par['mask_dsc_vs_eager']:.4f} on {par['n_images']} held-out "
-                                f"images (gate {par['threshold']})")
+                                f"images (gate {par['threshold']}; {par['runtime']})")
     else:
         st = meta["structure"]
         table.add_row("structure", f"{st['model_type']}, inputs {[i['name'] for i in st['inputs']]}, outputs "
                                    f"{[o['name'] for o in st['outputs']]}, {st.get('fp16_ops', 0)} fp16 ops, "
-                                   f"{st.get('compressed_weight_ops', 0)} compressed weight tensors")
-        par = meta["parity"]
+                                   f"{st.get('compressed_weight_ops', 0)} compressed weight tensors; compute units "
+                                   f"{meta['compute_units']}")
         table.add_row("parity", f"{par['mask_dsc_vs_eager']:.4f} on {par['n_images']} images"
                       if par.get("mask_dsc_vs_eager") is not None else par.get("note", "not measured"))
-    table.add_row("time", f"{time.perf_counter() - t0:.1f} s")
-    Console().print(table)
+    table.add_row("time", f"{seconds:.1f} s")
+    return table

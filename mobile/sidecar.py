@@ -4,12 +4,19 @@ The sidecar is the contract with the app: how to preprocess an image, what the i
 outputs are, which sampler settings are baked in, how to threshold, and which file it describes
 (sha256 + size). Fields (all exports):
 
-``format``, ``format_version``, ``recipe`` (export recipe version), ``target`` ("executorch" | "coreml"), ``file``, ``status``
+``format``, ``format_version``, ``recipe`` (export recipe version), ``target`` ("executorch" | "coreml" | "onnx"), ``file``, ``status``
 ("ok" or "failed"), ``preset`` (name), ``preset_config``, ``prediction_type``, ``checkpoint``,
 ``image_size`` [H, W], ``preprocessing`` (see :func:`preprocessing_for`), ``inputs``,
 ``outputs``, ``sampler``, ``steps``, ``timesteps``, ``ensemble``, ``batch``, ``threshold``,
 ``output_range``, ``sha256``, ``size_bytes``, ``parity`` ({"mask_dsc_vs_eager", "n_images", ...}),
 ``delegate_calls``, ``quantize``, ``calibration``, ``versions``, ``created``, ``contract_sha256``.
+
+Per target: ExecuTorch names its two other files, ``etrecord`` ({"file", "sha256", "size_bytes"}:
+``<out>.etrecord``, for ``edgeseg profile``) and ``bundled_program`` ({"file", "sha256",
+"size_bytes", "n_images", "atol", "rtol", "basis", "verified", ...}: ``<out>.bpte``, see
+:mod:`edgeseg.mobile.devtools`); CoreML adds ``compute_units``, ``training_data``,
+``compute_precision``, ``structure`` (with the model's metadata); ONNX adds ``opset`` and
+``execution_provider``.
 
 ``contract_sha256`` is the sha256 of the fields an app acts on (:data:`CONTRACT_FIELDS`:
 preprocessing, shapes, sampler, threshold, the file's own sha256 ...), serialised as canonical
@@ -120,7 +127,7 @@ def versions() -> dict[str, str | None]:
     from importlib import metadata
 
     out: dict[str, str | None] = {"torch": torch.__version__}
-    for dist in ("edgeseg", "executorch", "torchao", "coremltools", "numpy"):
+    for dist in ("edgeseg", "executorch", "torchao", "coremltools", "onnx", "onnxruntime", "onnxscript", "numpy"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
