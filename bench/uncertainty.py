@@ -113,12 +113,10 @@ def ms_per_image(model, images: torch.Tensor, steps: int, ensemble: int, eta: fl
 
 # ---------------------------------------------------------------------------------------- scores
 def uncertainty_maps(mean: torch.Tensor, spread: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
-    margin = 1.0 - mean.abs()
-    maps = {"margin": margin}
-    if n > 1:
-        maps["spread"] = spread
-        maps["combined"] = 0.5 * (margin + spread)
-    return maps
+    """The candidate maps (edgeseg.segmenter.uncertainty_map); spread-based ones need N > 1."""
+    from edgeseg.segmenter import uncertainty_map
+
+    return {kind: uncertainty_map(mean, spread, kind) for kind in (MAPS if n > 1 else ("margin",))}
 
 
 def pixel_auroc(score: np.ndarray, positive: np.ndarray) -> float:

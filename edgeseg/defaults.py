@@ -8,13 +8,16 @@ has been trained here).
 """
 from __future__ import annotations
 
-__all__ = ["SAMPLER_DEFAULTS", "sampler_defaults", "DEFAULT_MODEL"]
+__all__ = ["SAMPLER_DEFAULTS", "sampler_defaults", "DEFAULT_MODEL", "UNCERTAINTY_MAP"]
 
 SAMPLER_DEFAULTS: dict[str, dict] = {
     "sample": {"steps": 1, "ensemble": 3, "provisional": False},
     "v_prediction": {"steps": 1, "ensemble": 3, "provisional": False},
     "epsilon": {"steps": 10, "ensemble": 3, "provisional": True},
 }
+
+#: The uncertainty map `Segmentation.uncertainty` holds (edgeseg.segmenter.uncertainty_map).
+UNCERTAINTY_MAP = "margin"
 
 #: The shipped model used when no checkpoint is given and no run exists under ./runs.
 DEFAULT_MODEL = "tiny-student-isic2017"

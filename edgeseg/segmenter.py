@@ -21,7 +21,27 @@ import torch
 
 from edgeseg.errors import CheckpointError, EdgesegError
 
-__all__ = ["Segmentation", "Segmenter"]
+__all__ = ["Segmentation", "Segmenter", "UNCERTAINTY_MAPS", "uncertainty_map"]
+
+UNCERTAINTY_MAPS = ("margin", "spread", "combined")
+
+
+def uncertainty_map(mean, spread, kind: str):
+    """Per-pixel uncertainty (larger = less sure, in [0, 1]) from the ensemble's mean in [-1, 1]
+    and its spread (std), for torch tensors or numpy arrays alike:
+
+    margin    ``1 - |mean|`` = ``1 - |2p - 1|``: 1 on the decision boundary, 0 where all members are
+              sure; needs no ensemble;
+    spread    the ensemble's standard deviation (0 everywhere with one member);
+    combined  ``(margin + spread) / 2``.
+    """
+    if kind == "margin":
+        return 1.0 - abs(mean)
+    if kind == "spread":
+        return spread
+    if kind == "combined":
+        return 0.5 * ((1.0 - abs(mean)) + spread)
+    raise EdgesegError(f"unknown uncertainty map {kind!r}; known: {', '.join(UNCERTAINTY_MAPS)}")
 
 
 @dataclass
@@ -29,8 +49,9 @@ class Segmentation:
     """One photo's result, at the photo's own resolution.
 
     ``probability``: lesion probability in [0, 1] (the sampler's mean mapped from [-1, 1]);
-    ``mask = probability > 0.5``; ``uncertainty = 1 - |2 p - 1|``: 1 on the decision boundary,
-    0 where the model is certain (larger = less sure).
+    ``mask = probability > 0.5``; ``uncertainty``: the map chosen by measurement
+    (:data:`edgeseg.defaults.UNCERTAINTY_MAP`, see :func:`uncertainty_map`), in [0, 1], larger =
+    less sure.
     """
 
     mask: np.ndarray
@@ -172,20 +193,29 @@ class Segmenter:
         """:meth:`segment`, plus the decoded RGB for drawing (a huge JPEG is decoded at a reduced
         scale, so it can be smaller than the result)."""
         x, rgb, hw = self.preprocess(image)
-        mean, _ = self.predict(x)
-        return postprocess(mean[0, 0].numpy(), hw), rgb
+        mean, std = self.predict(x)
+        return postprocess(mean[0, 0].cpu().numpy(), hw, std[0, 0].cpu().numpy()), rgb
 
 
-def postprocess(mean: np.ndarray, hw: tuple[int, int]) -> Segmentation:
-    """Upsample the soft S x S mean (in [-1, 1]) to H x W, then threshold: a smooth outline."""
+def postprocess(mean: np.ndarray, hw: tuple[int, int], spread: np.ndarray | None = None,
+                kind: str | None = None) -> Segmentation:
+    """Upsample the soft S x S mean (in [-1, 1]) to H x W, then threshold: a smooth outline; the
+    uncertainty map (`kind`, default the table's) from the upsampled mean and spread."""
     import cv2
 
+    from edgeseg.defaults import UNCERTAINTY_MAP
+
     h, w = hw
-    m = mean.astype(np.float32)
-    if m.shape != (h, w):
-        m = cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR)
-    p = np.clip((m + 1.0) * 0.5, 0.0, 1.0)
-    return Segmentation(mask=p > 0.5, probability=p, uncertainty=(1.0 - np.abs(2.0 * p - 1.0)).astype(np.float32))
+
+    def up(a: np.ndarray) -> np.ndarray:
+        a = a.astype(np.float32)
+        return cv2.resize(a, (w, h), interpolation=cv2.INTER_LINEAR) if a.shape != (h, w) else a
+
+    m = np.clip(up(mean), -1.0, 1.0)
+    sd = up(spread) if spread is not None else np.zeros_like(m)
+    u = np.clip(uncertainty_map(m, sd, kind or UNCERTAINTY_MAP), 0.0, 1.0).astype(np.float32)
+    p = (m + 1.0) * 0.5
+    return Segmentation(mask=p > 0.5, probability=p, uncertainty=u)
 
 
 def _positive(value: int | None, default: int, name: str) -> int:
