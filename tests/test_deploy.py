@@ -250,3 +250,36 @@ def test_export_keeps_an_existing_bundle(tmp_path, capsys, monkeypatch):
                           tmp_path / "x.pte"], capsys, monkeypatch)
     one_error_line(rc, err, "x.pte.bpte exists")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pte.bpte"]
+
+
+# ---------------------------------------------------------------------------------------- bench/runtimes.py
+def test_runtimes_tables_targets_and_plot_from_measurements(tmp_path):
+    """bench/runtimes.py's rows, targets, Markdown and PNG from given measurements (no exports, no timing)."""
+    from argparse import Namespace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import runtimes as rt
+
+    args = Namespace(steps=1, ensemble=3)
+    info = {"preset": "student-mobile", "checkpoint": None, "image_size": 128, "gflop_per_call": 4.0,
+            "params": 630_000, "trained": False}
+    ms = {"eager": 400.0, "pte-fp32": 150.0, "pte-int8": 100.0, "onnx-fp32": 200.0, "onnx-int8": 90.0}
+    res = {("student-mobile", r): {"latency": [{"median_ms": ms[r] + d, "runs_ms": [ms[r] + d], "program_peak_mb": 60.0}
+                                               for d in (-10, 0, 10)], "dice": None, "error": None} for r in rt.RUNTIMES}
+    exports = {("student-mobile", r): {"meta": {"size_bytes": 2_000_000, "parity": {"mask_dsc_vs_eager": 1.0}}}
+               for r in rt.RUNTIMES[1:]}
+    ceil = {"gemm-fp32": {"median": 100.0, "what": "torch.mm"}, "gemm-int8": {"median": 400.0, "what": "ORT"}}
+    rows = rt.make_rows(args, [info], {}, exports, res, ceil)
+    fp32 = next(r for r in rows if r["runtime"] == "pte-fp32")
+    assert fp32["latency_ms"]["median"] == 150.0 and fp32["gflops"] == 80.0 and fp32["ceiling_share"] == 0.8
+    assert fp32["dice"] is None and fp32["dice_reason"] == "untrained" and fp32["file_mb"] == 2.0
+    goals = rt.targets(rows)
+    assert any("fp32: .pte 150.0 ms vs ONNX Runtime 200.0 ms" in t and ": met" in t for t in goals)
+    assert any("int8" in t and "NOT met" in t for t in goals)  # 100 ms vs 90 ms
+    assert any("80% of the fp32 GEMM ceiling" in t for t in goals)
+    doc = {"machine": {"cpu": "x"}, "ceilings": ceil, "results": rows, "targets": goals, "notes": ["n"],
+           "settings": {"steps": 1, "ensemble": 3}}
+    md = rt.markdown(doc)
+    assert "| student-mobile 128 px (untrained) | .pte fp32 (XNNPACK) | 150.0 [10.0] | 60.0 |" in md
+    rt.plot(tmp_path / "r.png", doc)
+    assert (tmp_path / "r.png").stat().st_size > 1000
