@@ -61,7 +61,8 @@ DEFAULTS = SAMPLER_DEFAULTS
 PARITY_THRESHOLDS = {"none": 0.99, "int8": 0.97}
 # Bumped whenever the exported program changes for the same model, K and N (caches compare it).
 # 2: conv-only int8 with per-step weight copies, reshape-free GroupNorm, short constant keys.
-EXPORT_RECIPE = 2
+# 3: linear attention with separate q/k/v convs (k/v context first): less program memory.
+EXPORT_RECIPE = 3
 CALIBRATION_IMAGES = 32
 PARITY_IMAGES = 16
 

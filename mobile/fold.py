@@ -19,7 +19,8 @@ copies between them:
 * the attention blocks split q, k, v with ``unbind`` and multiply 4-D tensors with ``@``, which
   lower to ``squeeze_copy`` and ``expand_copy`` (not delegated): replaced by
   :class:`ExportLinearAttention` / :class:`ExportAttention`, the same math on
-  ``B*heads x dh x HW`` tensors with channel slices, ``bmm`` and permutes (all delegated).
+  ``B*heads x dh x HW`` tensors with ``bmm`` and permutes (all delegated); the linear
+  attention computes q, k and v with three convs (no 3x-wide output and slice copies to hold).
 
 Every softmax in the model is already over the last dimension (models.py), so nothing to do.
 :func:`prepare_for_export` returns a deep copy; the input model is not touched. The result
@@ -122,27 +123,42 @@ class ExportBlock(nn.Module):
         return self.act(self.norm(self.proj(x), scale_shift))
 
 
+def _split_qkv(to_qkv: nn.Conv2d, hidden: int) -> tuple[nn.Conv2d, nn.Conv2d, nn.Conv2d]:
+    """The q, k and v 1x1 convs whose weights are the three slices of `to_qkv`'s (no bias)."""
+    convs = []
+    for i in range(3):
+        conv = nn.Conv2d(to_qkv.in_channels, hidden, 1, bias=False).to(to_qkv.weight.device, to_qkv.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(to_qkv.weight[i * hidden : (i + 1) * hidden])
+        convs.append(conv.eval().requires_grad_(False))
+    return convs[0], convs[1], convs[2]
+
+
 class ExportLinearAttention(nn.Module):
-    """LinearAttention with slices + bmm on 3-D tensors; shares the original's submodules."""
+    """LinearAttention with three 1x1 convs (q, k, v) and bmm on 3-D tensors, k and v first.
+
+    One q/k/v conv and channel slices made XNNPACK hold the 3 x hidden-channel output and its
+    three slice copies at once (at 128 px, N = 3: 38 MB + 38 MB); separate convs, with the k/v
+    context computed (and its inputs freed) before q, took 30 MB off student-mobile's program
+    (bench/README.md, "Design measurements"). Same numbers: each conv computes the same output
+    channels as the fused one.
+    """
 
     def __init__(self, m: LinearAttention):
         super().__init__()
         self.heads, self.dim_head, self.scale = m.heads, m.dim_head, m.scale
-        self.to_qkv, self.to_out = m.to_qkv, m.to_out
+        self.to_q, self.to_k, self.to_v = _split_qkv(m.to_qkv, m.heads * m.dim_head)
+        self.to_out = m.to_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         hd, dh, n = self.heads, self.dim_head, h * w
-        c = hd * dh
-        qkv = self.to_qkv(x)
-        q = qkv[:, :c].reshape(b * hd, dh, n)
-        k = qkv[:, c : 2 * c].reshape(b * hd, dh, n)
-        v = qkv[:, 2 * c :].reshape(b * hd, dh, n)
-        q = q.transpose(1, 2).softmax(dim=-1) * self.scale  # (b hd) n dh: softmax over channels
-        k = k.softmax(dim=-1)  # over positions
+        k = self.to_k(x).reshape(b * hd, dh, n).softmax(dim=-1)  # over positions
+        v = self.to_v(x).reshape(b * hd, dh, n)
         context = torch.bmm(k, v.transpose(1, 2))  # (b hd) dh dh
+        q = self.to_q(x).reshape(b * hd, dh, n).transpose(1, 2).softmax(dim=-1) * self.scale  # over channels
         out = torch.bmm(q, context)  # (b hd) n dh
-        return self.to_out(out.transpose(1, 2).reshape(b, c, h, w))
+        return self.to_out(out.transpose(1, 2).reshape(b, hd * dh, h, w))
 
 
 class ExportAttention(nn.Module):
