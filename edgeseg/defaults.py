@@ -1,10 +1,10 @@
 """The one table of inference defaults: `segment`, `evaluate`, `export` and `bench/` all read it.
 
-Default (K DDIM steps, N ensemble members) per prediction type, chosen by measurement
-(bench/README.md): for x0 and v students K = 1, 2 and 4 score the same Dice within the seed
-spread and K = 1 costs half, N = 3 is as accurate as N = 9 at a third of the cost. Epsilon
-models do not segment in one step; their K = 10 is provisional (no converged epsilon student
-has been trained here).
+Default (K DDIM steps, N ensemble members) per prediction type and the uncertainty map, chosen
+by measurement on real lesions (`bench/uncertainty.py`, results and the rule in
+bench/results/uncertainty/isic2017/ and the README): for x0 and v students K = 1, N = 3, eta = 0
+and the margin map. Epsilon models do not segment in one step; their K = 10 is provisional (no
+converged epsilon student has been trained here).
 """
 from __future__ import annotations
 
