@@ -461,6 +461,7 @@ def parse_args(argv):
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "runtimes")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per child process")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny-student, 2 processes x 3 runs, 4 Dice images")
+    ap.add_argument("--exports-only", action="store_true", help="make (or check) the exports, measure nothing")
     ap.add_argument("--child", metavar="SPEC_JSON", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     q = args.quick
@@ -489,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"export {info['preset']} {rt}", flush=True)
             ex = ensure_export(info, rt, args.steps, args.ensemble, args.export_dir)
             exports[(info["preset"], rt)], files[(info["preset"], rt)] = ex, ex["path"]
+    if args.exports_only:
+        return 0
     ceil = ceilings(args)
     res = measure_all(args, infos, files)
     rows = make_rows(args, infos, files, exports, res, ceil)
