@@ -699,11 +699,13 @@ SAMPLE_RUNS = [
 ]
 
 
-def sampler_settings(setting: str):
+def sampler_settings(setting: str, preset_name: str):
+    """The paper's protocol, or the shipped defaults (edgeseg.defaults) for this preset's prediction type."""
     from edgeseg.evaluate import PAPER_PROTOCOL
+    from edgeseg.models import preset
     from edgeseg.pipeline import DEFAULT_EVAL
 
-    return PAPER_PROTOCOL if setting == "paper" else DEFAULT_EVAL
+    return PAPER_PROTOCOL if setting == "paper" else DEFAULT_EVAL.resolved(preset(preset_name).prediction_type)
 
 
 def run_sampler(model, images, settings, backend: str, bf16: bool, steps_run: int | None, device, seed: int = 0):
@@ -773,7 +775,7 @@ def part_sample(part: Part, args) -> None:
     models = {}
     estimate = 15.0 if not args.dry_run else 1.0
     for role, setting, precision, backend in SAMPLE_RUNS:
-        settings = sampler_settings(setting)
+        settings = sampler_settings(setting, s.teacher if role == "teacher" else s.student)
         n = s.sample_images
         row = dict(model=s.teacher if role == "teacher" else s.student,
                    setting=("paper: " if setting == "paper" else "shipped: ") + settings.describe(),

@@ -34,13 +34,13 @@ class SamplerSettings:
         n = "default" if self.ensemble is None else self.ensemble
         return f"{self.sampler.upper()} {k} steps x {n}{eta}"
 
-    def resolved(self, model: DermoSegDiff) -> "SamplerSettings":
-        """These settings with the table's defaults filled in for `model`."""
+    def resolved(self, prediction_type: str) -> "SamplerSettings":
+        """These settings with the table's defaults filled in for a model of this prediction type."""
         from dataclasses import replace
 
         from edgeseg.defaults import sampler_defaults
 
-        dk, dn = sampler_defaults(model.preset.prediction_type)
+        dk, dn = sampler_defaults(prediction_type)
         steps = self.steps if self.steps is not None else (250 if self.sampler == "ddpm" else dk)
         return replace(self, steps=steps, ensemble=self.ensemble if self.ensemble is not None else dn)
 
@@ -77,7 +77,7 @@ def evaluate(model: DermoSegDiff, dataset, settings: SamplerSettings, batch_size
     subset = torch.utils.data.Subset(dataset, range(n))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False)
     gen = torch.Generator().manual_seed(seed)
-    settings = settings.resolved(model)
+    settings = settings.resolved(model.preset.prediction_type)
     segmenter = settings.segmenter(model, seed)
     acc = MetricAccumulator()
     kept: list[tuple] = []
