@@ -125,7 +125,7 @@ def test_executorch_workarounds_still_apply():
 
 
 @pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "v_prediction"])
-@pytest.mark.parametrize("steps,ensemble,batch", [(1, 1, 1), (2, 3, 2), (3, 2, 1)])
+@pytest.mark.parametrize("steps,ensemble,batch", [(1, 1, 1), (2, 3, 2)])
 def test_exported_core_equals_sample_masks(prediction_type, steps, ensemble, batch):
     """The traced module (Segmenter core on the folded network) vs the eager sampler on the original."""
     m = _tiny(prediction_type=prediction_type)
