@@ -64,7 +64,7 @@ def test_dry_run_every_part_ok(tmp_path):
         assert t["speedup_vs_authors"] > 0
     sample = docs["sample"]["rows"]
     settings = {s["setting"] for s in sample}
-    assert {"paper: DDPM 250 steps x 9", "shipped: DDIM 2 steps x 3"} <= settings
+    assert {"paper: DDPM 250 steps x 9", "shipped: DDIM 1 steps x 3"} <= settings  # shipped = the defaults table
     assert all(s["images"] == 4 and s["images_per_s"] > 0 for s in sample)
     paper = next(s for s in sample if s["setting"].startswith("paper"))
     assert paper["extrapolated"] and paper["steps_run"].startswith("2 of 250")
