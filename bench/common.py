@@ -334,3 +334,20 @@ def write_plot(path: str | Path, rows: list[dict], title: str = "") -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def run_json_child(script: str | Path, argv: list[str], tag: str, timeout: float, env: dict | None = None) -> dict:
+    """Run ``python script *argv`` in a fresh process (this VM's speed differs between processes)
+    and return the JSON it printed after `tag` on its last such line."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(script), *argv]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(Path(script).resolve().parents[1]))
+    for line in r.stdout.splitlines()[::-1]:
+        if line.startswith(tag):
+            return json.loads(line[len(tag):])
+    tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+    raise RuntimeError(f"child exited {r.returncode}: " + " | ".join(tail))

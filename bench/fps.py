@@ -38,7 +38,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -431,15 +430,7 @@ def ensure_export(job: dict, export_dir: Path, n_parity: int, n_calib: int) -> d
 
 
 def run_child(job: dict, timeout: float) -> dict:
-    spec = {k: v for k, v in job.items()}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure-one", json.dumps(spec)]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
-    for line in r.stdout.splitlines()[::-1]:
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
-    raise RuntimeError(f"child exited {r.returncode}: " + " | ".join(tail))
+    return common.run_json_child(Path(__file__).resolve(), ["--measure-one", json.dumps(job)], RESULT_TAG, timeout)
 
 
 def config_name(j: dict) -> str:

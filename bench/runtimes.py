@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -227,14 +226,8 @@ def _child_main(spec_json: str) -> int:
 
 
 def run_child(spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(spec["threads"]))
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
-    for line in r.stdout.splitlines()[::-1]:
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
-    raise RuntimeError(f"child exited {r.returncode}: " + " | ".join(tail))
+    return common.run_json_child(Path(__file__).resolve(), ["--child", json.dumps(spec)], RESULT_TAG, timeout,
+                          env={"OMP_NUM_THREADS": str(spec["threads"])})
 
 
 # ========================================================================================
