@@ -86,6 +86,11 @@ def _xnnpack_conv_quantizer():
     Left in fp32 (XNNPACK runs them in the same delegate, converting at each conv): cats, adds,
     muls, the GroupNorm statistics, softmax, the DDIM arithmetic. Quantizing the adds and muls
     as well cost another 4 points of Dice (0.94) and makes the graph three times larger.
+
+    ``conv_relu`` is kept for the baseline U-Net (:func:`edgeseg.mobile.export.export_unet_pte`):
+    the stock ``conv`` annotator skips a conv whose only user is a ReLU, leaving it to
+    ``conv_relu``, so without it every conv + BN + ReLU block would stay fp32. The student has
+    no ReLU (SiLU, GELU), so for its graph this pattern matches nothing.
     """
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
@@ -94,7 +99,7 @@ def _xnnpack_conv_quantizer():
 
     class ConvLinearQuantizer(XNNPACKQuantizer):
         SUPPORTED_PATTERNS = [p for p in XNNPACKQuantizer.SUPPORTED_PATTERNS
-                              if p.name in ("conv", "conv_transpose", "linear")]
+                              if p.name in ("conv_relu", "conv", "conv_transpose", "linear")]
 
         def annotate(self, model):
             return self._annotate_for_quantization_config(model)  # no propagate_annotation
