@@ -52,6 +52,11 @@ class Variant:
     tau: float = 0.6
     prediction_type: str | None = None  # None: the teacher's
     groups: tuple[str, ...] = ()
+    preset: str | None = None  # None: the run's student preset
+    focus: float = 0.0  # TrainConfig.focus_timesteps
+    w_seg: float = 0.0  # TrainConfig.w_seg
+    unet: str = "own"  # U-Nets: "own" size or "flops" (same GFLOP per image as the student)
+    seeds: int | None = None  # None: the budget's
 
 
 def variants(teacher_type: str) -> list[Variant]:
@@ -72,6 +77,30 @@ def variants(teacher_type: str) -> list[Variant]:
     return out
 
 
+#: the ideas of the real-data suite: sampler-timestep focus share and x0 Dice + BCE weight
+FOCUS, W_SEG = 0.5, 0.5
+
+
+def real_variants() -> list[Variant]:
+    """The real-data suite (issue 15): every trained variant gets the same wall time."""
+    both = dict(focus=FOCUS, w_seg=W_SEG)
+    return [
+        Variant("teacher", "teacher (shipped, not retrained)", kind="teacher", groups=("kd",)),
+        Variant("no-kd", "student, no KD", kd="none", groups=("kd",)),
+        Variant("global-kd", "student, global KD", kd="global", groups=("kd",)),
+        Variant("efkd-tau0.6", "student, EFKD tau 0.6", groups=("kd", "tau", "ideas")),
+        Variant("efkd-focus-seg", "student, EFKD + sampler timesteps + x0 Dice/BCE", groups=("kd", "ideas"), **both),
+        Variant("unet", "U-Net, own size (Dice+BCE)", kind="unet", groups=("kd",)),
+        Variant("unet-flops", "U-Net, same GFLOP/img as the student", kind="unet", unet="flops", groups=("kd",)),
+        Variant("efkd-tau0.3", "student, EFKD tau 0.3", tau=0.3, groups=("tau",), seeds=1),
+        Variant("efkd-tau0.9", "student, EFKD tau 0.9", tau=0.9, groups=("tau",), seeds=1),
+        Variant("efkd-focus", "student, EFKD + sampler timesteps", focus=FOCUS, groups=("ideas",), seeds=1),
+        Variant("efkd-seg", "student, EFKD + x0 Dice/BCE", w_seg=W_SEG, groups=("ideas",), seeds=1),
+        Variant("lean-focus-seg", "lean student (from scratch), EFKD + both", preset="tiny-student-lean",
+                groups=("ideas",), seeds=1, **both),
+    ]
+
+
 @dataclass(frozen=True)
 class Budget:
     seeds: int = 3
@@ -86,7 +115,15 @@ class Budget:
     paper_sampler: tuple[str, int, int] = ("ddpm", 250, 9)
     paper_seeds: int = 1
     overlay_images: int = 4
+    train_seconds: float | None = None  # set: every trained variant gets this wall time (steps ignored)
+    per_image: bool = False  # keep per-image scores (paired comparisons)
 
+
+#: the real-data suite: 4 min of one thread per trained variant, the whole test split, the
+#: shipped sampler (the defaults table's K x N for x0 students)
+REAL = Budget(seeds=3, steps=10**6, batch_size=16, eval_images=600, eval_steps=1, eval_ensemble=3,
+              pred_steps=(1,), paper_images=0, train_seconds=240.0, per_image=True)
+REAL_QUICK = replace(REAL, seeds=1, train_seconds=4.0, eval_images=8, overlay_images=2)
 
 QUICK = Budget(seeds=2, steps=2, batch_size=4, unet_steps=4, eval_images=4, pred_steps=(1, 2), paper_images=1,
                paper_sampler=("ddpm", 250, 1), overlay_images=2)
@@ -95,12 +132,70 @@ QUICK = Budget(seeds=2, steps=2, batch_size=4, unet_steps=4, eval_images=4, pred
 # ----------------------------------------------------------------------------------------
 # one run (in a worker process)
 # ----------------------------------------------------------------------------------------
-def _evaluate(model, test_ds, sampler: tuple[str, int, int], n: int, seed: int) -> dict:
+def _evaluate(model, test_ds, sampler: tuple[str, int, int], n: int, seed: int, per_image: bool = False) -> dict:
     from edgeseg.evaluate import SamplerSettings, evaluate
 
     r = evaluate(model, test_ds, SamplerSettings(*sampler), batch_size=16, seed=seed, max_images=n, keep=0,
-                 progress=False)
-    return {k: float(v["mean"]) for k, v in r["metrics"].items()}
+                 progress=False, per_image=per_image)
+    out = {k: float(v["mean"]) for k, v in r["metrics"].items()}
+    if per_image:
+        out["per_image"] = {k: r["per_image"][k] for k in ("dsc", "bf", "hd95")}
+    return out
+
+
+def _unet_channels(v: Variant, job: dict, budget: Budget, size: int) -> tuple[int, ...]:
+    from edgeseg.baselines import UNET_CHANNELS, unet_channels_for_gflop
+    from edgeseg.models import flops_per_call
+
+    if v.unet == "own":
+        return UNET_CHANNELS
+    student_gflop = flops_per_call(job["student_preset"])[0] / 1e9 * budget.eval_steps * budget.eval_ensemble
+    return unet_channels_for_gflop(student_gflop, size)
+
+
+def _run_unet(v: Variant, seed: int, budget: Budget, job: dict, size: int, test_ds, res: dict) -> None:
+    import numpy as np
+    import torch
+
+    from edgeseg.baselines import train_unet
+    from edgeseg.data import load_dataset
+    from edgeseg.metrics import MetricAccumulator
+
+    train_ds = load_dataset(job["dataset"], "train", data_dir=job["data_dir"], size=size, augment=False)
+    channels = _unet_channels(v, job, budget, size)
+    minutes = None if budget.train_seconds is None else budget.train_seconds / 60
+    steps = None if budget.train_seconds is not None else budget.unet_steps
+    model, info = train_unet(train_ds, None, minutes=minutes, steps=steps, seed=seed, batch_size=16,
+                             threads=job["threads"], channels=channels)
+    model.eval()
+    acc = MetricAccumulator()
+    n = min(budget.eval_images, len(test_ds))
+    with torch.no_grad():
+        for i in range(0, n, 16):
+            items = [test_ds[j] for j in range(i, min(i + 16, n))]
+            img = torch.stack([it[0] for it in items])
+            mask = torch.stack([it[1] for it in items])
+            acc.update_masks(model(img) > 0, mask > 0)
+    per = acc.per_sample()
+    res["metrics"] = {k: float(np.mean(x)) for k, x in per.items()}
+    if budget.per_image:
+        res["metrics"]["per_image"] = {k: per[k].tolist() for k in ("dsc", "bf", "hd95")}
+    res["train_seconds"], res["train_steps"] = round(info["train_seconds"], 1), info["steps"]
+    res["channels"] = list(channels)
+    torch.save(model.state_dict(), Path(job["work"]) / f"{v.name}-s{seed}.pt")
+
+
+def _student_config(v: Variant, seed: int, budget: Budget, job: dict):
+    from edgeseg.train import tiny_recipe
+
+    cfg = replace(tiny_recipe("student"), preset=v.preset or job["student_preset"], dataset=job["dataset"],
+                  data_dir=job["data_dir"], kd=v.kd, tau=v.tau, prediction_type=v.prediction_type, seed=seed,
+                  batch_size=budget.batch_size, num_workers=0, focus_timesteps=v.focus, w_seg=v.w_seg)
+    if budget.train_seconds is not None:
+        # wall-time budget: a few hundred steps, so a short EMA (starts at step 50, ~50-step horizon)
+        return replace(cfg, max_seconds=budget.train_seconds, epochs=1000, ema_beta=0.98, ema_start=50,
+                       init_from_teacher=v.preset is None)
+    return replace(cfg, max_steps=budget.steps, ema_start=min(100, budget.steps // 2))
 
 
 def run_one(v: Variant, seed: int, budget: Budget, job: dict) -> dict:
@@ -110,7 +205,7 @@ def run_one(v: Variant, seed: int, budget: Budget, job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     from edgeseg.checkpoint import load_model
     from edgeseg.data import load_dataset
-    from edgeseg.train import Trainer, tiny_recipe
+    from edgeseg.train import Trainer
 
     t0 = time.time()
     teacher = load_model(job["teacher"])
@@ -120,41 +215,18 @@ def run_one(v: Variant, seed: int, budget: Budget, job: dict) -> dict:
     res: dict = {"variant": v.name, "seed": seed}
     main = ("ddim", budget.eval_steps, budget.eval_ensemble)
     if v.kind == "unet":
-        import numpy as np
-
-        from edgeseg.baselines import train_unet
-        from edgeseg.metrics import MetricAccumulator
-
-        train_ds = load_dataset(job["dataset"], "train", data_dir=job["data_dir"], size=size, augment=False)
-        model, info = train_unet(train_ds, None, minutes=None, steps=budget.unet_steps, seed=seed,
-                                 batch_size=16, threads=job["threads"])
-        model.eval()
-        acc = MetricAccumulator()
-        with torch.no_grad():
-            for i in range(0, min(budget.eval_images, len(test_ds)), 16):
-                items = [test_ds[j] for j in range(i, min(i + 16, budget.eval_images, len(test_ds)))]
-                img = torch.stack([it[0] for it in items])
-                mask = torch.stack([it[1] for it in items])
-                acc.update_masks(model(img) > 0, mask > 0)
-        res["metrics"] = {k: float(np.mean(x)) for k, x in acc.per_sample().items()}
-        res["train_seconds"] = round(info["train_seconds"], 1)
-        torch.save(model.state_dict(), work / f"{v.name}-s{seed}.pt")
+        _run_unet(v, seed, budget, job, size, test_ds, res)
     else:
         if v.kind == "teacher":
             model, res["train_seconds"] = teacher, 0.0
         else:
-            cfg = replace(tiny_recipe("student"), preset=job["student_preset"], dataset=job["dataset"],
-                          data_dir=job["data_dir"], kd=v.kd, tau=v.tau, prediction_type=v.prediction_type,
-                          seed=seed, max_steps=budget.steps, batch_size=budget.batch_size, num_workers=0,
-                          ema_start=min(100, budget.steps // 2))
             out = work / f"{v.name}-s{seed}"
             # no KD: the teacher still initialises the student (same start for every variant), nothing else
-            trainer = Trainer(cfg, out, teacher=teacher, quiet=True)
-            tt = time.time()
-            model = trainer.fit()
-            res["train_seconds"] = round(time.time() - tt, 1)  # the EMA model is in <out>/student.safetensors
+            trainer = Trainer(_student_config(v, seed, budget, job), out, teacher=teacher, quiet=True)
+            model = trainer.fit()  # the EMA model, also in <out>/student.safetensors
+            res["train_seconds"], res["train_steps"] = round(trainer.train_seconds, 1), trainer.step
         model.eval()
-        res["metrics"] = _evaluate(model, test_ds, main, budget.eval_images, seed)
+        res["metrics"] = _evaluate(model, test_ds, main, budget.eval_images, seed, per_image=budget.per_image)
         if "pred" in v.groups:
             res["by_steps"] = {str(k): _evaluate(model, test_ds, ("ddim", k, budget.eval_ensemble),
                                                  budget.eval_images, seed)
@@ -250,7 +322,8 @@ def aggregate(runs: list[dict]) -> dict:
     for name, rs in by.items():
         a = {"seeds": sorted(r["seed"] for r in rs),
              "metrics": {m: mean_std([r["metrics"][m] for r in rs]) for m in METRICS},
-             "train_seconds": mean_std([r.get("train_seconds", 0.0) for r in rs])}
+             "train_seconds": mean_std([r.get("train_seconds", 0.0) for r in rs]),
+             "train_steps": mean_std([r["train_steps"] for r in rs if "train_steps" in r])}
         if any("by_steps" in r for r in rs):
             ks = sorted({k for r in rs for k in r.get("by_steps", {})}, key=int)
             a["by_steps"] = {k: {m: mean_std([r["by_steps"][k][m] for r in rs if k in r.get("by_steps", {})])
@@ -369,16 +442,32 @@ def plot_tau(doc: dict, path: Path) -> Path:
     return path
 
 
-SHORT = {"teacher": "teacher", "no-kd": "no KD", "global-kd": "global", "efkd-tau0.6": "EFKD", "unet": "U-Net"}
+SHORT = {"teacher": "teacher", "no-kd": "no KD", "global-kd": "global", "efkd-tau0.6": "EFKD", "unet": "U-Net",
+         "efkd-focus-seg": "EFKD+", "unet-flops": "U-Net L"}
+OVERLAY_COLUMNS = {"kd": ("no-kd", "global-kd", "efkd-tau0.6", "unet"),
+                   "real": ("no-kd", "efkd-tau0.6", "efkd-focus-seg", "unet", "unet-flops")}
 
 
-def plot_overlays(doc: dict, work: Path, teacher_path: str, path: Path, job: dict, budget: Budget) -> Path:
+def _load_unet(work: Path, name: str):
+    """A trained U-Net of the ablation (seed 0) with its widths from the run's JSON."""
+    import torch
+
+    from edgeseg.baselines import UNET_CHANNELS, SmallUNet
+
+    info = work / f"{name}-s0.json"
+    channels = json.loads(info.read_text()).get("channels", UNET_CHANNELS) if info.exists() else UNET_CHANNELS
+    m = SmallUNet(tuple(channels))
+    m.load_state_dict(torch.load(work / f"{name}-s0.pt"))
+    return m
+
+
+def plot_overlays(doc: dict, work: Path, teacher_path: str, path: Path, job: dict, budget: Budget,
+                  columns: tuple[str, ...] = OVERLAY_COLUMNS["kd"]) -> Path:
     """The same hard test images (lowest teacher boundary F-score) under each variant (seed 0).
 
     One row per image; labels are "variant DSC/BF" in %; true outline green, prediction magenta."""
     import torch
 
-    from edgeseg.baselines import SmallUNet
     from edgeseg.checkpoint import load_model
     from edgeseg.data import load_dataset
     from edgeseg.evaluate import SamplerSettings, predict
@@ -399,21 +488,16 @@ def plot_overlays(doc: dict, work: Path, teacher_path: str, path: Path, job: dic
     bf = torch.where(has_fg, bf, torch.full_like(bf, 2.0))
     pick = torch.argsort(bf)[: budget.overlay_images].tolist()
     cols = [("teacher", teacher)]
-    for name in ("no-kd", "global-kd", "efkd-tau0.6", "unet"):
-        f = work / (f"{name}-s0.pt" if name == "unet" else f"{name}-s0/student.safetensors")
-        if not f.exists():
-            continue
-        if name == "unet":
-            m = SmallUNet()
-            m.load_state_dict(torch.load(f))
-        else:
-            m = load_model(f)
-        cols.append((name, m.eval()))
+    for name in columns:
+        is_unet = name.startswith("unet")
+        f = work / (f"{name}-s0.pt" if is_unet else f"{name}-s0/student.safetensors")
+        if f.exists():
+            cols.append((name, (_load_unet(work, name) if is_unet else load_model(f)).eval()))
     tiles, labels = [], []
     for i in pick:
         for name, m in cols:
             with torch.no_grad():
-                if name == "unet":
+                if name.startswith("unet"):
                     mean = torch.tanh(m(imgs[i : i + 1]))  # logit > 0 <=> mean > 0
                 else:
                     mean, _ = predict(m, imgs[i : i + 1], st, torch.Generator().manual_seed(0))
@@ -425,17 +509,178 @@ def plot_overlays(doc: dict, work: Path, teacher_path: str, path: Path, job: dic
 
 
 # ----------------------------------------------------------------------------------------
+# the real-data suite: cost per variant, paired differences, tables, the trade-off picture
+# ----------------------------------------------------------------------------------------
+#: (A, B): A - B per image, paired by seed. What each answers is in bench/README.md.
+PAIRS = (("efkd-tau0.6", "no-kd"), ("efkd-tau0.6", "global-kd"), ("global-kd", "no-kd"),
+         ("efkd-focus", "efkd-tau0.6"), ("efkd-seg", "efkd-tau0.6"), ("efkd-focus-seg", "efkd-tau0.6"),
+         ("efkd-focus-seg", "unet-flops"), ("efkd-focus-seg", "unet"), ("efkd-tau0.6", "unet-flops"),
+         ("efkd-focus-seg", "teacher"), ("lean-focus-seg", "efkd-focus-seg"))
+
+
+def measure_cost_real(vs: list[Variant], runs: list[dict], job: dict, budget: Budget, threads: int,
+                      repeats: int) -> dict:
+    """{variant: params, GFLOP per image at its shipped setting, median ms per image (batch 1)}."""
+    import torch
+
+    from edgeseg.baselines import UNET_CHANNELS, SmallUNet, unet_gflop
+    from edgeseg.checkpoint import load_model
+    from edgeseg.evaluate import SamplerSettings
+    from edgeseg.models import build, count_params, flops_per_call
+
+    torch.set_num_threads(threads)
+    teacher = load_model(job["teacher"]).eval()
+    size = teacher.preset.image_size
+    img = torch.rand(1, 3, size, size)
+    settings = SamplerSettings("ddim", budget.eval_steps, budget.eval_ensemble)
+    channels = {r["variant"]: tuple(r["channels"]) for r in runs if "channels" in r}
+    cost, seen = {}, {}
+    for v in vs:
+        if v.kind == "unet":
+            ch = channels.get(v.name, UNET_CHANNELS)
+            key = ("unet", ch)
+            if key not in seen:
+                m = SmallUNet(ch).eval()
+                with torch.no_grad():
+                    ms = median_ms(lambda: m(img), repeats * 4)
+                seen[key] = {"params": count_params(m), "gflop": round(unet_gflop(ch, size), 3),
+                             "latency_ms": round(ms, 2), "calls": "one pass", "channels": list(ch)}
+        else:
+            name = teacher.preset.name if v.kind == "teacher" else (v.preset or job["student_preset"])
+            key = ("diffusion", name)
+            if key not in seen:
+                m = teacher if v.kind == "teacher" else build(name).eval()
+                seg = settings.segmenter(m)
+                with torch.no_grad():
+                    ms = median_ms(lambda: seg.predict(img, generator=torch.Generator().manual_seed(0)), repeats)
+                calls = budget.eval_steps * budget.eval_ensemble
+                seen[key] = {"params": count_params(m), "gflop": round(flops_per_call(name)[0] / 1e9 * calls, 3),
+                             "latency_ms": round(ms, 2), "calls": f"DDIM {budget.eval_steps} x {budget.eval_ensemble}"}
+        cost[v.name] = seen[key]
+    return cost
+
+
+def _per_image(runs: list[dict], name: str, metric: str) -> dict[int, "np.ndarray"]:
+    import numpy as np
+
+    return {r["seed"]: np.asarray(r["metrics"]["per_image"][metric], dtype=float)
+            for r in runs if r["variant"] == name and "per_image" in r["metrics"]}
+
+
+def paired_by_seed(runs: list[dict], a: str, b: str, metric: str) -> dict | None:
+    """A - B on `metric`: per image, averaged over the seeds both have (images as the unit of the
+    95% interval), plus each seed's mean difference. None if they share no seed."""
+    import numpy as np
+
+    from bench.common import paired
+
+    pa, pb = _per_image(runs, a, metric), _per_image(runs, b, metric)
+    seeds = sorted(set(pa) & set(pb))
+    if not seeds:
+        return None
+    da = np.mean([pa[s] for s in seeds], axis=0)
+    db = np.mean([pb[s] for s in seeds], axis=0)
+    ok = np.isfinite(da) & np.isfinite(db)
+    out = paired(da[ok], db[ok])
+    out["seeds"] = seeds
+    out["per_seed"] = [float(np.nanmean(pa[s] - pb[s])) for s in seeds]
+    return out
+
+
+def paired_table(runs: list[dict]) -> dict:
+    out = {}
+    for a, b in PAIRS:
+        row = {m: paired_by_seed(runs, a, b, m) for m in ("dsc", "bf", "hd95")}
+        if row["dsc"] is not None:
+            out[f"{a} - {b}"] = row
+    return out
+
+
+def _row_real(v: Variant, a: dict, c: dict) -> str:
+    m = a["metrics"]
+    steps = a.get("train_steps", {}).get("mean")
+    return (f"| {v.label} | {len(a['seeds'])} | {c['params'] / 1e6:.2f}M | {c['gflop']:.2f} | {c['latency_ms']:.1f} | "
+            f"{'-' if not steps else f'{steps:.0f}'} | {_pm(m['dsc'])} | {_pm(m['iou'])} | {_pm(m['hd95'], 1.0)} | "
+            f"{_pm(m['bf'])} | {_pm(m['se'])} | {_pm(m['sp'])} | {_pm(m['acc'])} |")
+
+
+def markdown_real(doc: dict) -> str:
+    budget = Budget(**{k: tuple(v) if isinstance(v, list) else v for k, v in doc["budget"].items()})
+    vs = [Variant(**{**v, "groups": tuple(v["groups"])}) for v in doc["variants"]]
+    agg, cost = doc["aggregate"], doc["cost"]
+    head = ("| variant | seeds | params | GFLOP/img | ms/img | train steps | DSC | IoU | HD95 (px) | BF | SE | SP | ACC |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [f"Equal-wall-time ablation on `{doc['dataset']}`: every trained variant gets "
+             f"{budget.train_seconds:.0f} s of training on one thread ({doc['jobs']} runs side by side on "
+             f"{doc['machine'].get('cpu', 'this CPU')}); scored on the first {budget.eval_images} test images at "
+             f"DDIM {budget.eval_steps} x {budget.eval_ensemble} (the shipped setting; U-Nets: one pass); mean ± std "
+             f"over seeds (weight init, data order, noise, evaluation noise). Latency: batch 1, {doc['threads']} "
+             f"thread(s), median of repeats.", ""]
+    for group, title in (("kd", "Objective and baselines"), ("tau", "EFKD tau"),
+                         ("ideas", "Ideas for few-step students (each against EFKD tau 0.6)")):
+        lines += [f"### {title}", "", head]
+        lines += [_row_real(v, agg[v.name], cost[v.name]) for v in vs if group in v.groups and v.name in agg]
+        lines.append("")
+    lines += ["### Paired differences (A - B, in points; per image, averaged over the seeds both have)", "",
+              "| A - B | seeds | DSC [95% CI] | DSC per seed | images won / lost | BF [95% CI] | HD95 px [95% CI] |",
+              "|---|---|---:|---|---:|---:|---:|"]
+    for key, row in doc["paired"].items():
+        d, bf, hd = row["dsc"], row["bf"], row["hd95"]
+        lines.append(f"| {key} | {','.join(map(str, d['seeds']))} | {100 * d['mean']:+.2f} "
+                     f"[{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}] | "
+                     f"{' '.join(f'{100 * x:+.2f}' for x in d['per_seed'])} | {d['wins']} / {d['losses']} | "
+                     f"{100 * bf['mean']:+.2f} [{100 * bf['ci95'][0]:+.2f}, {100 * bf['ci95'][1]:+.2f}] | "
+                     f"{hd['mean']:+.2f} [{hd['ci95'][0]:+.2f}, {hd['ci95'][1]:+.2f}] |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_tradeoff(doc: dict, path: Path) -> Path:
+    """DSC and boundary F against milliseconds per image (log scale), mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg, cost = doc["aggregate"], doc["cost"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric, label in ((axes[0], "dsc", "DSC (%)"), (axes[1], "bf", "boundary F (%)")):
+        for v in doc["variants"]:
+            a = agg.get(v["name"])
+            if not a or a["metrics"][metric]["mean"] is None:
+                continue
+            mk = "s" if v["kind"] == "unet" else ("^" if v["kind"] == "teacher" else "o")
+            ax.errorbar(cost[v["name"]]["latency_ms"], 100 * a["metrics"][metric]["mean"],
+                        yerr=100 * a["metrics"][metric]["std"], marker=mk, capsize=3, ls="none", label=v["name"])
+        ax.set_xscale("log")
+        ax.set_xlabel("ms per image (batch 1, log scale)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"Equal-wall-time ablation on {doc['dataset']} test")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, a few steps, a few images")
     ap.add_argument("--dataset", default="synthetic")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--teacher", default=None, help="teacher checkpoint (default: the shipped synthetic teacher)")
+    ap.add_argument("--suite", choices=("kd", "real"), default=None,
+                    help="kd: the synthetic step-budget ablation; real: the equal-wall-time suite of issue 15 "
+                         "(default: kd on the synthetic set, real on a real dataset)")
     ap.add_argument("--student-preset", default="tiny-student")
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="student training steps")
     ap.add_argument("--eval-images", type=int, default=None)
     ap.add_argument("--only", default=None, help="comma-separated variant names")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: tables and pictures from the runs finished so far")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -452,14 +697,18 @@ def main(argv: list[str] | None = None) -> int:
         from edgeseg.checkpoint import load_preset
         from edgeseg.pipeline import shipped_teacher
 
-        budget = QUICK if args.quick else Budget()
+        suite = args.suite or ("kd" if args.dataset == "synthetic" else "real")
+        if suite == "real":
+            budget = REAL_QUICK if args.quick else REAL
+        else:
+            budget = QUICK if args.quick else Budget()
         budget = replace(budget, **{k: v for k, v in (("seeds", args.seeds), ("steps", args.steps),
                                                       ("eval_images", args.eval_images)) if v is not None})
         teacher = args.teacher or shipped_teacher("tiny-teacher", args.dataset)
         if teacher is None:
             raise EdgesegError(f"no shipped teacher for {args.dataset}: pass --teacher PATH (edgeseg train-teacher)")
         tpreset, _ = load_preset(teacher)
-        vs = variants(tpreset.prediction_type)
+        vs = real_variants() if suite == "real" else variants(tpreset.prediction_type)
         if args.only:
             keep = set(args.only.split(","))
             unknown = keep - {v.name for v in vs}
@@ -471,7 +720,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     out = Path(args.out)
-    work = Path(args.work) if args.work else REPO / "runs" / ("ablation-quick" if args.quick else "ablation")
+    name = "ablation" if args.dataset == "synthetic" else f"ablation-{args.dataset}"
+    work = Path(args.work) if args.work else REPO / "runs" / (f"{name}-quick" if args.quick else name)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     job = {"teacher": str(teacher), "dataset": args.dataset, "data_dir": args.data_dir, "work": str(work),
@@ -479,10 +729,11 @@ def main(argv: list[str] | None = None) -> int:
     # settings of the per-run files: a change invalidates them
     stamp = {"budget": asdict(budget), "job": {k: v for k, v in job.items() if k != "work"}}
     stamp_file = work / "settings.json"
-    if stamp_file.exists() and json.loads(stamp_file.read_text()) != json.loads(json.dumps(stamp)):
-        for f in work.glob("*.json"):
-            f.unlink()
-    write_json(stamp_file, stamp)
+    if not args.report_only:  # --report-only reads what is there, whatever settings made it
+        if stamp_file.exists() and json.loads(stamp_file.read_text()) != json.loads(json.dumps(stamp)):
+            for f in work.glob("*.json"):
+                f.unlink()
+        write_json(stamp_file, stamp)
 
     # data cache first (once, not in every worker)
     from edgeseg.data import load_dataset
@@ -490,13 +741,13 @@ def main(argv: list[str] | None = None) -> int:
     load_dataset(args.dataset, "test", data_dir=args.data_dir, size=tpreset.image_size)
 
     t0 = time.time()
-    tasks = [(v, s) for s in range(budget.seeds) for v in vs]
+    tasks = [(v, s) for s in range(budget.seeds) for v in vs if s < (v.seeds or budget.seeds)]
     runs, todo = [], []
     for v, s in tasks:
         f = work / f"{v.name}-s{s}.json"
         if f.exists():
             runs.append(json.loads(f.read_text()))
-        else:
+        elif not args.report_only:
             todo.append((v, s))
     console.print(f"ablation: {len(tasks)} runs ({len(runs)} already done in {work}), {args.jobs} in parallel "
                   f"x {args.threads} thread(s); students {budget.steps} steps, eval on {budget.eval_images} test images")
@@ -518,32 +769,42 @@ def main(argv: list[str] | None = None) -> int:
     wall_file = work / "wall.json"  # run-phase wall time, summed over invocations (resumed runs)
     wall = (json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else 0.0) + (run_seconds if todo else 0.0)
     write_json(wall_file, {"seconds": round(wall, 1), "jobs": args.jobs, "threads": args.threads})
-    paper_subset_ddim(runs, work, job, budget)
-
+    if suite == "kd":
+        paper_subset_ddim(runs, work, job, budget)
     console.print("measuring cost (params, GFLOP, latency per image)")
-    cost = measure_cost(str(teacher), args.student_preset, budget, args.threads, repeats=3 if args.quick else 10)
+    repeats = 3 if args.quick else 10
+    cost = (measure_cost_real(vs, runs, job, budget, args.threads, repeats) if suite == "real"
+            else measure_cost(str(teacher), args.student_preset, budget, args.threads, repeats))
+    # per-image scores stay in the per-run files; the document keeps what they give (paired differences)
+    slim = [{**r, "metrics": {k: v for k, v in r["metrics"].items() if k != "per_image"}} for r in runs]
     doc = {
-        "generated": now_iso(), "command": [sys.executable, *sys.argv], "quick": args.quick,
+        "generated": now_iso(), "command": [sys.executable, *sys.argv], "quick": args.quick, "suite": suite,
         "machine": machine_info(args.threads), "threads": args.threads, "jobs": args.jobs,
         "dataset": args.dataset, "teacher": str(teacher), "teacher_prediction_type": tpreset.prediction_type,
         "student_preset": args.student_preset, "budget": asdict(budget),
         "variants": [asdict(v) for v in vs], "cost": cost,
-        "aggregate": aggregate(runs), "runs": sorted(runs, key=lambda r: (r["variant"], r["seed"])),
+        "aggregate": aggregate(runs), "runs": sorted(slim, key=lambda r: (r["variant"], r["seed"])),
         "seconds": {"runs_wall": round(wall, 1), "runs_sum": round(sum(r["seconds"] for r in runs), 1),
                     "this_invocation": None},
     }
+    if suite == "real":
+        doc["paired"] = paired_table(runs)
     suffix = "" if args.dataset == "synthetic" else f"-{args.dataset}"
     plot_tau(doc, out / f"ablation{suffix}-tau.png")
-    plot_overlays(doc, work, str(teacher), out / f"ablation{suffix}-overlays.png", job, budget)
+    plot_overlays(doc, work, str(teacher), out / f"ablation{suffix}-overlays.png", job, budget,
+                  columns=OVERLAY_COLUMNS[suite])
+    if suite == "real":
+        plot_tradeoff(doc, out / f"ablation{suffix}-tradeoff.png")
     doc["seconds"]["this_invocation"] = round(time.time() - t0, 1)
     write_json(out / f"ablation{suffix}.json", doc)
-    md = markdown(doc)
+    md = markdown_real(doc) if suite == "real" else markdown(doc)
     (out / f"ablation{suffix}.md").write_text(
         md + f"\nRun time: {wall / 60:.1f} min wall for the {len(tasks)} runs ({args.jobs} jobs x {args.threads} "
         f"thread(s); {doc['seconds']['runs_sum'] / 60:.1f} min summed over runs), then "
         f"{doc['seconds']['this_invocation'] - run_seconds:.0f} s for cost, pictures and tables.\n")
     console.print(md)
-    console.print(f"wrote {out}/ablation{suffix}.{{json,md}}, -tau.png, -overlays.png")
+    console.print(f"wrote {out}/ablation{suffix}.{{json,md}} and the pictures (-tau, -overlays"
+                  f"{', -tradeoff' if suite == 'real' else ''}.png)")
     return 0
 
 

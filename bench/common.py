@@ -351,3 +351,13 @@ def run_json_child(script: str | Path, argv: list[str], tag: str, timeout: float
             return json.loads(line[len(tag):])
     tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
     raise RuntimeError(f"child exited {r.returncode}: " + " | ".join(tail))
+
+
+def paired(a, b) -> dict:
+    """Mean per-image difference a - b with a normal 95% interval, and images won / lost."""
+    import numpy as np
+
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return {"mean": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)],
+            "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "n": int(len(d))}

@@ -3,10 +3,11 @@
     python bench/isic2017.py --data-dir DIR [--teacher T] [--student S] [--unet-seconds N]
 
 DIR is the ISIC 2017 Part 1 release (official folder names). Teacher and student default to
-the shipped real-lesion models. The U-Net (edgeseg.baselines.SmallUNet, Dice + BCE) is trained
-here on the same train split at the same resolution for ``--unet-seconds`` of wall time (give
-it the student's distillation time; ``--stage unet`` trains it alone, e.g. beside the student on
-the same number of threads). Every model is scored with the same code (edgeseg.metrics, per image at
+the shipped real-lesion models. The U-Nets (edgeseg.baselines.SmallUNet, Dice + BCE; ``--unets``:
+its own 0.12 M size and/or the width whose one pass costs the student's GFLOP per image) are
+trained here on the same train split at the same resolution for ``--unet-seconds`` of wall time
+(give them the student's distillation time; ``--stage unet`` trains them alone, e.g. beside the
+student on the same number of threads). Every model is scored with the same code (edgeseg.metrics, per image at
 the models' input size, then averaged) on the whole test split (600 images). Cost per image:
 parameters, GFLOP at the shipped sampler setting (K x N network calls) and median latency at
 batch 1. Writes ``results.json``, ``table.md`` and ``overlays.png`` under ``--out``.
@@ -25,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from bench.common import machine_info, median_ms, write_json  # noqa: E402
+from bench.common import machine_info, median_ms, paired, write_json  # noqa: E402
 
 METRICS = ("dsc", "iou", "se", "sp", "acc", "hd95", "bf")
 
@@ -41,15 +42,16 @@ def score_diffusion(model, test_ds, settings, seed: int) -> tuple[dict, np.ndarr
 
     r = evaluate(model, test_ds, settings, seed=seed, keep=len(test_ds), progress=True, label=model.preset.name)
     means = [k[2] for k in r["keep"]]
-    return r["metrics"], _per_image_dice(means, test_ds), means
+    return r["metrics"], _per_image_scores(means, test_ds), means
 
 
-def _per_image_dice(preds, test_ds) -> np.ndarray:
-    from edgeseg.metrics import dice
+def _per_image_scores(preds, test_ds) -> dict[str, np.ndarray]:
+    """Per-image Dice and boundary F of predictions (> 0 is lesion) against the test masks."""
+    from edgeseg.metrics import boundary_fscore, dice
 
     gt = torch.from_numpy(np.asarray(test_ds.masks) > 0)
     p = torch.stack([torch.as_tensor(x).reshape(gt.shape[1:]) > 0 for x in preds])
-    return dice(p, gt).numpy()
+    return {"dsc": dice(p, gt).numpy(), "bf": boundary_fscore(p, gt).numpy()}
 
 
 def score_masks(masks: np.ndarray, test_ds) -> dict:
@@ -68,27 +70,50 @@ def otsu_masks(test_ds) -> np.ndarray:
     return np.stack([otsu_predict(np.asarray(x)) > 0 for x in test_ds.images])
 
 
-def train_unet_once(train_ds, seconds: float, threads: int, seed: int, out: Path):
-    """Train the U-Net for `seconds` of wall time; weights and training info saved under `out`."""
+#: the U-Net baselines: file stem under --out and table label
+UNETS = {"own": ("unet", "U-Net, own size (Dice+BCE)"),
+         "same-gflop": ("unet-same-gflop", "U-Net, same GFLOP as the student (Dice+BCE)")}
+
+
+def unet_channels(kind: str, student_preset: str, size: int) -> tuple[int, ...]:
+    """Own widths, or widths at the student's GFLOP per image at its default sampler setting."""
+    from edgeseg.baselines import UNET_CHANNELS, unet_channels_for_gflop
+    from edgeseg.defaults import sampler_defaults
+    from edgeseg.models import flops_per_call, preset
+
+    if kind == "own":
+        return UNET_CHANNELS
+    k, n = sampler_defaults(preset(student_preset).prediction_type)
+    return unet_channels_for_gflop(flops_per_call(student_preset)[0] / 1e9 * k * n, size)
+
+
+def train_unet_once(train_ds, seconds: float, threads: int, seed: int, out: Path, kind: str, channels):
+    """Train a U-Net for `seconds` of wall time; weights and training info saved under `out`."""
     from safetensors.torch import save_file
 
     from edgeseg.baselines import train_unet
 
-    model, info = train_unet(train_ds, None, minutes=seconds / 60.0, seed=seed, threads=threads,
-                             log=lambda m: print(f"  unet {m}", flush=True))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "unet.safetensors"))
-    write_json(out / "unet-train.json", {**info, "budget_seconds": seconds, "threads": threads, "seed": seed})
+    stem = UNETS[kind][0]
+    model, info = train_unet(train_ds, None, minutes=seconds / 60.0, seed=seed, threads=threads, channels=channels,
+                             log=lambda m: print(f"  {stem} {m}", flush=True))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"{stem}.safetensors"))
+    write_json(out / f"{stem}-train.json", {**info, "budget_seconds": seconds, "threads": threads, "seed": seed})
     return model, info
 
 
-def load_unet(out: Path):
+def load_unet(out: Path, kind: str):
+    """A trained U-Net from `out` (None if that kind was not trained there) and its training info."""
     from safetensors.torch import load_file
 
-    from edgeseg.baselines import SmallUNet
+    from edgeseg.baselines import UNET_CHANNELS, SmallUNet
 
-    model = SmallUNet()
-    model.load_state_dict(load_file(str(out / "unet.safetensors")))
-    return model.eval(), json.loads((out / "unet-train.json").read_text())
+    stem = UNETS[kind][0]
+    if not (out / f"{stem}.safetensors").exists():
+        return None, None
+    info = json.loads((out / f"{stem}-train.json").read_text())
+    model = SmallUNet(tuple(info.get("channels", UNET_CHANNELS)))
+    model.load_state_dict(load_file(str(out / f"{stem}.safetensors")))
+    return model.eval(), info
 
 
 def predict_unet(model, test_ds) -> np.ndarray:
@@ -138,14 +163,6 @@ def score_program(path: Path, test_ds, student_cost: dict) -> tuple[dict, np.nda
     return row, masks
 
 
-def paired(a: np.ndarray, b: np.ndarray) -> dict:
-    """Mean per-image difference a - b with a normal 95% interval."""
-    d = a - b
-    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
-    return {"mean": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)],
-            "wins": int((d > 0).sum()), "losses": int((d < 0).sum())}
-
-
 def draw(test_ds, rows: dict, per_image: np.ndarray, path: Path) -> None:
     """Typical and hard test images: truth (green) and each model's outline (magenta)."""
     from edgeseg.viz import draw_outlines, save_grid
@@ -173,6 +190,13 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {name} | {params} | {r['sampler']} | {c.get('gflop', '-')} | {c.get('ms', '-')} | "
                      f"{pct('dsc')} | {pct('iou')} | {pct('se')} | {pct('sp')} | {pct('acc')} | "
                      f"{m['hd95']['mean']:.2f} | {pct('bf')} |")
+    lines += ["", f"Paired differences on the {doc['n_images']} test images (points; normal 95% interval over images):",
+              "", "| A - B | DSC [95% CI] | images won / lost | BF [95% CI] |", "|---|---:|---:|---:|"]
+    for key, p in doc.get("paired", {}).items():
+        d, bf = p["dsc"], p["bf"]
+        lines.append(f"| {key} | {100 * d['mean']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}] | "
+                     f"{d['wins']} / {d['losses']} | {100 * bf['mean']:+.2f} "
+                     f"[{100 * bf['ci95'][0]:+.2f}, {100 * bf['ci95'][1]:+.2f}] |")
     return "\n".join(lines) + "\n"
 
 
@@ -189,6 +213,10 @@ def main(argv=None) -> int:
     ap.add_argument("--student", default="tiny-student-isic2017", help="checkpoint or shipped model name")
     ap.add_argument("--unet-seconds", type=float, default=None,
                     help="U-Net training wall time (give it the student's distillation time)")
+    ap.add_argument("--unets", default="own,same-gflop",
+                    help="U-Nets to train (--stage unet/all): own (0.12 M) and/or same-gflop (the width at which "
+                         "one pass costs what the student's default sampler setting costs)")
+    ap.add_argument("--student-preset", default="tiny-student", help="preset that sizes the same-GFLOP U-Net")
     ap.add_argument("--size", type=int, default=64, help="input size of the models (the tiny presets: 64)")
     ap.add_argument("--pte", type=Path, default=None, help="also score this exported student program (.pte)")
     ap.add_argument("--threads", type=int, default=2)
@@ -212,8 +240,12 @@ def main(argv=None) -> int:
     if args.stage in ("all", "unet"):
         if not args.unet_seconds:
             raise SystemExit("--unet-seconds is needed to train the U-Net (the student's distillation time)")
-        print(f"training the U-Net for {args.unet_seconds:.0f} s ...", flush=True)
-        train_unet_once(train_ds, args.unet_seconds, args.threads, args.seed, args.out)
+        for kind in args.unets.split(","):
+            if kind not in UNETS:
+                raise SystemExit(f"--unets: unknown U-Net {kind!r}; known: {', '.join(UNETS)}")
+            channels = unet_channels(kind, args.student_preset, args.size)
+            print(f"training the U-Net ({kind}, widths {channels}) for {args.unet_seconds:.0f} s ...", flush=True)
+            train_unet_once(train_ds, args.unet_seconds, args.threads, args.seed, args.out, kind, channels)
         if args.stage == "unet":
             return 0
     t_path, s_path = resolve_checkpoint(args.teacher, "teacher"), resolve_checkpoint(args.student, "student")
@@ -223,7 +255,6 @@ def main(argv=None) -> int:
     test_ds = load_dataset("isic2017", "test", data_dir=args.data_dir, size=args.size)
     if args.max_images:
         test_ds = _first(test_ds, args.max_images)
-    unet, unet_info = load_unet(args.out)
 
     rows, preds = {}, {}
     for name, model in (("teacher", teacher), ("student (EFKD)", student)):
@@ -236,28 +267,34 @@ def main(argv=None) -> int:
         preds[name] = (torch.stack(means)[:, 0].numpy(), dices)
         print(f"{name}: DSC {metrics['dsc']['mean']:.4f}", flush=True)
 
-    unet_masks = predict_unet(unet, test_ds)
-    rows["U-Net (Dice+BCE)"] = {"metrics": score_masks(unet_masks, test_ds), "sampler": "single pass",
-                                "cost": cost_unet(unet, args.size), "train": unet_info}
-    preds["U-Net"] = (unet_masks, _per_image_dice(list(unet_masks), test_ds))
+    for kind, (_, label) in UNETS.items():
+        unet, unet_info = load_unet(args.out, kind)
+        if unet is None:
+            continue
+        unet_masks = predict_unet(unet, test_ds)
+        rows[label] = {"metrics": score_masks(unet_masks, test_ds), "sampler": "single pass",
+                       "cost": cost_unet(unet, args.size), "train": unet_info}
+        preds[label] = (unet_masks, _per_image_scores(list(unet_masks), test_ds))
     if args.pte:
         rows[f"student {args.pte.name}"], _ = score_program(args.pte, test_ds, rows["student (EFKD)"]["cost"])
     otsu = otsu_masks(test_ds)
     rows["Otsu (CIELAB L)"] = {"metrics": score_masks(otsu, test_ds), "sampler": "-", "cost": {}}
 
-    s_d, u_d, t_d = preds["student (EFKD)"][1], preds["U-Net"][1], preds["teacher"][1]
+    student_scores = preds["student (EFKD)"][1]
+    others = {"teacher": "teacher", **{UNETS[k][0]: UNETS[k][1] for k in UNETS if UNETS[k][1] in preds}}
     doc = {
         "dataset": "isic2017", "split": "test", "n_images": len(test_ds), "image_size": args.size,
-        "teacher": str(t_path), "student": str(s_path), "unet_train_seconds": round(unet_info["train_seconds"], 1),
-        "machine": machine_info(args.threads), "rows": rows,
-        "paired_dice": {"student - unet": paired(s_d, u_d), "student - teacher": paired(s_d, t_d)},
+        "teacher": str(t_path), "student": str(s_path), "machine": machine_info(args.threads), "rows": rows,
+        "paired": {f"student - {short}": {m: paired(student_scores[m], preds[label][1][m]) for m in ("dsc", "bf")}
+                   for short, label in others.items()},
     }
     write_json(args.out / "results.json", doc)
     (args.out / "table.md").write_text(markdown(doc))
-    draw(test_ds, {"student": preds["student (EFKD)"], "teacher": preds["teacher"], "U-Net": preds["U-Net"]},
-         s_d, args.out / "overlays.png")
+    short = {"student (EFKD)": "student", UNETS["own"][1]: "U-Net", UNETS["same-gflop"][1]: "U-Net L"}
+    draw(test_ds, {short.get(k, k): (p, sc["dsc"]) for k, (p, sc) in preds.items()},
+         student_scores["dsc"], args.out / "overlays.png")
     print(markdown(doc))
-    print(json.dumps(doc["paired_dice"], indent=1))
+    print(json.dumps(doc["paired"], indent=1))
     return 0
 
 

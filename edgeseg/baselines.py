@@ -14,7 +14,8 @@ import time
 
 import numpy as np
 
-__all__ = ["dice", "otsu_predict", "otsu_dice", "SmallUNet", "train_unet", "eval_dice"]
+__all__ = ["dice", "otsu_predict", "otsu_dice", "SmallUNet", "UNET_CHANNELS", "unet_channels_for_gflop", "unet_gflop",
+           "train_unet", "eval_dice"]
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -65,7 +66,31 @@ def _block(nn, cin, cout):
     )
 
 
-def SmallUNet(channels=(8, 16, 24, 32, 48)):
+#: SmallUNet's own widths (~0.12 M parameters); wider U-Nets scale all five by one factor.
+UNET_CHANNELS = (8, 16, 24, 32, 48)
+
+
+def unet_gflop(channels, size: int) -> float:
+    """GFLOP of one SmallUNet pass on a size x size image (2 FLOPs per multiply-add)."""
+    torch, _, _ = _torch()
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"), FlopCounterMode(display=False) as fc:
+        SmallUNet(tuple(channels))(torch.empty(1, 3, size, size))
+    return fc.get_total_flops() / 1e9
+
+
+def unet_channels_for_gflop(gflop: float, size: int) -> tuple[int, ...]:
+    """SmallUNet widths (UNET_CHANNELS times a whole number, so every width stays a multiple of 8
+    as fast int8 kernels like) whose pass costs closest to `gflop` at `size`: the same-compute
+    discriminative baseline for a diffusion student."""
+    base = unet_gflop(UNET_CHANNELS, size)
+    guess = max(1, round(math.sqrt(gflop / base)))  # conv FLOPs grow with width squared
+    options = [tuple(c * m for c in UNET_CHANNELS) for m in range(max(1, guess - 1), guess + 2)]
+    return min(options, key=lambda ch: abs(unet_gflop(ch, size) - gflop))
+
+
+def SmallUNet(channels=UNET_CHANNELS):
     """A 4-level U-Net with plain conv blocks; returns logits (B x 1 x H x W)."""
     torch, nn, F = _torch()
 
@@ -103,7 +128,7 @@ def _to_tensors(dataset):
 
 def train_unet(train_ds, val_ds=None, minutes: float | None = 4.0, steps: int | None = None,
                seed: int = 0, batch_size: int = 16, lr: float = 3e-3, threads: int | None = None,
-               log=None):
+               log=None, channels=UNET_CHANNELS):
     """Train :func:`SmallUNet` with Dice + BCE (Adam, cosine LR, flips) for ``minutes`` of wall
     time or ``steps`` steps, whichever comes first. Returns (model, info dict)."""
     torch, nn, F = _torch()
@@ -114,7 +139,7 @@ def train_unet(train_ds, val_ds=None, minutes: float | None = 4.0, steps: int | 
     x_all, y_all = _to_tensors(train_ds)
     n = x_all.shape[0]
     # channels-last: the faster layout for these convs on CPU (bench/README.md, "Design measurements")
-    model = SmallUNet().to(memory_format=torch.channels_last)
+    model = SmallUNet(tuple(channels)).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     budget = None if minutes is None else minutes * 60.0
     max_steps = steps if steps is not None else 10**9
@@ -149,7 +174,7 @@ def train_unet(train_ds, val_ds=None, minutes: float | None = 4.0, steps: int | 
     from edgeseg.models import count_params
 
     info = {"steps": step, "train_seconds": time.perf_counter() - t0,
-            "params": count_params(model), "batch_size": batch_size}
+            "params": count_params(model), "batch_size": batch_size, "channels": list(channels)}
     if val_ds is not None:
         info["val_dice"] = eval_dice(model, val_ds)
     return model, info

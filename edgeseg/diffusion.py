@@ -139,26 +139,29 @@ class NoiseSchedule:
         ) * x0
 
     def to_x0_eps(
-        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, prediction_type: str
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, prediction_type: str,
+        clip: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0, eps) implied by the network output, x0 clipped to [-1, 1] and eps re-derived."""
+        """(x0, eps) implied by the network output, x0 clipped to [-1, 1] (unless `clip` is False:
+        training losses on x0 want the raw value) and eps re-derived."""
         p = _check_prediction_type(prediction_type)
         sa = _gather(self.sqrt_alphas_cumprod, t, x_t)
         s1 = _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t)
-        x0 = predicted_x0(model_output, x_t, p, sa, s1)
+        x0 = predicted_x0(model_output, x_t, p, sa, s1, clip=clip)
         return x0, (x_t - sa * x0) / s1
 
 
-def predicted_x0(model_output: torch.Tensor, sample: torch.Tensor, prediction_type: str, sa, s1) -> torch.Tensor:
+def predicted_x0(model_output: torch.Tensor, sample: torch.Tensor, prediction_type: str, sa, s1,
+                 clip: bool = True) -> torch.Tensor:
     """x0 implied by the network output at a step with (sa, s1) = (sqrt(abar_t), sqrt(1 - abar_t)),
-    clipped to [-1, 1] (masks live there)."""
+    clipped to [-1, 1] (masks live there) unless `clip` is False."""
     if prediction_type == "epsilon":
         x0 = (sample - s1 * model_output) / sa
     elif prediction_type == "sample":
         x0 = model_output
     else:
         x0 = sa * sample - s1 * model_output
-    return x0.clamp(-1.0, 1.0)
+    return x0.clamp(-1.0, 1.0) if clip else x0
 
 
 def ddim_update(model_output: torch.Tensor, sample: torch.Tensor, prediction_type: str, sa: float, s1: float,

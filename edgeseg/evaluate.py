@@ -66,10 +66,12 @@ def predict(model: DermoSegDiff, images: torch.Tensor, settings: SamplerSettings
 
 @torch.no_grad()
 def evaluate(model: DermoSegDiff, dataset, settings: SamplerSettings, batch_size: int = 32, seed: int = 0,
-             max_images: int | None = None, keep: int = 8, progress: bool = True, label: str = "") -> dict:
+             max_images: int | None = None, keep: int = 8, progress: bool = True, label: str = "",
+             per_image: bool = False) -> dict:
     """Score `model` on `dataset`; returns {"metrics": {name: {"mean","std"}}, "n", "keep": [...]}.
 
-    `keep` predictions (image, true mask, predicted mean, std) are returned for overlays.
+    `keep` predictions (image, true mask, predicted mean, std) are returned for overlays;
+    `per_image` adds {"per_image": {name: [value per image]}} (for paired comparisons).
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -93,7 +95,10 @@ def evaluate(model: DermoSegDiff, dataset, settings: SamplerSettings, batch_size
             for i in range(min(len(image), keep - len(kept))):
                 kept.append((image[i], mask[i], mean[i], std[i]))
             prog.advance(task, len(image))
-    return {"metrics": acc.compute(), "n": n, "settings": settings.describe(), "keep": kept}
+    out = {"metrics": acc.compute(), "n": n, "settings": settings.describe(), "keep": kept}
+    if per_image:
+        out["per_image"] = {k: v.tolist() for k, v in acc.per_sample().items()}
+    return out
 
 
 def write_overlays(kept, path: str | Path, title_prefix: str = "") -> Path:

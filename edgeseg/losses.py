@@ -11,7 +11,10 @@ import torch
 
 from edgeseg.boundary import attention
 
-__all__ = ["l2_loss", "boundary_loss", "efkd_loss", "global_kd_loss", "student_objective", "teacher_objective"]
+__all__ = [
+    "l2_loss", "boundary_loss", "efkd_loss", "global_kd_loss", "student_objective", "teacher_objective",
+    "x0_segmentation_loss",
+]
 
 _EPS_COUNT = 1e-8  # the reference's guard against empty edge/body regions
 
@@ -58,6 +61,19 @@ def efkd_loss(
     l_edge = (edge * d2).sum(dims) / (edge.sum(dims) + _EPS_COUNT)
     l_body = (body * d2).sum(dims) / (body.sum(dims) + _EPS_COUNT)
     return lambda_e * l_edge.mean() + lambda_b * l_body.mean()
+
+
+def x0_segmentation_loss(x0: torch.Tensor, mask: torch.Tensor, sharpness: float = 4.0) -> torch.Tensor:
+    """Dice + BCE on the predicted mask x0 (unclipped, masks in {-1, 1}): the discriminative
+    segmentation loss next to the diffusion loss. x0 is read as the logit ``sharpness * x0``, so
+    the segmenter's threshold (x0 > 0) is the decision boundary and saturated pixels keep a gradient."""
+    logits = sharpness * x0.float()
+    y = (mask.float() > 0).float()
+    p = torch.sigmoid(logits)
+    dims = tuple(range(1, p.dim()))
+    soft_dice = (2 * (p * y).sum(dims) + 1) / (p.sum(dims) + y.sum(dims) + 1)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+    return bce + (1 - soft_dice).mean()
 
 
 def teacher_objective(pred, target, d, t, T, w_l2: float = 1.0, w_boundary: float = 0.25):

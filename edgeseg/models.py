@@ -162,6 +162,10 @@ _ALL: list[Preset] = [
            prediction_type="sample", heads=2, dim_head=16),
     Preset("tiny-student", 16, 8, (1, 2, 3), (1, 2, 4), 4, role="student", image_size=64,
            prediction_type="sample", heads=2, dim_head=16, teacher="tiny-teacher"),
+    # half the width and one attention head: a quarter of tiny-student's FLOPs (<= 1 GFLOP per call
+    # at 128 px); its widths differ from the teacher's, so it trains from scratch under KD
+    Preset("tiny-student-lean", 8, 4, (1, 2, 3), (1, 2, 4), 4, role="student", image_size=64,
+           prediction_type="sample", heads=1, dim_head=16, teacher="tiny-teacher"),
 ]
 PRESETS: dict[str, Preset] = {p.name: p for p in _ALL}
 

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from edgeseg.checkpoint import atomic_write_json, load_model, save_model, save_tensors
 from edgeseg.errors import EdgesegError, SettingsError
-from edgeseg.losses import student_objective, teacher_objective
+from edgeseg.losses import student_objective, teacher_objective, x0_segmentation_loss
 from edgeseg.models import DermoSegDiff, build, preset
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "distill_loss", "EMA", "paper_recipe", "tiny_recipe",
@@ -83,6 +83,11 @@ class TrainConfig:
     init_from_teacher: bool = False  # start the student from the teacher's matching stages
     init_from: str | None = None  # fine-tune: start from this checkpoint's weights (same preset)
     prediction_type: str | None = None  # override the preset's ("epsilon", "sample", "v_prediction")
+    max_seconds: float | None = None  # stop after this much training wall time (whole run, over resumes)
+    # share of each batch's timesteps drawn at the shipped sampler's timesteps (edgeseg.defaults K
+    # for the prediction type) instead of uniformly: a phone runs those few only
+    focus_timesteps: float = 0.0
+    w_seg: float = 0.0  # weight of Dice + BCE on the predicted x0 (losses.x0_segmentation_loss)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -114,7 +119,8 @@ _NUMBERS: dict[str, tuple] = {
     "lr": ("float>", 0.0, None), "tau": ("float", 0.0, 1.0), "lambda_e": ("float", 0.0, None),
     "lambda_b": ("float", 0.0, None), "w_l2": ("float", 0.0, None), "w_kd": ("float", 0.0, None),
     "w_boundary": ("float", 0.0, None), "plateau_factor": ("float>", 0.0, 1.0), "ema_beta": ("float", 0.0, 1.0),
-    "grad_clip": ("float>?", 0.0, None),
+    "grad_clip": ("float>?", 0.0, None), "max_seconds": ("float>?", 0.0, None),
+    "focus_timesteps": ("float", 0.0, 1.0), "w_seg": ("float", 0.0, None),
 }
 _CHOICES = {"role": ("teacher", "student"), "kd": ("efkd", "global", "none"),
             "prediction_type": (None, "epsilon", "sample", "v_prediction"), "kernel_backend": ("auto", "triton", "torch")}
@@ -192,7 +198,8 @@ def _validate(cfg: "TrainConfig") -> None:
 
 #: Settings a resumed run must keep: they define the objective, the data order or the model.
 FIXED_ON_RESUME = ("role", "preset", "dataset", "data_dir", "kd", "tau", "lambda_e", "lambda_b", "w_l2", "w_kd",
-                   "w_boundary", "batch_size", "seed", "augment", "init_from_teacher", "init_from", "prediction_type")
+                   "w_boundary", "batch_size", "seed", "augment", "init_from_teacher", "init_from", "prediction_type",
+                   "focus_timesteps", "w_seg")
 
 
 def read_state_config(state_dir: str | Path) -> dict | None:
@@ -352,8 +359,10 @@ class Trainer:
             self.opt, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience
         )
         self.schedule = self.model.noise_schedule
+        self.focus_t = self._sampler_timesteps() if cfg.focus_timesteps > 0 else None
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # timesteps + noise, checkpointed
         self.step, self.epoch = 0, 0
+        self.train_seconds = 0.0  # wall time spent in fit(), over resumes (max_seconds)
         self.epoch_sums: dict[str, float] = {}
         self.history: list[dict] = []
         self.resumes: list[dict] = []  # settings changed at each --resume: {"step", "epoch", "changed"}
@@ -411,6 +420,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "config": self.cfg.to_dict(),
             "param_groups": opt["param_groups"], "plateau": self.plateau.state_dict(),
             "history": self.history, "epoch_sums": self.epoch_sums, "resumes": self.resumes,
+            "train_seconds": round(self._seconds_now(), 3),
         })
 
     def load_state(self) -> None:
@@ -455,6 +465,7 @@ class Trainer:
         self.step, self.epoch, self.history = meta["step"], meta["epoch"], meta["history"]
         self.epoch_sums = meta.get("epoch_sums", {})
         self.resumes = list(meta.get("resumes", []))
+        self.train_seconds = float(meta.get("train_seconds", 0.0))
         # the settings that may change take effect now (the optimizer and scheduler state above
         # carry the run's own values)
         if "lr" in changed:
@@ -483,9 +494,22 @@ class Trainer:
         return diff
 
     # ---- one step ---------------------------------------------------------------------
+    def _sampler_timesteps(self) -> torch.Tensor:
+        """The timesteps the shipped sampler visits (DDIM, K from the defaults table)."""
+        from edgeseg.defaults import sampler_defaults
+        from edgeseg.diffusion import DDIMScheduler
+
+        sched = DDIMScheduler(self.schedule, prediction_type=self.p.prediction_type)
+        sched.set_timesteps(sampler_defaults(self.p.prediction_type)[0])
+        return sched.timesteps.clone()
+
     def _draw(self, global_b: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Timesteps and noise for the global batch; this rank's rows (interleaved like the sampler)."""
         t = torch.randint(0, self.schedule.T, (global_b,), generator=self.gen)
+        if self.focus_t is not None:
+            focus = torch.rand(global_b, generator=self.gen) < self.cfg.focus_timesteps
+            pick = self.focus_t[torch.randint(0, len(self.focus_t), (global_b,), generator=self.gen)]
+            t = torch.where(focus, pick, t)
         noise = torch.randn((global_b, *shape), generator=self.gen)
         return t[self.rank :: self.world], noise[self.rank :: self.world]
 
@@ -508,7 +532,12 @@ class Trainer:
                         pred_t = self.schedule.training_target(x0_t, eps_t, t, self.p.prediction_type)
             else:  # no KD: a teacher given anyway only initialises the student (init_from_teacher)
                 pred_t = torch.zeros_like(pred)
-        return distill_loss(pred.float(), pred_t.float(), target, d, t, self.schedule.T, self.cfg)
+        total, terms = distill_loss(pred.float(), pred_t.float(), target, d, t, self.schedule.T, self.cfg)
+        if self.cfg.w_seg > 0:
+            x0, _ = self.schedule.to_x0_eps(pred.float(), x_t, t, self.p.prediction_type, clip=False)
+            terms["seg"] = x0_segmentation_loss(x0, mask)
+            total = total + self.cfg.w_seg * terms["seg"]
+        return total, terms
 
     def train_step(self, batch) -> dict[str, float]:
         image, mask, d = (x.to(self.device, non_blocking=True) for x in batch)
@@ -607,13 +636,23 @@ class Trainer:
         """Train to the end (or `stop_after_steps` more steps, for tests); returns the EMA model."""
         total = self.total_steps()
         stop = total if stop_after_steps is None else min(total, self.step + stop_after_steps)
+        self._fit_started = time.time()
         with _FitProgress(self, total, show=self.rank == 0 and not self.quiet) as bar:
-            while self.step < stop and self._fit_epoch(bar, stop, on_epoch_end):
+            while self.step < stop and not self._time_up() and self._fit_epoch(bar, stop, on_epoch_end):
                 pass
             self.save_state()
+        self.train_seconds, self._fit_started = self._seconds_now(), None
         if self.rank == 0:
             self.save_final()
         return self.ema.model
+
+    def _seconds_now(self) -> float:
+        """Training wall time so far: earlier fit() calls and resumes plus the running one."""
+        started = getattr(self, "_fit_started", None)
+        return self.train_seconds + (time.time() - started if started else 0.0)
+
+    def _time_up(self) -> bool:
+        return self.cfg.max_seconds is not None and self._seconds_now() >= self.cfg.max_seconds
 
     def _fit_epoch(self, bar: "_FitProgress", stop: int, on_epoch_end) -> bool:
         """Train the rest of the current epoch (after a mid-epoch resume, only the rest).
@@ -625,7 +664,7 @@ class Trainer:
         if skip == 0:
             self.epoch_sums = {}
         for batch in self._loader(self.epoch, skip):
-            if self.step >= stop:
+            if self.step >= stop or self._time_up():
                 return False
             self._fit_step(batch, bar, t0)
         self._end_epoch(bar, t0, on_epoch_end)
@@ -688,7 +727,8 @@ class Trainer:
                 print(f"warning: could not draw curves: {e}")
 
     def save_final(self) -> Path:
-        extra = {"train_config": self.cfg.to_dict(), "steps": self.step, "epochs": self.epoch}
+        extra = {"train_config": self.cfg.to_dict(), "steps": self.step, "epochs": self.epoch,
+                 "train_seconds": round(self.train_seconds, 1)}
         if self.resumes:
             extra["resumes"] = self.resumes
         return save_model(self.ema.model, self.out_dir / f"{self.cfg.role}.safetensors", extra=extra)

@@ -429,3 +429,63 @@ def test_init_from_teacher_copies_matching_stages():
     # student decoder stage 0 (deepest, stage 2) is the teacher's decoder stage 1
     assert torch.equal(s["ups.0.rb1.block1.proj.weight"], t["ups.1.rb1.block1.proj.weight"])
     assert torch.equal(s["final_conv.weight"], t["final_conv.weight"])
+
+
+# ----------------------------------------------------------------------------------------
+# 6. few-step training: sampler-timestep focus, x0 segmentation loss, wall-time budget
+# ----------------------------------------------------------------------------------------
+def test_focus_timesteps_draws_the_shipped_samplers_timesteps(tmp_path, data):
+    from edgeseg.defaults import sampler_defaults
+    from edgeseg.diffusion import DDIMScheduler
+
+    t_all = trainer(cfg(kd="none", focus_timesteps=1.0), tmp_path / "a", data)
+    sched = DDIMScheduler(t_all.schedule, prediction_type=t_all.p.prediction_type)
+    sched.set_timesteps(sampler_defaults(t_all.p.prediction_type)[0])
+    t, _ = t_all._draw(4096, (1, 8, 8))
+    assert set(t.tolist()) == set(sched.timesteps.tolist())
+    t_half = trainer(cfg(kd="none", focus_timesteps=0.5), tmp_path / "b", data)
+    t, _ = t_half._draw(4096, (1, 8, 8))
+    share = torch.isin(t, sched.timesteps).float().mean().item()
+    assert 0.45 < share < 0.56  # half focused, plus the uniform draws that land there by chance
+    # off (the default): the stream of draws is the one runs made before the option existed
+    g = torch.Generator().manual_seed(1)
+    t0, _ = trainer(cfg(kd="none"), tmp_path / "c", data)._draw(16, (1, 8, 8))
+    assert torch.equal(t0, torch.randint(0, t_all.schedule.T, (16,), generator=g))
+
+
+def test_x0_segmentation_loss_term_trains(tmp_path, data):
+    from edgeseg.losses import x0_segmentation_loss
+
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:6, 2:6] = 1
+    m = mask * 2 - 1
+    assert x0_segmentation_loss(3 * m, m) < 0.05 < 1.5 < x0_segmentation_loss(-3 * m, m)
+    x0 = torch.zeros(2, 1, 8, 8, requires_grad=True)
+    x0_segmentation_loss(x0, m).backward()
+    assert (x0.grad[mask > 0] < 0).all() and (x0.grad[mask == 0] > 0).all()  # pushes x0 toward the mask
+    t = trainer(cfg(kd="none", w_seg=0.5), tmp_path, data)
+    logs = t.train_step(next(iter(t._loader(0))))
+    assert "seg" in logs and math.isfinite(logs["seg"]) and logs["seg"] > 0
+    plain = trainer(cfg(kd="none"), tmp_path / "plain", data).train_step(next(iter(t._loader(0))))
+    assert "seg" not in plain
+    assert logs["loss"] == pytest.approx(plain["loss"] + 0.5 * logs["seg"], rel=1e-5)
+
+
+def test_max_seconds_stops_training_and_survives_resume(tmp_path, data):
+    c = cfg(kd="none", epochs=1000, max_seconds=1.0, save_every_steps=1)
+    t = trainer(c, tmp_path, data)
+    t.fit()
+    assert 1 <= t.step < 1000 * t._steps_per_epoch()
+    assert t.train_seconds >= 1.0
+    saved = json.loads((t.state_dir / "state.json").read_text())
+    assert saved["train_seconds"] >= 1.0
+    final = json.loads((tmp_path / "student.json").read_text())
+    assert final["train_seconds"] == pytest.approx(t.train_seconds, abs=0.1)
+    # resumed with the budget already spent: no further step
+    again = trainer(c, tmp_path, data)
+    again.load_state()
+    steps = again.step
+    again.fit()
+    assert again.step == steps
+    with pytest.raises(EdgesegError, match="max_seconds"):
+        TrainConfig(max_seconds=-1)

@@ -1,0 +1,80 @@
+"""The equal-wall-time real-data ablation (bench/ablation.py --suite real) and the real-lesion
+Table I (bench/isic2017.py) with both U-Net baselines, end to end on a small ISIC 2017 layout."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_fixtures import make_isic2017
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHER = REPO / "edgeseg" / "assets" / "tiny-teacher-isic2017.safetensors"
+ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def isic(tmp_path_factory) -> Path:
+    return make_isic2017(tmp_path_factory.mktemp("isic") / "isic2017", sizes=(20, 4, 6))
+
+
+def _run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=ENV)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def test_real_suite_quick_trains_for_equal_time_and_pairs_by_seed(tmp_path, isic):
+    out, work = tmp_path / "res", tmp_path / "work"
+    names = "teacher,efkd-tau0.6,efkd-focus-seg,unet,unet-flops"
+    _run([str(REPO / "bench" / "ablation.py"), "--quick", "--dataset", "isic2017", "--data-dir", str(isic),
+          "--teacher", str(TEACHER), "--only", names, "--out", str(out), "--work", str(work), "--jobs", "2"], tmp_path)
+    doc = json.loads((out / "ablation-isic2017.json").read_text())
+    assert doc["suite"] == "real" and doc["budget"]["train_seconds"] > 0
+    runs = {r["variant"]: r for r in doc["runs"]}
+    assert set(runs) == set(names.split(","))
+    for name in ("efkd-tau0.6", "efkd-focus-seg", "unet", "unet-flops"):  # same wall time, not same steps
+        assert runs[name]["train_seconds"] >= doc["budget"]["train_seconds"], name
+        assert runs[name]["train_steps"] >= 1, name
+    # the same-GFLOP U-Net really costs what the student costs per image (within 10%)
+    c = doc["cost"]
+    assert abs(c["unet-flops"]["gflop"] / c["efkd-focus-seg"]["gflop"] - 1) < 0.1
+    assert c["unet"]["gflop"] < 0.2 * c["unet-flops"]["gflop"]
+    assert runs["unet-flops"]["channels"][0] > runs["unet"]["channels"][0]
+    # paired differences, seed by seed, per image
+    p = doc["paired"]["efkd-focus-seg - unet-flops"]
+    assert p["dsc"]["seeds"] == [0] and p["dsc"]["n"] == 6  # the layout's 6 test images
+    assert p["dsc"]["wins"] + p["dsc"]["losses"] <= p["dsc"]["n"]
+    md = (out / "ablation-isic2017.md").read_text()
+    for text in ("Objective and baselines", "Ideas for few-step students", "Paired differences", "train steps"):
+        assert text in md, text
+    for png in ("tau", "overlays", "tradeoff"):
+        assert (out / f"ablation-isic2017-{png}.png").read_bytes()[:4] == b"\x89PNG"
+    # --report-only trains nothing and reproduces the aggregate
+    r = _run([str(REPO / "bench" / "ablation.py"), "--quick", "--dataset", "isic2017", "--data-dir", str(isic),
+              "--teacher", str(TEACHER), "--only", names, "--out", str(out), "--work", str(work), "--report-only"],
+             tmp_path)
+    assert "5 already done" in r.stdout.replace("\n", " ")
+    assert json.loads((out / "ablation-isic2017.json").read_text())["aggregate"] == doc["aggregate"]
+
+
+def test_isic2017_table_trains_both_unets_and_pairs_them(tmp_path, isic):
+    out = tmp_path / "t1"
+    _run([str(REPO / "bench" / "isic2017.py"), "--data-dir", str(isic), "--unet-seconds", "2", "--threads", "1",
+          "--out", str(out)], tmp_path)
+    doc = json.loads((out / "results.json").read_text())
+    own = json.loads((out / "unet-train.json").read_text())
+    same = json.loads((out / "unet-same-gflop-train.json").read_text())
+    assert own["channels"] == [8, 16, 24, 32, 48] and same["channels"][0] > 8
+    rows = doc["rows"]
+    student_gflop = rows["student (EFKD)"]["cost"]["gflop"]
+    same_row = rows["U-Net, same GFLOP as the student (Dice+BCE)"]
+    assert abs(same_row["cost"]["gflop"] / student_gflop - 1) < 0.1
+    assert set(doc["paired"]) == {"student - teacher", "student - unet", "student - unet-same-gflop"}
+    assert all(set(p) == {"dsc", "bf"} for p in doc["paired"].values())
+    assert "Paired differences" in (out / "table.md").read_text()
+    assert (out / "overlays.png").read_bytes()[:4] == b"\x89PNG"
