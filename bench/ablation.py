@@ -1,19 +1,31 @@
-"""Does edge-focused distillation help? A small-scale, seed-replicated ablation (issue 8).
+"""Does edge-focused distillation help, and is the student worth shipping? Seed-replicated ablations.
 
-Same teacher, same budget for every student, several seeds each:
+Two suites (``--suite``, default by dataset):
 
-* ``kd``:   no KD / global KD (Eq. 2) / EFKD (Eq. 3-7, tau 0.6);
-* ``tau``:  EFKD with tau in 0.3, 0.45, 0.6, 0.75, 0.9;
-* ``pred``: EFKD students predicting ``epsilon`` (the paper), ``sample`` (x0) or ``v_prediction``,
-  taught by the same x0 teacher through the exact re-parameterisation (``Trainer.loss_on``),
-  evaluated with DDIM at K = 1, 2, 4 steps and at the paper's protocol (DDPM 250 steps x 9);
-* the teacher itself (its "seeds" are evaluation-noise seeds);
-* a discriminative single-pass U-Net (``edgeseg.baselines.SmallUNet``, 0.12 M params, Dice + BCE).
+* ``real`` (issue 15; the default on a real dataset, e.g. ``--dataset isic2017``): every trained
+  variant gets the same training wall time (``Budget.train_seconds``): students with no KD, global
+  KD, EFKD (tau 0.3 / 0.6 / 0.9), EFKD with the few-step ideas (sampler-timestep focus, a Dice +
+  BCE loss on the predicted x0, both, and both on the lean preset), the U-Net at its own size and
+  at the student's GFLOP per image; the teacher scored as shipped. Scored on the test split at the
+  shipped sampler setting with per-image scores kept, so variants are compared paired by seed
+  (``paired_by_seed``). Writes ``ablation-<dataset>.{json,md}``, ``-tradeoff.png``, ``-tau.png``,
+  ``-overlays.png``.
+* ``kd`` (issue 8; the synthetic set): same teacher, same number of steps for every student, in
+  three tables (``Variant.groups``):
 
-Every student starts from the teacher's matching stages and trains the same number of steps with
-the tiny recipe (README "The main job"); only the objective (and prediction type) changes.
+  * ``kd``:   no KD / global KD (Eq. 2) / EFKD (Eq. 3-7, tau 0.6);
+  * ``tau``:  EFKD with tau in 0.3, 0.45, 0.6, 0.75, 0.9;
+  * ``pred``: EFKD students predicting ``epsilon`` (the paper), ``sample`` (x0) or ``v_prediction``,
+    taught by the same x0 teacher through the exact re-parameterisation (``Trainer.loss_on``),
+    evaluated with DDIM at K = 1, 2, 4 steps and at the paper's protocol (DDPM 250 steps x 9);
+  * the teacher itself (its "seeds" are evaluation-noise seeds);
+  * a discriminative single-pass U-Net (``edgeseg.baselines.SmallUNet``, 0.12 M params, Dice + BCE).
 
-    python bench/ablation.py                 # the committed run (see bench/README.md for its time)
+  Every student starts from the teacher's matching stages and trains the same number of steps
+  with the tiny recipe (README "The main job"); only the objective (and prediction type) changes.
+
+    python bench/ablation.py --dataset isic2017 --data-dir DIR --teacher edgeseg/assets/tiny-teacher-isic2017.safetensors
+    python bench/ablation.py                 # the committed synthetic run (see bench/README.md for its time)
     python bench/ablation.py --quick --out /tmp/abl   # smoke run (tests)
     python bench/ablation.py --dataset isic2018 --data-dir DATA --teacher runs/x/teacher.safetensors
 

@@ -199,19 +199,16 @@ def student_cost(meta: dict) -> dict:
 def unet_cost(meta: dict) -> dict:
     import torch
 
-    from edgeseg.baselines import SmallUNet
+    from edgeseg.baselines import SmallUNet, unet_gflop
     from edgeseg.models import count_params
 
     channels = meta.get("channels")
     if not channels:
         raise SystemExit("error: the U-Net program's sidecar does not record its channels")
-    s = int(meta["image_size"][0])
     with torch.device("meta"):
-        model = SmallUNet(channels=tuple(channels)).eval()
-        x = torch.rand(1, 3, s, s)
-    g = _count(model, x) / 1e9
-    return {"params": count_params(model), "gflop_per_call": round(g, 4), "calls_per_image": 1,
-            "gflop_per_image": round(g, 4)}
+        params = count_params(SmallUNet(channels=tuple(channels)))
+    g = unet_gflop(channels, int(meta["image_size"][0]))
+    return {"params": params, "gflop_per_call": round(g, 4), "calls_per_image": 1, "gflop_per_image": round(g, 4)}
 
 
 # ========================================================================================

@@ -135,6 +135,16 @@ def _say(job: DistillJob, msg: str) -> None:
         Console().print(msg)
 
 
+def _final_val_dsc(trainer: Trainer, model, job: DistillJob) -> float:
+    """Validation Dice of the final weights: the last epoch's record when training ended with an
+    epoch, else (a time budget stopped it mid-epoch) scored now, like every epoch."""
+    last = trainer.history[-1] if trainer.history else {}
+    if last.get("step") == trainer.step and "val_dsc" in last:
+        return last["val_dsc"]
+    r = evaluate(model, trainer.val_ds, VAL_SELECT, max_images=job.val_dsc_images, keep=0, progress=False)
+    return r["metrics"]["dsc"]["mean"]
+
+
 def _train(cfg: TrainConfig, run: Path, teacher, job: DistillJob):
     """Train (or resume) one model; returns the EMA weights of the epoch with the best validation
     Dice, which are also what ``<run>/<role>.safetensors`` holds."""
@@ -150,7 +160,7 @@ def _train(cfg: TrainConfig, run: Path, teacher, job: DistillJob):
     if trainer.rank != 0 or not best_path.exists():
         return model
     _, best = load_preset(best_path)
-    if best["epoch"] != trainer.epoch:  # an earlier epoch validated better: ship that one
+    if best["val_dsc"] > _final_val_dsc(trainer, model, job):  # an earlier epoch validated better: ship that one
         model = load_model(best_path)
         _, final_meta = load_preset(final)  # what save_final recorded (config, steps, resumes)
         save_model(model, final, extra={**final_meta, "selected": {k: best[k] for k in

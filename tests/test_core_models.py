@@ -160,6 +160,8 @@ def test_flops_every_preset():
         rows[n] = flops / 1e9
         print(f"[flops] {n:20s} {rows[n]:8.2f} GFLOP per call at {s}x{s}")
     assert rows["student-mobile"] <= 5.0
+    # the lean student: a quarter of tiny-student's compute, <= 1 GFLOP per call at 128 px (issue 15)
+    assert rows["tiny-student-lean"] <= 0.25 <= 0.3 * rows["tiny-student"]
     # the depth cut keeps nearly all the work (2 FLOPs per MAC)
     assert rows["teacher-isic2018"] == pytest.approx(56.1, rel=0.01)
     assert rows["student-isic2018"] == pytest.approx(53.7, rel=0.01)
