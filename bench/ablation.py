@@ -365,9 +365,14 @@ def _cost_of(v: Variant, cost: dict, budget: Budget) -> tuple[int, float, float]
     return c["params"], st["gflop"], st["latency_ms"]
 
 
-def markdown(doc: dict) -> str:
+def _from_doc(doc: dict) -> tuple[Budget, list[Variant]]:
+    """The budget and variants a result document was made with."""
     budget = Budget(**{k: tuple(v) if isinstance(v, list) else v for k, v in doc["budget"].items()})
-    vs = [Variant(**{**v, "groups": tuple(v["groups"])}) for v in doc["variants"]]
+    return budget, [Variant(**{**v, "groups": tuple(v["groups"])}) for v in doc["variants"]]
+
+
+def markdown(doc: dict) -> str:
+    budget, vs = _from_doc(doc)
     agg, cost = doc["aggregate"], doc["cost"]
     head = ("| variant | params | GFLOP/img | ms/img | DSC | IoU | HD95 (px) | BF | SE | SP | ACC |\n"
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -617,8 +622,7 @@ def _row_real(v: Variant, a: dict, c: dict) -> str:
 
 
 def markdown_real(doc: dict) -> str:
-    budget = Budget(**{k: tuple(v) if isinstance(v, list) else v for k, v in doc["budget"].items()})
-    vs = [Variant(**{**v, "groups": tuple(v["groups"])}) for v in doc["variants"]]
+    budget, vs = _from_doc(doc)
     agg, cost = doc["aggregate"], doc["cost"]
     head = ("| variant | seeds | params | GFLOP/img | ms/img | train steps | DSC | IoU | HD95 (px) | BF | SE | SP | ACC |\n"
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -117,10 +117,28 @@ def load_unet(out: Path, kind: str):
 
 
 def predict_unet(model, test_ds) -> np.ndarray:
+    """The U-Net's map on the sampler's scale: tanh(logit / 2) = 2 sigmoid(logit) - 1 in [-1, 1]
+    (> 0 is lesion), so its margin map is defined exactly as the student's."""
     x = torch.from_numpy(np.array(test_ds.images)).permute(0, 3, 1, 2).float() / 255.0
     with torch.no_grad():
         logits = torch.cat([model(x[i:i + 64]) for i in range(0, len(x), 64)])
-    return (logits[:, 0] > 0).numpy()
+    return torch.tanh(logits[:, 0] / 2).numpy()
+
+
+def margin_quality(mean: np.ndarray, test_ds) -> dict:
+    """How well the margin map (1 - |mean|, the shipped uncertainty map) flags wrong pixels (pixel
+    AUROC against the error map) and images (correlation of its per-image mean with 1 - Dice), and
+    the calibration of p = (mean + 1) / 2 (ECE): for the diffusion models and the U-Nets alike."""
+    from bench.uncertainty import calibration, pixel_auroc
+    from edgeseg.segmenter import uncertainty_map
+
+    mean = np.asarray(mean, dtype=np.float32).reshape(len(test_ds), *np.asarray(test_ds.masks).shape[1:])
+    truth = np.asarray(test_ds.masks) > 0
+    u = uncertainty_map(mean, None, "margin")
+    d = _per_image_scores(list(mean), test_ds)["dsc"]
+    per_image = u.reshape(len(u), -1).mean(axis=1)
+    return {"auroc": pixel_auroc(u, (mean > 0) != truth), "corr_1_minus_dice": float(np.corrcoef(per_image, 1 - d)[0, 1]),
+            "ece": calibration(np.clip((mean + 1) / 2, 0, 1), truth)["ece"]}
 
 
 def cost_diffusion(model, settings) -> dict:
@@ -190,6 +208,11 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {name} | {params} | {r['sampler']} | {c.get('gflop', '-')} | {c.get('ms', '-')} | "
                      f"{pct('dsc')} | {pct('iou')} | {pct('se')} | {pct('sp')} | {pct('acc')} | "
                      f"{m['hd95']['mean']:.2f} | {pct('bf')} |")
+    lines += ["", "The margin map (1 - |mean|; for a U-Net mean = 2 sigmoid(logit) - 1) as an uncertainty map: pixel "
+              "AUROC against the error map, correlation of its per-image mean with 1 - Dice, ECE of p = (mean + 1) / 2:",
+              "", "| model | AUROC | r | ECE |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {r['uncertainty']['auroc']:.3f} | {r['uncertainty']['corr_1_minus_dice']:.2f} | "
+              f"{r['uncertainty']['ece']:.3f} |" for name, r in doc["rows"].items() if "uncertainty" in r]
     lines += ["", f"Paired differences on the {doc['n_images']} test images (points; normal 95% interval over images):",
               "", "| A - B | DSC [95% CI] | images won / lost | BF [95% CI] |", "|---|---:|---:|---:|"]
     for key, p in doc.get("paired", {}).items():
@@ -271,10 +294,12 @@ def main(argv=None) -> int:
         unet, unet_info = load_unet(args.out, kind)
         if unet is None:
             continue
-        unet_masks = predict_unet(unet, test_ds)
-        rows[label] = {"metrics": score_masks(unet_masks, test_ds), "sampler": "single pass",
+        unet_mean = predict_unet(unet, test_ds)
+        rows[label] = {"metrics": score_masks(unet_mean > 0, test_ds), "sampler": "single pass",
                        "cost": cost_unet(unet, args.size), "train": unet_info}
-        preds[label] = (unet_masks, _per_image_scores(list(unet_masks), test_ds))
+        preds[label] = (unet_mean, _per_image_scores(list(unet_mean), test_ds))
+    for name, (mean, _) in preds.items():
+        rows[name]["uncertainty"] = margin_quality(mean, test_ds)
     if args.pte:
         rows[f"student {args.pte.name}"], _ = score_program(args.pte, test_ds, rows["student (EFKD)"]["cost"])
     otsu = otsu_masks(test_ds)

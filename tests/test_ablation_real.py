@@ -76,5 +76,9 @@ def test_isic2017_table_trains_both_unets_and_pairs_them(tmp_path, isic):
     assert abs(same_row["cost"]["gflop"] / student_gflop - 1) < 0.1
     assert set(doc["paired"]) == {"student - teacher", "student - unet", "student - unet-same-gflop"}
     assert all(set(p) == {"dsc", "bf"} for p in doc["paired"].values())
-    assert "Paired differences" in (out / "table.md").read_text()
+    for name in ("teacher", "student (EFKD)", "U-Net, own size (Dice+BCE)"):  # the same uncertainty measure for all
+        u = rows[name]["uncertainty"]
+        assert 0 <= u["ece"] <= 1 and (u["auroc"] != u["auroc"] or 0 <= u["auroc"] <= 1), name
+    md = (out / "table.md").read_text()
+    assert "Paired differences" in md and "AUROC" in md
     assert (out / "overlays.png").read_bytes()[:4] == b"\x89PNG"
