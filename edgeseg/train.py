@@ -87,7 +87,7 @@ class TrainConfig:
     # share of each batch's timesteps drawn at the shipped sampler's timesteps (edgeseg.defaults K
     # for the prediction type) instead of uniformly: a phone runs those few only
     focus_timesteps: float = 0.0
-    w_seg: float = 0.0  # weight of Dice + BCE on the predicted x0 (losses.x0_segmentation_loss)
+    w_seg: float = 0.0  # students: weight of Dice + BCE on the predicted x0 (losses.x0_segmentation_loss)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -244,8 +244,7 @@ def tiny_recipe(role: str) -> TrainConfig:
         return TrainConfig(role="teacher", preset="tiny-teacher", lr=1e-3, epochs=12, batch_size=16,
                            plateau_patience=2, ema_beta=0.995, ema_start=200, num_workers=1)
     # init_from_teacher: the 15-minute CPU budget of the demo; the paper trains students from scratch.
-    # focus_timesteps + w_seg: +0.58 DSC over EFKD alone on ISIC 2017, 3 seeds (bench/README.md,
-    # "On real lesions")
+    # focus_timesteps + w_seg: chosen by the real-lesion ablation (bench/README.md, "On real lesions")
     return TrainConfig(role="student", preset="tiny-student", lr=1e-3, epochs=5, batch_size=16,
                        plateau_patience=2, ema_beta=0.995, ema_start=100, num_workers=1,
                        init_from_teacher=True, focus_timesteps=0.5, w_seg=0.5)
