@@ -49,7 +49,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import machine_info, median_ms, now_iso, write_json  # noqa: E402
+from bench.common import machine_info, median_ms, now_iso, recorded_command, write_json  # noqa: E402
 
 METRICS = ("dsc", "iou", "hd95", "bf", "se", "sp", "acc")
 TAUS = (0.3, 0.45, 0.6, 0.75, 0.9)
@@ -156,13 +156,11 @@ def _evaluate(model, test_ds, sampler: tuple[str, int, int], n: int, seed: int, 
 
 
 def _unet_channels(v: Variant, job: dict, budget: Budget, size: int) -> tuple[int, ...]:
-    from edgeseg.baselines import UNET_CHANNELS, unet_channels_for_gflop
-    from edgeseg.models import flops_per_call
+    from edgeseg.baselines import UNET_CHANNELS, unet_channels_like
 
     if v.unet == "own":
         return UNET_CHANNELS
-    student_gflop = flops_per_call(job["student_preset"])[0] / 1e9 * budget.eval_steps * budget.eval_ensemble
-    return unet_channels_for_gflop(student_gflop, size)
+    return unet_channels_like(job["student_preset"], size, budget.eval_steps, budget.eval_ensemble)
 
 
 def _run_unet(v: Variant, seed: int, budget: Budget, job: dict, size: int, test_ds, res: dict) -> None:
@@ -795,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     # per-image scores stay in the per-run files; the document keeps what they give (paired differences)
     slim = [{**r, "metrics": {k: v for k, v in r["metrics"].items() if k != "per_image"}} for r in runs]
     doc = {
-        "generated": now_iso(), "command": [sys.executable, *sys.argv], "quick": args.quick, "suite": suite,
+        "generated": now_iso(), "command": [sys.executable, *recorded_command()], "quick": args.quick, "suite": suite,
         "machine": machine_info(args.threads), "threads": args.threads, "jobs": args.jobs,
         "dataset": args.dataset, "teacher": str(teacher), "teacher_prediction_type": tpreset.prediction_type,
         "student_preset": args.student_preset, "budget": asdict(budget),

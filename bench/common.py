@@ -152,17 +152,23 @@ def machine_info(threads: int | None = None) -> dict:
 # ----------------------------------------------------------------------------------------
 # statistics and memory
 # ----------------------------------------------------------------------------------------
-def median_ms(fn, repeats: int = 3) -> float:
-    """Median wall time of `fn()` in ms over `repeats` calls, after one warm-up call (CPU timing)."""
+def timed_ms(fn, warmup: int, runs: int) -> list[float]:
+    """Wall time of `fn()` in ms for each of `runs` calls after `warmup` untimed ones (CPU timing)."""
     import time
 
-    fn()
+    for _ in range(warmup):
+        fn()
     ts = []
-    for _ in range(repeats):
+    for _ in range(runs):
         t0 = time.perf_counter()
         fn()
         ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+    return ts
+
+
+def median_ms(fn, repeats: int = 3) -> float:
+    """Median wall time of `fn()` in ms over `repeats` calls, after one warm-up call (CPU timing)."""
+    return statistics.median(timed_ms(fn, 1, repeats))
 
 
 def latency_stats(ms: list[float]) -> dict:
@@ -202,6 +208,21 @@ def rss_mb() -> dict:
 # ----------------------------------------------------------------------------------------
 # output files
 # ----------------------------------------------------------------------------------------
+def recorded_command(argv: list[str] | None = None) -> list[str]:
+    """The command line as committed result files record it: the dataset folder given with
+    --data-dir is a machine's own path, so it is written as DATA_DIR."""
+    argv = list(sys.argv if argv is None else argv)
+    out = []
+    for i, a in enumerate(argv):
+        if i > 0 and argv[i - 1] == "--data-dir":
+            out.append("DATA_DIR")
+        elif a.startswith("--data-dir="):
+            out.append("--data-dir=DATA_DIR")
+        else:
+            out.append(a)
+    return out
+
+
 def result_doc(kind: str, machine: dict, settings: dict, results: list[dict], notes: list[str] | None = None,
                quick: bool = False, command: list[str] | None = None) -> dict:
     return {
@@ -209,7 +230,7 @@ def result_doc(kind: str, machine: dict, settings: dict, results: list[dict], no
         "schema_version": SCHEMA_VERSION,
         "kind": kind,
         "generated": now_iso(),
-        "command": command if command is not None else sys.argv,
+        "command": command if command is not None else recorded_command(),
         "quick": quick,
         "machine": machine,
         "settings": settings,

@@ -77,14 +77,9 @@ UNETS = {"own": ("unet", "U-Net, own size (Dice+BCE)"),
 
 def unet_channels(kind: str, student_preset: str, size: int) -> tuple[int, ...]:
     """Own widths, or widths at the student's GFLOP per image at its default sampler setting."""
-    from edgeseg.baselines import UNET_CHANNELS, unet_channels_for_gflop
-    from edgeseg.defaults import sampler_defaults
-    from edgeseg.models import flops_per_call, preset
+    from edgeseg.baselines import UNET_CHANNELS, unet_channels_like
 
-    if kind == "own":
-        return UNET_CHANNELS
-    k, n = sampler_defaults(preset(student_preset).prediction_type)
-    return unet_channels_for_gflop(flops_per_call(student_preset)[0] / 1e9 * k * n, size)
+    return UNET_CHANNELS if kind == "own" else unet_channels_like(student_preset, size)
 
 
 def train_unet_once(train_ds, seconds: float, threads: int, seed: int, out: Path, kind: str, channels):

@@ -70,12 +70,7 @@ def measure(spec: dict) -> dict:
     inputs = tuple((torch.rand if name == "image" else torch.randn)(tuple(shape), generator=gen)
                    for name, shape in spec["inputs"])
     method = Runtime.get().load_program(Path(spec["file"])).load_method("forward")
-    times = []
-    for i in range(spec["warmup"] + spec["runs"]):
-        t0 = time.perf_counter()
-        method.execute(inputs)
-        if i >= spec["warmup"]:
-            times.append((time.perf_counter() - t0) * 1000)
+    times = common.timed_ms(lambda: method.execute(inputs), spec["warmup"], spec["runs"])
     return {"runs_ms": [round(t, 4) for t in times], "median_ms": statistics.median(times)}
 
 
@@ -388,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: getattr(args, k) for k in ("process_repeats", "runs", "warmup", "threads")}
     settings["wall_s"] = round(time.perf_counter() - t0, 1)
     doc = {"schema": "edgeseg-bench-pte-latency", "schema_version": 1, "generated": common.now_iso(),
-           "command": sys.argv, "quick": args.quick, "machine": common.machine_info(args.threads),
+           "command": common.recorded_command(), "quick": args.quick, "machine": common.machine_info(args.threads),
            "settings": settings, "results": [rows[r] for r in ROLES], "comparison": compare(rows, res),
            "notes": notes}
     common.write_json(args.out / "pte-latency.json", doc)

@@ -153,12 +153,7 @@ def measure_latency(spec: dict) -> dict:
     noise = torch.randn(spec["ensemble"], 1, *img.shape[-2:], generator=torch.Generator().manual_seed(0))
     base = _reset_peak()
     run = _load_runner(spec)
-    times = []
-    for i in range(spec["warmup"] + spec["runs"]):
-        t0 = time.perf_counter()
-        run(img, noise)
-        if i >= spec["warmup"]:
-            times.append((time.perf_counter() - t0) * 1000)
+    times = common.timed_ms(lambda: run(img, noise), spec["warmup"], spec["runs"])
     return {"runs_ms": times, "median_ms": statistics.median(times),
             "program_peak_mb": round(_status_mb()["VmHWM"] - base, 1), "rss_at_reset_mb": round(base, 1)}
 
@@ -492,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
                                               "dice_images", "gemm_size", "threads")}
     settings["wall_s"] = round(time.perf_counter() - t0, 1)
     doc = {"schema": "edgeseg-bench-runtimes", "schema_version": 1, "generated": common.now_iso(),
-           "command": sys.argv, "quick": args.quick, "machine": common.machine_info(args.threads),
+           "command": common.recorded_command(), "quick": args.quick, "machine": common.machine_info(args.threads),
            "settings": settings, "ceilings": ceil, "results": rows, "targets": targets(rows), "notes": NOTES}
     doc["machine"]["onnxruntime"] = common.package_version("onnxruntime")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,8 @@ import time
 
 import numpy as np
 
-__all__ = ["dice", "otsu_predict", "otsu_dice", "SmallUNet", "UNET_CHANNELS", "unet_channels_for_gflop", "unet_gflop",
+__all__ = ["dice", "otsu_predict", "otsu_dice", "SmallUNet", "UNET_CHANNELS", "unet_channels_for_gflop", "unet_channels_like",
+           "unet_gflop",
            "train_unet", "eval_dice"]
 
 
@@ -88,6 +89,18 @@ def unet_channels_for_gflop(gflop: float, size: int) -> tuple[int, ...]:
     guess = max(1, round(math.sqrt(gflop / base)))  # conv FLOPs grow with width squared
     options = [tuple(c * m for c in UNET_CHANNELS) for m in range(max(1, guess - 1), guess + 2)]
     return min(options, key=lambda ch: abs(unet_gflop(ch, size) - gflop))
+
+
+def unet_channels_like(student_preset: str, size: int, steps: int | None = None,
+                       ensemble: int | None = None) -> tuple[int, ...]:
+    """SmallUNet widths whose one pass costs what the student costs per image: K x N network calls
+    (the defaults table's K and N for its prediction type when not given) at `size`."""
+    from edgeseg.defaults import sampler_defaults
+    from edgeseg.models import flops_per_call, preset
+
+    k, n = sampler_defaults(preset(student_preset).prediction_type)
+    calls = (steps or k) * (ensemble or n)
+    return unet_channels_for_gflop(flops_per_call(student_preset)[0] / 1e9 * calls, size)
 
 
 def SmallUNet(channels=UNET_CHANNELS):

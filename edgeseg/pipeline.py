@@ -110,6 +110,11 @@ def _apply(cfg: TrainConfig, overrides: dict) -> TrainConfig:
     return TrainConfig.from_dict({**cfg.to_dict(), **overrides})
 
 
+def _val_dsc(model, val_ds, n: int, settings: SamplerSettings = VAL_SELECT) -> float:
+    """Mean Dice on the first n validation images: the model-selection score."""
+    return evaluate(model, val_ds, settings, max_images=n, keep=0, progress=False)["metrics"]["dsc"]["mean"]
+
+
 def _val_dsc_hook(val_ds, n: int, settings: SamplerSettings, best_path: Path):
     """Per-epoch validation Dice of the EMA model on the first n validation images (curves and
     model selection): the best epoch's EMA weights are kept in ``best_path``."""
@@ -117,8 +122,7 @@ def _val_dsc_hook(val_ds, n: int, settings: SamplerSettings, best_path: Path):
     def hook(trainer: Trainer, rec: dict) -> None:
         if trainer.rank != 0 or n <= 0:
             return
-        r = evaluate(trainer.ema.model, val_ds, settings, max_images=n, keep=0, progress=False)
-        rec["val_dsc"] = r["metrics"]["dsc"]["mean"]
+        rec["val_dsc"] = _val_dsc(trainer.ema.model, val_ds, n, settings)
         best = max((h.get("val_dsc", -1.0) for h in trainer.history), default=-1.0)
         if rec["val_dsc"] > best:
             save_model(trainer.ema.model, best_path, extra={
@@ -141,8 +145,7 @@ def _final_val_dsc(trainer: Trainer, model, job: DistillJob) -> float:
     last = trainer.history[-1] if trainer.history else {}
     if last.get("step") == trainer.step and "val_dsc" in last:
         return last["val_dsc"]
-    r = evaluate(model, trainer.val_ds, VAL_SELECT, max_images=job.val_dsc_images, keep=0, progress=False)
-    return r["metrics"]["dsc"]["mean"]
+    return _val_dsc(model, trainer.val_ds, job.val_dsc_images)
 
 
 def _train(cfg: TrainConfig, run: Path, teacher, job: DistillJob):

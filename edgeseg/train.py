@@ -364,6 +364,7 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # timesteps + noise, checkpointed
         self.step, self.epoch = 0, 0
         self.train_seconds = 0.0  # wall time spent in fit(), over resumes (max_seconds)
+        self._fit_started: float | None = None  # time.time() when the running fit() began
         self.epoch_sums: dict[str, float] = {}
         self.history: list[dict] = []
         self.resumes: list[dict] = []  # settings changed at each --resume: {"step", "epoch", "changed"}
@@ -649,7 +650,7 @@ class Trainer:
 
     def _seconds_now(self) -> float:
         """Training wall time so far: earlier fit() calls and resumes plus the running one."""
-        started = getattr(self, "_fit_started", None)
+        started = self._fit_started
         return self.train_seconds + (time.time() - started if started else 0.0)
 
     def _time_up(self) -> bool:

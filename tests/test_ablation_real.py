@@ -35,6 +35,7 @@ def test_real_suite_quick_trains_for_equal_time_and_pairs_by_seed(tmp_path, isic
           "--teacher", str(TEACHER), "--only", names, "--out", str(out), "--work", str(work), "--jobs", "2"], tmp_path)
     doc = json.loads((out / "ablation-isic2017.json").read_text())
     assert doc["suite"] == "real" and doc["budget"]["train_seconds"] > 0
+    assert "DATA_DIR" in doc["command"] and str(isic) not in doc["command"]  # no machine's own data path
     runs = {r["variant"]: r for r in doc["runs"]}
     assert set(runs) == set(names.split(","))
     for name in ("efkd-tau0.6", "efkd-focus-seg", "unet", "unet-flops"):  # same wall time, not same steps
