@@ -39,6 +39,10 @@ class Preset:
     teacher: str | None = None  # the preset a student is distilled from
     heads: int = 4  # attention heads and width per head (paper: 4 x 32)
     dim_head: int = 32
+    # "paper": GroupNorm + SiLU blocks and linear attention at every stage (DermoSegDiff).
+    # "mobile": BatchNorm + ReLU blocks, attention in the bottleneck only: at export every block
+    # (with its time scale/shift) folds into one conv + ReLU, the U-Net's cost per FLOP on XNNPACK.
+    blocks: str = "paper"
     note: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -87,7 +91,9 @@ class Preset:
 #: path separators, so a name taken from a checkpoint's JSON is safe to use in a file name.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-_ARCH_FIELDS = ("dim_x", "dim_g", "dim_x_mults", "dim_g_mults", "groups", "image_size", "heads", "dim_head")
+BLOCKS = ("paper", "mobile")
+_ARCH_FIELDS = ("dim_x", "dim_g", "dim_x_mults", "dim_g_mults", "groups", "image_size", "heads", "dim_head",
+                "blocks")
 # Upper bounds far above every shipped preset (the paper teacher: width 64 x 6 stages, 1024 image
 # channels), so a typo or an edited JSON cannot ask for gigabytes before anything is checked.
 _MAX = {"dim": 2048, "mult": 64, "stages": 8, "heads": 64, "dim_head": 1024, "image_size": 4096}
@@ -133,6 +139,8 @@ def _check_preset(p: "Preset") -> None:
         raise ValueError(f"role must be 'teacher' or 'student', got {p.role!r}")
     if p.prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {p.prediction_type!r}")
+    if p.blocks not in BLOCKS:
+        raise ValueError(f"blocks must be one of {', '.join(BLOCKS)}, got {p.blocks!r}")
     if not isinstance(p.note, str):
         raise ValueError(f"note must be a string, got {p.note!r}")
 
@@ -152,9 +160,10 @@ _ALL: list[Preset] = [
     # width. FLOPs at the full-resolution stages scale with width^2, so this is the lever. It predicts
     # x0 ("sample"): a phone runs 1-2 DDIM steps, where epsilon models fail (a small synthetic test;
     # bench/README.md); the epsilon teacher's outputs are re-expressed as x0 during distillation.
+    # Mobile blocks: what a phone CPU runs at its conv speed (bench/README.md, "int8 latency").
     Preset(
         "student-mobile", 16, 8, (1, 2, 3), (1, 2, 4), 4, role="student", teacher="teacher-isic2018",
-        prediction_type="sample", dim_head=16, note="<= 5 GFLOP per call at 128x128",
+        prediction_type="sample", dim_head=16, blocks="mobile", note="<= 5 GFLOP per call at 128x128",
     ),
     # CPU presets for the demo, CI and tests: 64x64, x0 prediction (good at 1-4 DDIM steps) and
     # 2 x 16 attention, chosen by measurement on 2 cores (README, "Tiny presets").
@@ -166,6 +175,10 @@ _ALL: list[Preset] = [
     # at 128 px); its widths differ from the teacher's, so it trains from scratch under KD
     Preset("tiny-student-lean", 8, 4, (1, 2, 3), (1, 2, 4), 4, role="student", image_size=64,
            prediction_type="sample", heads=1, dim_head=16, teacher="tiny-teacher"),
+    # tiny-student's widths with mobile blocks (BatchNorm + ReLU, attention in the bottleneck only):
+    # the phone's cost per FLOP of a plain conv net; initialised from the teacher's convolutions
+    Preset("tiny-student-mobile", 16, 8, (1, 2, 3), (1, 2, 4), 4, role="student", image_size=64,
+           prediction_type="sample", heads=2, dim_head=16, teacher="tiny-teacher", blocks="mobile"),
 ]
 PRESETS: dict[str, Preset] = {p.name: p for p in _ALL}
 
@@ -245,11 +258,14 @@ class WSConv2d(nn.Conv2d):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, dim_out: int, groups: int):
+    """conv3x3 -> norm -> time scale/shift -> activation; `mobile`: BatchNorm and ReLU (foldable)."""
+
+    def __init__(self, dim: int, dim_out: int, groups: int, mobile: bool = False):
         super().__init__()
-        self.proj = WSConv2d(dim, dim_out, 3, padding=1)
-        self.norm = nn.GroupNorm(groups, dim_out)
-        self.act = nn.SiLU()
+        # weight standardisation presumes a norm that sees the activations at inference too
+        self.proj = nn.Conv2d(dim, dim_out, 3, padding=1, bias=False) if mobile else WSConv2d(dim, dim_out, 3, padding=1)
+        self.norm = nn.BatchNorm2d(dim_out) if mobile else nn.GroupNorm(groups, dim_out)
+        self.act = nn.ReLU() if mobile else nn.SiLU()
 
     def forward(self, x, scale_shift=None):
         x = self.norm(self.proj(x))
@@ -260,11 +276,11 @@ class Block(nn.Module):
 
 
 class ResBlock(nn.Module):
-    def __init__(self, dim: int, dim_out: int, time_dim: int, groups: int):
+    def __init__(self, dim: int, dim_out: int, time_dim: int, groups: int, mobile: bool = False):
         super().__init__()
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, dim_out * 2))
-        self.block1 = Block(dim, dim_out, groups)
-        self.block2 = Block(dim_out, dim_out, groups)
+        self.block1 = Block(dim, dim_out, groups, mobile)
+        self.block2 = Block(dim_out, dim_out, groups, mobile)
         self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
 
     def forward(self, x, temb):
@@ -342,16 +358,22 @@ def upsample(dim: int, dim_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(dim, dim_out, 3, padding=1))
 
 
+def stage_attention(dim: int, attn, mobile: bool) -> nn.Module:
+    """An encoder/decoder stage's linear attention; none in mobile blocks (its softmaxes, bmm and
+    transposes at full resolution cost more on a phone CPU than all the stage's convs)."""
+    return nn.Identity() if mobile else PreNormResidual(dim, LinearAttention(dim, *attn))
+
+
 class EncoderStage(nn.Module):
-    def __init__(self, dx, dg, dx_next, dg_next, tx, tg, groups, last: bool, attn=(4, 32)):
+    def __init__(self, dx, dg, dx_next, dg_next, tx, tg, groups, last: bool, attn=(4, 32), mobile: bool = False):
         super().__init__()
-        self.rb_x1 = ResBlock(dx, dx, tx, groups)
-        self.rb_g1 = ResBlock(dg, dg, tg, groups)
-        self.rb_g2 = ResBlock(dg + dx, dg, tg, groups)
+        self.rb_x1 = ResBlock(dx, dx, tx, groups, mobile)
+        self.rb_g1 = ResBlock(dg, dg, tg, groups, mobile)
+        self.rb_g2 = ResBlock(dg + dx, dg, tg, groups, mobile)
         self.gate = nn.Conv2d(dg, dx, 1)
-        self.rb_x2 = ResBlock(dx, dx, tx, groups)
-        self.attn_x = PreNormResidual(dx, LinearAttention(dx, *attn))
-        self.attn_g = PreNormResidual(dg + dx, LinearAttention(dg + dx, *attn))
+        self.rb_x2 = ResBlock(dx, dx, tx, groups, mobile)
+        self.attn_x = stage_attention(dx, attn, mobile)
+        self.attn_g = stage_attention(dg + dx, attn, mobile)
         if last:
             self.down_x = nn.Conv2d(dx, dx_next, 3, padding=1)
             self.down_g = nn.Conv2d(dg + dx, dg_next, 3, padding=1)
@@ -374,11 +396,11 @@ class EncoderStage(nn.Module):
 
 
 class DecoderStage(nn.Module):
-    def __init__(self, dx, dskip, dx_out, tx, groups, last: bool, attn=(4, 32)):
+    def __init__(self, dx, dskip, dx_out, tx, groups, last: bool, attn=(4, 32), mobile: bool = False):
         super().__init__()
-        self.rb1 = ResBlock(dx + dskip, dx, tx, groups)
-        self.rb2 = ResBlock(dx + dskip, dx, tx, groups)
-        self.attn = PreNormResidual(dx, LinearAttention(dx, *attn))
+        self.rb1 = ResBlock(dx + dskip, dx, tx, groups, mobile)
+        self.rb2 = ResBlock(dx + dskip, dx, tx, groups, mobile)
+        self.attn = stage_attention(dx, attn, mobile)
         self.up = nn.Conv2d(dx, dx_out, 3, padding=1) if last else upsample(dx, dx_out)
 
     def forward(self, x, h, b, tx):
@@ -390,12 +412,12 @@ class DecoderStage(nn.Module):
 class Bottleneck(nn.Module):
     """RB(cat(x, g)) -> full attention and linear attention in parallel -> cat -> RB."""
 
-    def __init__(self, dx, dg, tx, groups, attn=(4, 32)):
+    def __init__(self, dx, dg, tx, groups, attn=(4, 32), mobile: bool = False):
         super().__init__()
-        self.rb1 = ResBlock(dx + dg, dx, tx, groups)
+        self.rb1 = ResBlock(dx + dg, dx, tx, groups, mobile)
         self.attn = PreNormResidual(dx, Attention(dx, *attn))
         self.lin_attn = PreNormResidual(dx, LinearAttention(dx, *attn))
-        self.rb2 = ResBlock(2 * dx, dx, tx, groups)
+        self.rb2 = ResBlock(2 * dx, dx, tx, groups, mobile)
 
     def forward(self, x, g, tx):
         x = self.rb1(torch.cat([x, g], dim=1), tx)
@@ -418,6 +440,7 @@ class DermoSegDiff(nn.Module):
         tx, tg = 4 * p.dim_x, 4 * p.dim_g
         n = len(p.dim_x_mults)
         attn = (p.heads, p.dim_head)
+        mobile = p.blocks == "mobile"
         if len(p.dim_g_mults) != n:
             raise ValueError("dim_x_mults and dim_g_mults must have the same length (one per stage)")
         self.time_x = time_mlp(p.dim_x)
@@ -425,15 +448,17 @@ class DermoSegDiff(nn.Module):
         self.init_x = nn.Conv2d(1, p.dim_x, 1)
         self.init_g = nn.Conv2d(3, p.dim_g, 1)
         self.downs = nn.ModuleList(
-            EncoderStage(dims_x[i], dims_g[i], dims_x[i + 1], dims_g[i + 1], tx, tg, p.groups, last=i == n - 1, attn=attn)
+            EncoderStage(dims_x[i], dims_g[i], dims_x[i + 1], dims_g[i + 1], tx, tg, p.groups, last=i == n - 1, attn=attn,
+                         mobile=mobile)
             for i in range(n)
         )
-        self.mid = Bottleneck(dims_x[-1], dims_g[-1], tx, p.groups, attn)
+        self.mid = Bottleneck(dims_x[-1], dims_g[-1], tx, p.groups, attn, mobile)
         self.ups = nn.ModuleList(
-            DecoderStage(dims_x[i + 1], dims_x[i] + dims_g[i], dims_x[i], tx, p.groups, last=i == 0, attn=attn)
+            DecoderStage(dims_x[i + 1], dims_x[i] + dims_g[i], dims_x[i], tx, p.groups, last=i == 0, attn=attn,
+                         mobile=mobile)
             for i in reversed(range(n))
         )
-        self.final_block = ResBlock(2 * p.dim_x + p.dim_g, p.dim_x, tx, groups=1)
+        self.final_block = ResBlock(2 * p.dim_x + p.dim_g, p.dim_x, tx, groups=1, mobile=mobile)
         self.final_conv = nn.Conv2d(p.dim_x, 1, 1)
 
     @property

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from edgeseg.checkpoint import atomic_write_json, load_model, save_model, save_tensors
 from edgeseg.errors import EdgesegError, SettingsError
 from edgeseg.losses import student_objective, teacher_objective, x0_segmentation_loss
-from edgeseg.models import DermoSegDiff, build, preset
+from edgeseg.models import DermoSegDiff, WSConv2d, build, preset
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "distill_loss", "EMA", "paper_recipe", "tiny_recipe",
            "validate_settings", "read_state_config", "FIXED_ON_RESUME"]
@@ -276,12 +276,15 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        src = [p.detach() for p in model.state_dict().values()]
-        dst = list(self.model.state_dict().values())
+        pairs = list(zip(self.model.state_dict().values(), (v.detach() for v in model.state_dict().values())))
+        floats = [(d, s) for d, s in pairs if d.is_floating_point()]
+        counters = [(d, s) for d, s in pairs if not d.is_floating_point()]  # BatchNorm's batch count
+        if counters:
+            torch._foreach_copy_(*map(list, zip(*counters)))
         if step <= self.start:
-            torch._foreach_copy_(dst, src)
+            torch._foreach_copy_(*map(list, zip(*floats)))
         else:
-            torch._foreach_lerp_(dst, src, 1.0 - self.beta)
+            torch._foreach_lerp_(*map(list, zip(*floats)), 1.0 - self.beta)
 
 
 @torch.no_grad()
@@ -294,6 +297,10 @@ def init_from_teacher(student: DermoSegDiff, teacher: DermoSegDiff) -> int:
     """
     shift = len(teacher.downs) - len(student.downs)
     t_state = teacher.state_dict()
+    # a mobile student's plain convs start from the kernels the teacher's WSConv2d applies
+    plain = {n for n, m in student.named_modules() if type(m) is nn.Conv2d}
+    t_state.update({f"{n}.weight": m.standardized_weight() for n, m in teacher.named_modules()
+                    if isinstance(m, WSConv2d) and n in plain})
     copied = 0
     for name, tensor in student.state_dict().items():
         src = name

@@ -1,7 +1,7 @@
 """Rewrite a trained network into an export-friendly copy with the same numbers.
 
 XNNPACK (ExecuTorch's CPU delegate) and CoreML take plain convolutions, reductions over the
-innermost dimensions and softmaxes over the last dimension. Four things in DermoSegDiff are not
+innermost dimensions and softmaxes over the last dimension. Several things in DermoSegDiff are not
 of that shape, and left alone they cut the exported graph into many delegate calls with layout
 copies between them:
 
@@ -14,8 +14,11 @@ copies between them:
   ``Block``'s time scale/shift folded in, is one depthwise 1x1 conv (:class:`ExportBlock`);
 * nearest 2x upsampling followed by a 3x3 conv (the decoder's ``upsample``) lowers to
   ``upsample_nearest2d``, which XNNPACK does not take: replaced by the single equivalent
-  transposed convolution (stride 2, kernel 4, padding 1), :func:`fold_upsample_conv`.
-
+  transposed convolution (stride 2, kernel 4, padding 1), :func:`fold_upsample_conv`;
+* a mobile ``Block`` (BatchNorm, ReLU) is one conv + ReLU: BatchNorm's statistics and affine and
+  the time scale/shift rescale the conv's kernel and bias (:class:`ExportFoldedBlock`);
+* ``Downsample`` (space-to-depth 2x2, then a 1x1 conv) is one conv with kernel 2 and stride 2
+  (:func:`fold_space_to_depth_conv`): no pixel_unshuffle copy;
 * the attention blocks split q, k, v with ``unbind`` and multiply 4-D tensors with ``@``, which
   lower to ``squeeze_copy`` and ``expand_copy`` (not delegated): replaced by
   :class:`ExportLinearAttention` / :class:`ExportAttention`, the same math on
@@ -34,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeseg.models import Attention, Block, LinearAttention, WSConv2d
+from edgeseg.models import Attention, Block, Downsample, LinearAttention, WSConv2d
 
-__all__ = ["ExportGroupNorm", "ExportBlock", "ExportLinearAttention", "ExportAttention", "fold_ws_conv", "fold_upsample_conv", "prepare_for_export", "count_modules"]
+__all__ = ["ExportGroupNorm", "ExportBlock", "ExportFoldedBlock", "fold_space_to_depth_conv", "ExportLinearAttention", "ExportAttention", "fold_ws_conv", "fold_upsample_conv", "prepare_for_export", "count_modules"]
 
 
 class ExportGroupNorm(nn.Module):
@@ -121,6 +124,57 @@ class ExportBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, scale_shift=None) -> torch.Tensor:
         return self.act(self.norm(self.proj(x), scale_shift))
+
+
+class ExportFoldedBlock(nn.Module):
+    """A mobile ``Block`` (conv, BatchNorm, time scale/shift, ReLU) as one conv + ReLU.
+
+    In eval mode BatchNorm is a per-channel affine, and with the timestep fixed so is the time
+    scale/shift: ``relu(((conv(x) - mean) / sqrt(var + eps) * w + b) * (scale + 1) + shift)`` is
+    ``relu(conv'(x))`` with the kernel and bias rescaled per output channel. The rescaling is
+    written as tensor ops on constants, so the export's constant propagation leaves one conv with
+    constant weights per block, and the int8 quantizer its conv + ReLU pattern.
+    """
+
+    def __init__(self, m: Block):
+        super().__init__()
+        conv, bn = m.proj, m.norm
+        if not isinstance(bn, nn.BatchNorm2d) or type(conv) is not nn.Conv2d:
+            raise TypeError("ExportFoldedBlock needs a Block with BatchNorm and its WSConv2d folded first")
+        with torch.no_grad():
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            shift = bn.bias - bn.running_mean * scale
+            if conv.bias is not None:
+                shift = shift + conv.bias * scale
+        self.weight = conv.weight
+        self.register_buffer("bn_scale", scale.detach().clone(), persistent=False)
+        self.register_buffer("bn_shift", shift.detach().clone(), persistent=False)
+        self.padding, self.act = conv.padding, m.act
+
+    def forward(self, x: torch.Tensor, scale_shift=None) -> torch.Tensor:
+        a, c = self.bn_scale, self.bn_shift
+        if scale_shift is not None:
+            scale, shift = scale_shift
+            if scale.shape[0] != 1:  # per-sample conditioning (eager use with a batch of timesteps)
+                y = F.conv2d(x, self.weight * a.reshape(-1, 1, 1, 1), c, padding=self.padding)
+                return self.act(y * (scale + 1) + shift)
+            a, c = a * (scale.reshape(-1) + 1), c * (scale.reshape(-1) + 1) + shift.reshape(-1)
+        return self.act(F.conv2d(x, self.weight * a.reshape(-1, 1, 1, 1), c, padding=self.padding))
+
+
+def fold_space_to_depth_conv(m: Downsample) -> nn.Conv2d:
+    """Conv2d(kernel 2, stride 2) == conv1x1(pixel_unshuffle(x, 2)): no space-to-depth copy.
+
+    pixel_unshuffle puts input channel c's pixel (i, j) of each 2x2 cell in channel 4c + 2i + j.
+    """
+    w = m.conv.weight.detach()  # out, 4 * in, 1, 1
+    out_c, in4 = w.shape[:2]
+    conv = nn.Conv2d(in4 // 4, out_c, 2, stride=2, bias=m.conv.bias is not None).to(w.device, w.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(w.reshape(out_c, in4 // 4, 2, 2))
+        if m.conv.bias is not None:
+            conv.bias.copy_(m.conv.bias)
+    return conv
 
 
 def _split_qkv(to_qkv: nn.Conv2d, hidden: int) -> tuple[nn.Conv2d, nn.Conv2d, nn.Conv2d]:
@@ -239,7 +293,10 @@ def _rewrite(module: nn.Module) -> None:
     for name, child in list(module.named_children()):
         if type(child) is Block:
             _rewrite(child)
-            setattr(module, name, ExportBlock(child))
+            folded = isinstance(child.norm, nn.BatchNorm2d)
+            setattr(module, name, ExportFoldedBlock(child) if folded else ExportBlock(child))
+        elif type(child) is Downsample:
+            setattr(module, name, fold_space_to_depth_conv(child))
         elif type(child) is LinearAttention:
             new = ExportLinearAttention(child)
             _rewrite(new)

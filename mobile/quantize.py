@@ -87,10 +87,10 @@ def _xnnpack_conv_quantizer():
     muls, the GroupNorm statistics, softmax, the DDIM arithmetic. Quantizing the adds and muls
     as well cost another 4 points of Dice (0.94) and makes the graph three times larger.
 
-    ``conv_relu`` is kept for the baseline U-Net (:func:`edgeseg.mobile.export.export_unet_pte`):
-    the stock ``conv`` annotator skips a conv whose only user is a ReLU, leaving it to
-    ``conv_relu``, so without it every conv + BN + ReLU block would stay fp32. The student has
-    no ReLU (SiLU, GELU), so for its graph this pattern matches nothing.
+    ``conv_relu`` is kept for the baseline U-Net (:func:`edgeseg.mobile.export.export_unet_pte`)
+    and the students with mobile blocks (each block one conv + ReLU after folding): the stock
+    ``conv`` annotator skips a conv whose only user is a ReLU, leaving it to ``conv_relu``, so
+    without it every such block would stay fp32. Paper blocks (SiLU) match only ``conv``.
     """
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,

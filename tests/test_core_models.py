@@ -70,6 +70,11 @@ def test_preset_dict_round_trip_and_overrides():
     assert m.preset.prediction_type == "v_prediction" and m.preset.name == "tiny-student"
     with pytest.raises(ValueError):
         DermoSegDiff(Preset("bad", 16, 8, (1, 2), (1, 2, 4), 4))
+    with pytest.raises(ValueError, match="blocks must be one of paper, mobile"):
+        Preset.from_dict({**preset("tiny-student").to_dict(), "blocks": "fast"})
+    # a checkpoint written before `blocks` existed rebuilds the paper network
+    old = {k: v for k, v in preset("tiny-student").to_dict().items() if k != "blocks"}
+    assert Preset.from_dict(old).blocks == "paper"
 
 
 # ----------------------------------------------------------------------------------------
@@ -114,7 +119,7 @@ def test_students_are_depth_cuts_of_their_teacher():
 # ----------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["tiny-teacher", "tiny-student"])
+@pytest.mark.parametrize("name", ["tiny-teacher", "tiny-student", "tiny-student-mobile"])
 def test_tiny_forward_shapes(name):
     torch.manual_seed(0)
     m = build(name).eval()
@@ -131,9 +136,10 @@ def test_tiny_forward_shapes(name):
     assert not torch.allclose(out[0], m(x[:1], g[:1], torch.tensor([100]))[0])
 
 
-def test_tiny_backward_reaches_every_parameter():
-    m = build("tiny-student")
-    s = preset("tiny-student").image_size
+@pytest.mark.parametrize("name", ["tiny-student", "tiny-student-mobile"])
+def test_tiny_backward_reaches_every_parameter(name):
+    m = build(name)
+    s = preset(name).image_size
     out = m(torch.randn(1, 1, s, s), torch.rand(1, 3, s, s), torch.tensor([7]))
     out.square().mean().backward()
     missing = [n for n, p in m.named_parameters() if p.grad is None]
@@ -160,6 +166,8 @@ def test_flops_every_preset():
         rows[n] = flops / 1e9
         print(f"[flops] {n:20s} {rows[n]:8.2f} GFLOP per call at {s}x{s}")
     assert rows["student-mobile"] <= 5.0
+    # mobile blocks drop the stages' attention: less work than the paper blocks at the same widths
+    assert rows["tiny-student-mobile"] < rows["tiny-student"]
     # the lean student: a quarter of tiny-student's compute, <= 1 GFLOP per call at 128 px (issue 15)
     assert rows["tiny-student-lean"] <= 0.25 <= 0.3 * rows["tiny-student"]
     # the depth cut keeps nearly all the work (2 FLOPs per MAC)

@@ -74,6 +74,65 @@ def test_fold_is_exact(name):
     assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
 
 
+def _calibrated(name: str, s: int = 32, **overrides):
+    """A fresh network whose BatchNorm statistics come from a few training-mode passes (a fresh
+    BatchNorm at its default statistics lets activations grow stage after stage in eval mode)."""
+    torch.manual_seed(0)
+    m = build(name, **overrides)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.momentum = None  # cumulative average
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.2, 0.2)
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(4, 1, s, s), torch.rand(4, 3, s, s), torch.randint(0, 250, (4,)))
+    return m.eval()
+
+
+def test_mobile_blocks_fold_exactly_to_conv_relu():
+    """Mobile blocks: BatchNorm and the time scale/shift go into the conv, space-to-depth into a
+    stride-2 conv; the folded copy equals the network, and its exported graph has neither."""
+    from edgeseg.mobile.export import export_program
+    from edgeseg.mobile.fold import ExportFoldedBlock
+
+    m = _calibrated("tiny-student-mobile")
+    assert count_modules(m)["LinearAttention"] == 1 and count_modules(m)["Attention"] == 1  # bottleneck only
+    p = prepare_for_export(m)
+    blocks = sum(isinstance(mod, ExportFoldedBlock) for mod in p.modules())
+    assert blocks == count_modules(m)["Block"] and count_modules(p)["ExportBlock"] == 0
+    assert not any(isinstance(mod, torch.nn.BatchNorm2d) for mod in p.modules())
+    s = 32
+    x, g, t = torch.randn(2, 1, s, s), torch.rand(2, 3, s, s), torch.tensor([249, 3])
+    with torch.no_grad():
+        a, b = m(x, g, t), p(x, g, t)  # per-sample timesteps: the unfolded path
+        c = p(x, g, t[:1].expand(2))
+        tx, tg = m.time_x(t[:1]), m.time_g(t[:1])  # one timestep: the folded path
+        d = p.denoise(x, g, tx, tg)
+    assert torch.isfinite(a).all() and a.abs().max() > 0.01
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(d, c, atol=1e-5, rtol=1e-5)
+
+    ep, _ = export_program(m.to(torch.float32), 1, 2)
+    ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert not any("batch_norm" in o or "pixel_unshuffle" in o for o in ops), sorted(set(ops))
+    convs = [n for n in ep.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
+    relu_convs = [n for n in convs if any("relu" in str(u.target) for u in n.users)]
+    assert len(relu_convs) == blocks  # every block: one conv straight into its ReLU
+    # their weights are constants after the export's constant propagation (no mul left before them)
+    assert all(w.op == "placeholder" for w in (n.args[1] for n in relu_convs))
+
+
+def test_space_to_depth_fold_exact():
+    from edgeseg.mobile.fold import fold_space_to_depth_conv
+    from edgeseg.models import Downsample
+
+    down = Downsample(5, 7)
+    y = torch.randn(2, 5, 6, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(fold_space_to_depth_conv(down)(y), down(y), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("groups", [1, 4, 16])
 def test_group_norm_and_block_exact(groups):
     gn = torch.nn.GroupNorm(groups, 16)

@@ -314,6 +314,36 @@ def test_ema_copies_until_start_then_lerps():
     assert all(p.requires_grad for p in m.parameters())
 
 
+def test_ema_lerps_batchnorm_statistics_and_copies_its_counter():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4))
+    ema = EMA(m, 0.5, 0)
+    prev = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    m(torch.randn(3, 2, 8, 8) * 4 + 1)  # training mode: running statistics and the counter move
+    ema.update(m, 1)
+    got, online = ema.model.state_dict(), m.state_dict()
+    assert got["1.num_batches_tracked"] == online["1.num_batches_tracked"] == 1
+    for k in ("1.running_mean", "1.running_var", "0.weight"):
+        torch.testing.assert_close(got[k], 0.5 * prev[k] + 0.5 * online[k])
+
+
+def test_init_from_teacher_gives_mobile_blocks_the_standardised_kernels():
+    from edgeseg.models import WSConv2d, build
+    from edgeseg.train import init_from_teacher
+
+    torch.manual_seed(0)
+    teacher, student = build("tiny-teacher"), build("tiny-student-mobile")
+    assert init_from_teacher(student, teacher) > 100
+    t_conv, s_conv = teacher.downs[0].rb_x1.block1.proj, student.downs[0].rb_x1.block1.proj
+    assert isinstance(t_conv, WSConv2d) and type(s_conv) is nn.Conv2d
+    torch.testing.assert_close(s_conv.weight, t_conv.standardized_weight())
+    torch.testing.assert_close(student.downs[0].gate.weight, teacher.downs[0].gate.weight)  # plain convs as they are
+    # a paper student keeps the teacher's raw WSConv2d weights (it standardises them itself)
+    paper = build("tiny-student")
+    init_from_teacher(paper, teacher)
+    torch.testing.assert_close(paper.downs[0].rb_x1.block1.proj.weight, t_conv.weight)
+
+
 def test_trainer_ema_before_start_equals_online_weights(tmp_path, data):
     t = trainer(cfg(kd="none", ema_start=100, epochs=1, save_every_steps=0), tmp_path, data)
     t.fit(stop_after_steps=2)
