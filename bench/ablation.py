@@ -5,7 +5,7 @@ Two suites (``--suite``, default by dataset):
 * ``real`` (issue 15; the default on a real dataset, e.g. ``--dataset isic2017``): every trained
   variant gets the same training wall time (``Budget.train_seconds``): students with no KD, global
   KD, EFKD (tau 0.3 / 0.6 / 0.9), EFKD with the few-step ideas (sampler-timestep focus, a Dice +
-  BCE loss on the predicted x0, both, and both on the lean preset), the U-Net at its own size and
+  BCE loss on the predicted x0, both, and both on the lean and the mobile-block presets), the U-Net at its own size and
   at the student's GFLOP per image; the teacher scored as shipped. Scored on the test split at the
   shipped sampler setting with per-image scores kept, so variants are compared paired by seed
   (``paired_by_seed``). Writes ``ablation-<dataset>.{json,md}``, ``-tradeoff.png``, ``-tau.png``,
@@ -110,6 +110,8 @@ def real_variants() -> list[Variant]:
         Variant("efkd-seg", "student, EFKD + x0 Dice/BCE", w_seg=W_SEG, groups=("ideas",), seeds=1),
         Variant("lean-focus-seg", "lean student (from scratch), EFKD + both", preset="tiny-student-lean",
                 groups=("ideas",), seeds=1, **both),
+        Variant("mobile-focus-seg", "mobile-block student (BatchNorm, ReLU, bottleneck attention), EFKD + both",
+                preset="tiny-student-mobile", groups=("ideas",), seeds=2, **both),
     ]
 
 
@@ -531,7 +533,8 @@ def plot_overlays(doc: dict, work: Path, teacher_path: str, path: Path, job: dic
 PAIRS = (("efkd-tau0.6", "no-kd"), ("efkd-tau0.6", "global-kd"), ("global-kd", "no-kd"),
          ("efkd-focus", "efkd-tau0.6"), ("efkd-seg", "efkd-tau0.6"), ("efkd-focus-seg", "efkd-tau0.6"),
          ("efkd-focus-seg", "unet-flops"), ("efkd-focus-seg", "unet"), ("efkd-tau0.6", "unet-flops"),
-         ("efkd-focus-seg", "teacher"), ("lean-focus-seg", "efkd-focus-seg"))
+         ("efkd-focus-seg", "teacher"), ("lean-focus-seg", "efkd-focus-seg"), ("mobile-focus-seg", "efkd-focus-seg"),
+         ("mobile-focus-seg", "unet-flops"))
 
 
 def measure_cost_real(vs: list[Variant], runs: list[dict], job: dict, budget: Budget, threads: int,

@@ -6,13 +6,16 @@ the student at most 1.5x the U-Net's latency at equal GFLOP per image).
     # or export both here, through the same tooling (mobile/export.py)
     python bench/pte_latency.py --student-ckpt runs/x/student.safetensors \\
         --unet-ckpt unet.pt --unet-channels 48,96,144,192,288 --out bench/results/pte-latency
+    # an architecture before training it: untrained student preset vs untrained U-Net
+    python bench/pte_latency.py --student-preset tiny-student-mobile --unet 48,96,144,192,288 --out DIR
     # smoke run (an untrained U-Net of the given channels, 2 processes x 3 runs)
     python bench/pte_latency.py --student s.pte --unet 8,16,24,32,48 --quick --out /tmp/pl
 
 The student: ``--student`` an ExecuTorch program written by ``edgeseg export`` /
 :func:`edgeseg.mobile.export.export_executorch`, or ``--student-ckpt`` an edgeseg checkpoint
 exported here with ``export_executorch(ckpt, quantize="int8")`` at the defaults table's sampler
-setting (K, N) for its prediction type (parity-gated as usual). The U-Net: ``--unet`` a .pte
+setting (K, N) for its prediction type (parity-gated as usual), or ``--student-preset`` an
+untrained network of a preset (latency does not depend on the weights; parity not enforced). The U-Net: ``--unet`` a .pte
 written by :func:`edgeseg.mobile.export.export_unet_pte`, a checkpoint, or a channel list (an
 untrained SmallUNet: its latency is what its weights would give; the gate's Dice is recorded,
 not enforced); ``--unet-ckpt`` a SmallUNet state_dict (``.pt`` via torch.save, or
@@ -130,13 +133,23 @@ def load_unet_weights(ckpt: str | Path, channels: tuple[int, ...] | None):
     return model.eval(), tuple(channels)
 
 
-def export_student(ckpt: str, out_dir: Path) -> dict:
+def export_student(ckpt: str | None, out_dir: Path, preset: str | None = None) -> dict:
+    """Export a checkpoint, or an untrained network of `preset` (latency only: its parity is
+    recorded, not enforced), int8 at the defaults table's K and N."""
+    import torch
+
     from edgeseg.mobile.export import export_executorch
+    from edgeseg.models import build
 
     out = out_dir / "student-int8.pte"
-    print(f"exporting the student {ckpt} (int8, default K and N) -> {out}", flush=True)
-    meta = export_executorch(ckpt, out, quantize="int8", progress=lambda m: print(f"    export: {m}", flush=True))
-    return {"path": str(out), "meta": meta}
+    what = ckpt if preset is None else f"untrained {preset}"
+    print(f"exporting the student {what} (int8, default K and N) -> {out}", flush=True)
+    kw = {}
+    if preset is not None:
+        torch.manual_seed(0)
+        ckpt, kw = build(preset).eval(), {"parity_threshold": 0.0, "n_parity_images": 4}
+    meta = export_executorch(ckpt, out, quantize="int8", progress=lambda m: print(f"    export: {m}", flush=True), **kw)
+    return {"path": str(out), "meta": meta, "trained": preset is None}
 
 
 def export_unet(args, size: int, out_dir: Path) -> dict:
@@ -236,7 +249,7 @@ def make_row(role: str, program: dict, runs: list[dict]) -> dict:
            "parity_dsc_vs_eager": (meta.get("parity") or {}).get("mask_dsc_vs_eager")}
     if role == "student":
         row.update(preset=meta.get("preset"), steps=meta.get("steps"), ensemble=meta.get("ensemble"),
-                   checkpoint=meta.get("checkpoint"))
+                   checkpoint=meta.get("checkpoint"), trained=program.get("trained", True))
     else:
         row.update(channels=meta.get("channels"), trained=meta.get("trained"))
     return row
@@ -276,7 +289,7 @@ def markdown(doc: dict) -> str:
              "| ms / GFLOP | parity Dice |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in doc["results"]:
         what = (f"student {r['preset']} K{r['steps']} N{r['ensemble']}" if r["role"] == "student"
-                else f"U-Net {r['channels']}" + ("" if r.get("trained", True) is not False else " (untrained)"))
+                else f"U-Net {r['channels']}") + ("" if r.get("trained", True) is not False else " (untrained)")
         lat = r["latency_ms"]
         par = f"{r['parity_dsc_vs_eager']:.3f}" if r["parity_dsc_vs_eager"] is not None else "-"
         lines.append(f"| {what} | {r['quantize']} | {r['image_size'][0]} px | {r['gflop_per_image']:.3f} | "
@@ -312,6 +325,7 @@ def parse_args(argv):
     st = ap.add_mutually_exclusive_group(required=True)
     st.add_argument("--student", type=Path, help="the student's .pte (with its sidecar)")
     st.add_argument("--student-ckpt", help="an edgeseg checkpoint or run folder: exported here, int8, default K, N")
+    st.add_argument("--student-preset", help="an untrained network of this preset, exported here (latency only)")
     un = ap.add_mutually_exclusive_group(required=True)
     un.add_argument("--unet", help="the U-Net: a .pte from export_unet_pte, a state_dict, or channels "
                                    "(e.g. 8,16,24,32,48: untrained)")
@@ -364,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    student = read_program(args.student) if args.student else export_student(args.student_ckpt, args.out)
+    student = (read_program(args.student) if args.student
+               else export_student(args.student_ckpt, args.out, preset=args.student_preset))
     if student["meta"].get("target") != "executorch":
         raise SystemExit(f"error: {student['path']}: not a student ExecuTorch program "
                          f"(sidecar target {student['meta'].get('target')!r})")

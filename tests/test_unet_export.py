@@ -138,3 +138,26 @@ def test_pte_latency_quick_end_to_end(exports, tmp_path):
     assert c["ratio"] == pytest.approx(s["latency_ms"]["median"] / u["latency_ms"]["median"], rel=1e-3)
     md = (out / "pte-latency.md").read_text()
     assert "Student / U-Net latency" in md and "U-Net [8, 16, 24, 32, 48]" in md
+
+
+def test_pte_latency_exports_an_untrained_preset(tmp_path, monkeypatch):
+    """--student-preset: an untrained network of the preset goes to the export (parity recorded,
+    not enforced) and its row is marked untrained."""
+    from edgeseg.mobile import export as ex
+
+    sys.path.insert(0, str(REPO))
+    from bench import pte_latency as pl
+
+    seen = {}
+
+    def fake_export(model, out, quantize, progress=None, **kw):
+        seen.update(model=model, quantize=quantize, **kw)
+        return {"target": "executorch", "path": str(out)}
+
+    monkeypatch.setattr(ex, "export_executorch", fake_export)
+    prog = pl.export_student(None, tmp_path, preset="tiny-student-mobile")
+    assert seen["model"].preset.name == "tiny-student-mobile" and not seen["model"].training
+    assert seen["quantize"] == "int8" and seen["parity_threshold"] == 0.0
+    assert prog["trained"] is False
+    args = pl.parse_args(["--student-preset", "tiny-student-mobile", "--unet", "8,16,24,32,48"])
+    assert args.student_preset == "tiny-student-mobile" and args.student_ckpt is None
