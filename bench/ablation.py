@@ -110,7 +110,8 @@ def real_variants() -> list[Variant]:
         Variant("efkd-seg", "student, EFKD + x0 Dice/BCE", w_seg=W_SEG, groups=("ideas",), seeds=1),
         Variant("lean-focus-seg", "lean student (from scratch), EFKD + both", preset="tiny-student-lean",
                 groups=("ideas",), seeds=1, **both),
-        Variant("mobile-focus-seg", "mobile-block student (BatchNorm, ReLU, bottleneck attention), EFKD + both",
+        Variant("mobile-focus-seg",
+                "mobile-block student (BatchNorm, ReLU, linear attention in the bottleneck), EFKD + both",
                 preset="tiny-student-mobile", groups=("ideas",), seeds=2, **both),
     ]
 

@@ -58,17 +58,18 @@ def measure(name: str, device: str) -> dict:
         "dim_g_mults": list(p.dim_g_mults),
         "groups": p.groups,
         "attention": f"{p.heads}x{p.dim_head}",
+        "blocks": p.blocks,
     }
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| preset | params (M) | paper (M) | GFLOP / call | image | stages | prediction | teacher |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---|---|"]
+    head = "| preset | params (M) | paper (M) | GFLOP / call | image | stages | blocks | prediction | teacher |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---|---|---|"]
     for r in rows:
         paper = f"{r['paper_params_m']}" if r["paper_params_m"] is not None else "-"
         lines.append(
             f"| {r['preset']} | {r['params_m']:.2f} | {paper} | {r['gflop_per_call']:.2f} | "
-            f"{r['image_size']}x{r['image_size']} | {r['stages']} | {r['prediction_type']} | "
+            f"{r['image_size']}x{r['image_size']} | {r['stages']} | {r['blocks']} | {r['prediction_type']} | "
             f"{r['teacher'] or '-'} |"
         )
     return "\n".join(lines) + "\n"

@@ -40,7 +40,7 @@ class Preset:
     heads: int = 4  # attention heads and width per head (paper: 4 x 32)
     dim_head: int = 32
     # "paper": GroupNorm + SiLU blocks and linear attention at every stage (DermoSegDiff).
-    # "mobile": BatchNorm + ReLU blocks, attention in the bottleneck only: at export every block
+    # "mobile": BatchNorm + ReLU blocks, linear attention in the bottleneck only: at export every block
     # (with its time scale/shift) folds into one conv + ReLU, the U-Net's cost per FLOP on XNNPACK.
     blocks: str = "paper"
     note: str = field(default="", compare=False)
@@ -175,7 +175,7 @@ _ALL: list[Preset] = [
     # at 128 px); its widths differ from the teacher's, so it trains from scratch under KD
     Preset("tiny-student-lean", 8, 4, (1, 2, 3), (1, 2, 4), 4, role="student", image_size=64,
            prediction_type="sample", heads=1, dim_head=16, teacher="tiny-teacher"),
-    # tiny-student's widths with mobile blocks (BatchNorm + ReLU, attention in the bottleneck only):
+    # tiny-student's widths with mobile blocks (BatchNorm + ReLU, linear attention in the bottleneck only):
     # the phone's cost per FLOP of a plain conv net; initialised from the teacher's convolutions
     Preset("tiny-student-mobile", 16, 8, (1, 2, 3), (1, 2, 4), 4, role="student", image_size=64,
            prediction_type="sample", heads=2, dim_head=16, teacher="tiny-teacher", blocks="mobile"),
@@ -263,7 +263,8 @@ class Block(nn.Module):
     def __init__(self, dim: int, dim_out: int, groups: int, mobile: bool = False):
         super().__init__()
         # weight standardisation presumes a norm that sees the activations at inference too
-        self.proj = nn.Conv2d(dim, dim_out, 3, padding=1, bias=False) if mobile else WSConv2d(dim, dim_out, 3, padding=1)
+        self.proj = (nn.Conv2d(dim, dim_out, 3, padding=1, bias=False) if mobile
+                     else WSConv2d(dim, dim_out, 3, padding=1))
         self.norm = nn.BatchNorm2d(dim_out) if mobile else nn.GroupNorm(groups, dim_out)
         self.act = nn.ReLU() if mobile else nn.SiLU()
 
@@ -410,12 +411,15 @@ class DecoderStage(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """RB(cat(x, g)) -> full attention and linear attention in parallel -> cat -> RB."""
+    """RB(cat(x, g)) -> full attention and linear attention in parallel -> cat -> RB.
+
+    Mobile blocks keep the linear attention only: the full attention's n x n matrix (at 128 px,
+    32 x 32 positions, 4 heads, N = 3: 50 MB in fp32) is the phone program's largest tensor."""
 
     def __init__(self, dx, dg, tx, groups, attn=(4, 32), mobile: bool = False):
         super().__init__()
         self.rb1 = ResBlock(dx + dg, dx, tx, groups, mobile)
-        self.attn = PreNormResidual(dx, Attention(dx, *attn))
+        self.attn = nn.Identity() if mobile else PreNormResidual(dx, Attention(dx, *attn))
         self.lin_attn = PreNormResidual(dx, LinearAttention(dx, *attn))
         self.rb2 = ResBlock(2 * dx, dx, tx, groups, mobile)
 

@@ -97,7 +97,7 @@ def test_mobile_blocks_fold_exactly_to_conv_relu():
     from edgeseg.mobile.fold import ExportFoldedBlock
 
     m = _calibrated("tiny-student-mobile")
-    assert count_modules(m)["LinearAttention"] == 1 and count_modules(m)["Attention"] == 1  # bottleneck only
+    assert count_modules(m)["LinearAttention"] == 1 and count_modules(m)["Attention"] == 0  # bottleneck only
     p = prepare_for_export(m)
     blocks = sum(isinstance(mod, ExportFoldedBlock) for mod in p.modules())
     assert blocks == count_modules(m)["Block"] and count_modules(p)["ExportBlock"] == 0
