@@ -41,7 +41,7 @@ class Preset:
     dim_head: int = 32
     # "paper": GroupNorm + SiLU blocks and linear attention at every stage (DermoSegDiff).
     # "mobile": BatchNorm + ReLU blocks, linear attention in the bottleneck only: at export every block
-    # (with its time scale/shift) folds into one conv + ReLU, the U-Net's cost per FLOP on XNNPACK.
+    # (with its time scale/shift) folds into one conv + ReLU, close to a plain U-Net's cost per FLOP.
     blocks: str = "paper"
     note: str = field(default="", compare=False)
 
@@ -160,7 +160,7 @@ _ALL: list[Preset] = [
     # width. FLOPs at the full-resolution stages scale with width^2, so this is the lever. It predicts
     # x0 ("sample"): a phone runs 1-2 DDIM steps, where epsilon models fail (a small synthetic test;
     # bench/README.md); the epsilon teacher's outputs are re-expressed as x0 during distillation.
-    # Mobile blocks: what a phone CPU runs at its conv speed (bench/README.md, "int8 latency").
+    # Mobile blocks: the export is convs, as in a plain U-Net (README, "Mobile blocks").
     Preset(
         "student-mobile", 16, 8, (1, 2, 3), (1, 2, 4), 4, role="student", teacher="teacher-isic2018",
         prediction_type="sample", dim_head=16, blocks="mobile", note="<= 5 GFLOP per call at 128x128",
@@ -360,8 +360,8 @@ def upsample(dim: int, dim_out: int) -> nn.Sequential:
 
 
 def stage_attention(dim: int, attn, mobile: bool) -> nn.Module:
-    """An encoder/decoder stage's linear attention; none in mobile blocks (its softmaxes, bmm and
-    transposes at full resolution cost more on a phone CPU than all the stage's convs)."""
+    """An encoder/decoder stage's linear attention; none in mobile blocks (in the exported program
+    its softmaxes, batch matmuls and transposes at full resolution cost more than the stage's convs)."""
     return nn.Identity() if mobile else PreNormResidual(dim, LinearAttention(dim, *attn))
 
 

@@ -298,17 +298,18 @@ def init_from_teacher(student: DermoSegDiff, teacher: DermoSegDiff) -> int:
     shift = len(teacher.downs) - len(student.downs)
     t_state = teacher.state_dict()
     # a mobile student's plain convs start from the kernels the teacher's WSConv2d applies
-    plain = {n for n, m in student.named_modules() if type(m) is nn.Conv2d}
-    t_state.update({f"{n}.weight": m.standardized_weight() for n, m in teacher.named_modules()
-                    if isinstance(m, WSConv2d) and n in plain})
+    standardized = {f"{n}.weight": m.standardized_weight() for n, m in teacher.named_modules()
+                    if isinstance(m, WSConv2d)}
+    plain = {f"{n}.weight" for n, m in student.named_modules() if type(m) is nn.Conv2d}
     copied = 0
     for name, tensor in student.state_dict().items():
         src = name
         if name.startswith("ups."):
             j, rest = name[4:].split(".", 1)
             src = f"ups.{int(j) + shift}.{rest}"
-        if src in t_state and t_state[src].shape == tensor.shape:
-            tensor.copy_(t_state[src])
+        value = standardized[src] if name in plain and src in standardized else t_state.get(src)
+        if value is not None and value.shape == tensor.shape:
+            tensor.copy_(value)
             copied += 1
     return copied
 

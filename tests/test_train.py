@@ -338,6 +338,9 @@ def test_init_from_teacher_gives_mobile_blocks_the_standardised_kernels():
     assert isinstance(t_conv, WSConv2d) and type(s_conv) is nn.Conv2d
     torch.testing.assert_close(s_conv.weight, t_conv.standardized_weight())
     torch.testing.assert_close(student.downs[0].gate.weight, teacher.downs[0].gate.weight)  # plain convs as they are
+    # decoder stage j of the student is the teacher's stage j + 1 (one stage deeper)
+    torch.testing.assert_close(student.ups[0].rb1.block1.proj.weight,
+                               teacher.ups[1].rb1.block1.proj.standardized_weight())
     # a paper student keeps the teacher's raw WSConv2d weights (it standardises them itself)
     paper = build("tiny-student")
     init_from_teacher(paper, teacher)
