@@ -142,13 +142,12 @@ def export_student(ckpt: str | None, out_dir: Path, preset: str | None = None) -
     from edgeseg.models import build
 
     out = out_dir / "student-int8.pte"
-    what = ckpt if preset is None else f"untrained {preset}"
-    print(f"exporting the student {what} (int8, default K and N) -> {out}", flush=True)
-    kw = {}
+    print(f"exporting the student {ckpt or f'untrained {preset}'} (int8, default K and N) -> {out}", flush=True)
+    source, kw = ckpt, {}
     if preset is not None:
         torch.manual_seed(0)
-        ckpt, kw = build(preset).eval(), {"parity_threshold": 0.0, "n_parity_images": 4}
-    meta = export_executorch(ckpt, out, quantize="int8", progress=lambda m: print(f"    export: {m}", flush=True), **kw)
+        source, kw = build(preset).eval(), {"parity_threshold": 0.0, "n_parity_images": 4}
+    meta = export_executorch(source, out, quantize="int8", progress=lambda m: print(f"    export: {m}", flush=True), **kw)
     return {"path": str(out), "meta": meta, "trained": preset is None}
 
 

@@ -276,15 +276,17 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        pairs = list(zip(self.model.state_dict().values(), (v.detach() for v in model.state_dict().values())))
-        floats = [(d, s) for d, s in pairs if d.is_floating_point()]
-        counters = [(d, s) for d, s in pairs if not d.is_floating_point()]  # BatchNorm's batch count
-        if counters:
-            torch._foreach_copy_(*map(list, zip(*counters)))
+        dst, src = [], []
+        for d, s in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if d.is_floating_point():
+                dst.append(d)
+                src.append(s.detach())
+            else:  # an integer buffer (BatchNorm's batch count) is copied, never averaged
+                d.copy_(s)
         if step <= self.start:
-            torch._foreach_copy_(*map(list, zip(*floats)))
+            torch._foreach_copy_(dst, src)
         else:
-            torch._foreach_lerp_(*map(list, zip(*floats)), 1.0 - self.beta)
+            torch._foreach_lerp_(dst, src, 1.0 - self.beta)
 
 
 @torch.no_grad()

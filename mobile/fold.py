@@ -129,37 +129,34 @@ class ExportBlock(nn.Module):
 class ExportFoldedBlock(nn.Module):
     """A mobile ``Block`` (conv, BatchNorm, time scale/shift, ReLU) as one conv + ReLU.
 
-    In eval mode BatchNorm is a per-channel affine, and with the timestep fixed so is the time
-    scale/shift: ``relu(((conv(x) - mean) / sqrt(var + eps) * w + b) * (scale + 1) + shift)`` is
-    ``relu(conv'(x))`` with the kernel and bias rescaled per output channel. The rescaling is
-    written as tensor ops on constants, so the export's constant propagation leaves one conv with
-    constant weights per block, and the int8 quantizer its conv + ReLU pattern.
+    In eval mode BatchNorm is a per-channel affine, folded into the conv once
+    (``torch.nn.utils.fusion.fuse_conv_bn_weights``); with the timestep fixed, so is the time
+    scale/shift: ``relu((conv(x) w' + b') (scale + 1) + shift)`` is ``relu(conv''(x))`` with the
+    kernel and bias rescaled per output channel. That rescaling is written as tensor ops on
+    constants, so the export's constant propagation leaves one conv with constant weights per
+    block, and the int8 quantizer its conv + ReLU pattern.
     """
 
     def __init__(self, m: Block):
+        from torch.nn.utils.fusion import fuse_conv_bn_weights
+
         super().__init__()
         conv, bn = m.proj, m.norm
         if not isinstance(bn, nn.BatchNorm2d) or type(conv) is not nn.Conv2d:
             raise TypeError("ExportFoldedBlock needs a Block with BatchNorm and its WSConv2d folded first")
-        with torch.no_grad():
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            shift = bn.bias - bn.running_mean * scale
-            if conv.bias is not None:
-                shift = shift + conv.bias * scale
-        self.weight = conv.weight
-        self.register_buffer("bn_scale", scale.detach().clone(), persistent=False)
-        self.register_buffer("bn_shift", shift.detach().clone(), persistent=False)
+        self.weight, self.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                                      bn.eps, bn.weight, bn.bias)
         self.padding, self.act = conv.padding, m.act
 
     def forward(self, x: torch.Tensor, scale_shift=None) -> torch.Tensor:
-        a, c = self.bn_scale, self.bn_shift
-        if scale_shift is not None:
-            scale, shift = scale_shift
-            if scale.shape[0] != 1:  # per-sample conditioning (eager use with a batch of timesteps)
-                y = F.conv2d(x, self.weight * a.reshape(-1, 1, 1, 1), c, padding=self.padding)
-                return self.act(y * (scale + 1) + shift)
-            a, c = a * (scale.reshape(-1) + 1), c * (scale.reshape(-1) + 1) + shift.reshape(-1)
-        return self.act(F.conv2d(x, self.weight * a.reshape(-1, 1, 1, 1), c, padding=self.padding))
+        if scale_shift is None:
+            return self.act(F.conv2d(x, self.weight, self.bias, padding=self.padding))
+        scale, shift = scale_shift
+        if scale.shape[0] != 1:  # per-sample conditioning (eager use with a batch of timesteps)
+            return self.act(F.conv2d(x, self.weight, self.bias, padding=self.padding) * (scale + 1) + shift)
+        s = scale.reshape(-1) + 1
+        w, b = self.weight * s.reshape(-1, 1, 1, 1), self.bias * s + shift.reshape(-1)
+        return self.act(F.conv2d(x, w, b, padding=self.padding))
 
 
 def fold_space_to_depth_conv(m: Downsample) -> nn.Conv2d:
