@@ -63,7 +63,8 @@ PARITY_THRESHOLDS = {"none": 0.99, "int8": 0.97}
 # Bumped whenever the exported program changes for the same model, K and N (caches compare it).
 # 2: conv-only int8 with per-step weight copies, reshape-free GroupNorm, short constant keys.
 # 3: linear attention with separate q/k/v convs (k/v context first): less program memory.
-EXPORT_RECIPE = 3
+# 4: XNNPACK convolutions with transient indirection buffers (workarounds.transient_conv_indirection).
+EXPORT_RECIPE = 4
 CALIBRATION_IMAGES = 32
 PARITY_IMAGES = 16
 
@@ -324,10 +325,10 @@ def lower_executorch(ep: torch.export.ExportedProgram, quantize: str = "none", e
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    from edgeseg.mobile.workarounds import compact_constant_keys, int8_partitioner
+    from edgeseg.mobile.workarounds import compact_constant_keys, int8_partitioner, transient_conv_indirection
 
     partitioner = int8_partitioner() if quantize == "int8" else XnnpackPartitioner()
-    with _quiet(), compact_constant_keys():
+    with _quiet(), compact_constant_keys(), transient_conv_indirection():
         lowered = to_edge_transform_and_lower(ep, partitioner=[partitioner], generate_etrecord=etrecord)
     calls, others = count_delegates(lowered)
     return lowered, calls, others

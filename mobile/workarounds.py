@@ -1,6 +1,6 @@
 """Where edgeseg reaches into ExecuTorch internals, in one place.
 
-Both work around behaviour of ExecuTorch 1.5's XNNPACK backend that its public API does not
+Each works around behaviour of ExecuTorch 1.5's XNNPACK backend that its public API does not
 expose. `tests/test_mobile.py::test_executorch_workarounds_still_apply` checks the internals
 they rely on, so an ExecuTorch upgrade that moves them fails loudly there instead of silently
 giving larger or unloadable programs.
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 
-__all__ = ["compact_constant_keys", "int8_partitioner", "workarounds_apply"]
+__all__ = ["compact_constant_keys", "int8_partitioner", "transient_conv_indirection", "workarounds_apply"]
+
+CONV_TARGET = "aten.convolution.default"  # the key of XNNPACK's conv visitor in its registry
 
 
 @contextlib.contextmanager
@@ -46,6 +48,39 @@ def compact_constant_keys():
         node_visitor.hashlib = real
 
 
+@contextlib.contextmanager
+def transient_conv_indirection():
+    """Serialize every XNNPACK convolution with ``XNN_FLAG_TRANSIENT_INDIRECTION_BUFFER``.
+
+    XNNPACK's convolutions read their input through an indirection buffer (a pointer per output
+    pixel and kernel tap: 1.2 MB for a 3x3 conv at 128 x 128). By default each conv keeps its own
+    for the program's lifetime, so the buffers of all convs add up: they were the larger part of
+    the phone program's peak memory. With the flag (the same one as TFLite's XNNPACK delegate
+    option) each conv rebuilds its buffer at setup inside the runtime's planned workspace, where
+    convs that do not overlap reuse the same bytes. ExecuTorch's conv visitor always writes flags
+    0 and its runtime passes no runtime-wide flag, so the flag is set on the serialized nodes.
+    """
+    import executorch.backends.xnnpack.operators  # noqa: F401 (registers the visitors)
+    from executorch.backends.xnnpack.operators.node_visitor import _node_visitor_dict
+    from executorch.backends.xnnpack.serialization.xnnpack_graph_schema import XNNConv2d, XNNDepthwiseConv2d
+    from executorch.backends.xnnpack.utils.xnnpack_constants import XNN_FLAG_TRANSIENT_INDIRECTION_BUFFER
+
+    conv = _node_visitor_dict[CONV_TARGET]
+    real = conv.define_node
+
+    def define_node(self, node, xnn_graph, *args, **kwargs):
+        real(self, node, xnn_graph, *args, **kwargs)
+        written = xnn_graph.xnodes[-1].xnode_union
+        if isinstance(written, (XNNConv2d, XNNDepthwiseConv2d)):  # XNNPACK's deconvolution takes no such flag
+            written.flags |= XNN_FLAG_TRANSIENT_INDIRECTION_BUFFER
+
+    conv.define_node = define_node
+    try:
+        yield
+    finally:
+        conv.define_node = real
+
+
 def int8_partitioner():
     """XNNPACK partitioner for programs quantized by :func:`quantize_int8`.
 
@@ -79,7 +114,7 @@ def int8_partitioner():
 
 
 def workarounds_apply() -> list[str]:
-    """What no longer holds in the installed ExecuTorch (empty when both workarounds apply)."""
+    """What no longer holds in the installed ExecuTorch (empty when every workaround applies)."""
     problems = []
     from executorch.backends.xnnpack.operators import node_visitor
 
@@ -95,4 +130,14 @@ def workarounds_apply() -> list[str]:
                             "changes nothing")
     except ImportError as e:
         problems.append(f"int8_partitioner's imports moved: {e}")
+    try:
+        import executorch.backends.xnnpack.operators  # noqa: F401
+        from executorch.backends.xnnpack.operators.node_visitor import _node_visitor_dict
+        from executorch.backends.xnnpack.serialization.xnnpack_graph_schema import XNNConv2d
+
+        if CONV_TARGET not in _node_visitor_dict or "flags" not in XNNConv2d.__dataclass_fields__:
+            problems.append("no XNNPACK visitor for aten.convolution or XNNConv2d has no flags field: "
+                            "transient_conv_indirection cannot set its flag")
+    except ImportError as e:
+        problems.append(f"transient_conv_indirection's imports moved: {e}")
     return problems

@@ -21,7 +21,7 @@ pytest.importorskip("executorch")
 from edgeseg.diffusion import DDIMScheduler, sample_masks  # noqa: E402
 from edgeseg.errors import EdgesegError  # noqa: E402
 from edgeseg.mobile.fold import ExportGroupNorm, count_modules, fold_upsample_conv, prepare_for_export  # noqa: E402
-from edgeseg.mobile.export import exported_core  # noqa: E402
+from edgeseg.mobile.export import exported_core, lower_executorch, to_program  # noqa: E402
 from edgeseg.mobile.sidecar import dice_masks, file_digest, sidecar_path  # noqa: E402
 from edgeseg.models import build  # noqa: E402
 
@@ -182,6 +182,55 @@ def test_executorch_workarounds_still_apply():
     configs = int8_partitioner().target_partitioner_configs  # {aten op name: config}
     assert type(configs["add.Tensor"]).__name__.endswith("Fp32"), "int8_partitioner no longer rewrites add"
     assert not type(configs["convolution.default"]).__name__.endswith("Fp32"), "convs must stay quantizable"
+
+
+def _serialized_xnnpack_nodes(monkeypatch, model, example):
+    """Lower `model` with edgeseg's lowering; the XNNPACK nodes it serialized, and the program."""
+    from executorch.backends.xnnpack import xnnpack_preprocess
+
+    graphs = []
+    real = xnnpack_preprocess.serialize_xnnpack_binary
+
+    def record(graph, *args, **kwargs):
+        graphs.append(graph)
+        return real(graph, *args, **kwargs)
+
+    monkeypatch.setattr(xnnpack_preprocess, "serialize_xnnpack_binary", record)
+    ep = torch.export.export(model.eval(), example, strict=False)
+    lowered, calls, _ = lower_executorch(ep)
+    assert calls == 1 and len(graphs) == 1
+    return [n.xnode_union for n in graphs[0].xnodes], to_program(lowered)
+
+
+def test_lowering_gives_convs_transient_indirection_buffers(monkeypatch, tmp_path):
+    """Every XNNPACK convolution is serialized with the transient-indirection flag (the phone
+    program's memory), the deconvolution is left alone, and the program still computes the model."""
+    from executorch.backends.xnnpack.serialization.xnnpack_graph_schema import XNNConv2d, XNNConvTranspose2d
+    from executorch.backends.xnnpack.utils.xnnpack_constants import XNN_FLAG_TRANSIENT_INDIRECTION_BUFFER as FLAG
+
+    from executorch.backends.xnnpack.operators.node_visitor import _node_visitor_dict
+
+    from edgeseg.mobile.workarounds import CONV_TARGET
+
+    visitor = _node_visitor_dict[CONV_TARGET].define_node
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1),
+                                torch.nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1))
+    x = torch.randn(2, 3, 16, 16)
+    nodes, program = _serialized_xnnpack_nodes(monkeypatch, model, (x,))
+    convs = [n for n in nodes if type(n) is XNNConv2d]
+    deconvs = [n for n in nodes if type(n) is XNNConvTranspose2d]
+    assert len(convs) >= 1 and len(deconvs) == 1
+    assert all(n.flags & FLAG for n in convs)
+    assert not deconvs[0].flags & FLAG
+    path = tmp_path / "m.pte"
+    path.write_bytes(program.buffer)
+    from executorch.runtime import Runtime
+
+    got = Runtime.get().load_program(path).load_method("forward").execute((x,))[0]
+    with torch.no_grad():
+        assert torch.allclose(got, model(x), atol=1e-5)
+    assert _node_visitor_dict[CONV_TARGET].define_node is visitor  # the patch ends with the lowering
 
 
 @pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "v_prediction"])
