@@ -13,7 +13,7 @@ from edgeseg.boundary import attention
 
 __all__ = [
     "l2_loss", "boundary_loss", "efkd_loss", "global_kd_loss", "student_objective", "teacher_objective",
-    "x0_segmentation_loss",
+    "x0_segmentation_loss", "feature_kd_loss",
 ]
 
 _EPS_COUNT = 1e-8  # the reference's guard against empty edge/body regions
@@ -74,6 +74,18 @@ def x0_segmentation_loss(x0: torch.Tensor, mask: torch.Tensor, sharpness: float 
     soft_dice = (2 * (p * y).sum(dims) + 1) / (p.sum(dims) + y.sum(dims) + 1)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
     return bce + (1 - soft_dice).mean()
+
+
+def feature_kd_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Feature distillation: over the feature maps both networks have (same name, same shape), the
+    mean of ``mean((f_s - f_t)^2) / var(f_t)``, teacher detached. Dividing by the teacher map's
+    variance weighs the stages alike whatever their scale. Zero when no map is shared.
+    """
+    terms = [(s.float() - teacher[k].detach().float()).pow(2).mean() / (teacher[k].detach().float().var() + 1e-6)
+             for k, s in student.items() if k in teacher and teacher[k].shape == s.shape]
+    if not terms:
+        return next(iter(student.values())).new_zeros(()) if student else torch.zeros(())
+    return torch.stack(terms).mean()
 
 
 def teacher_objective(pred, target, d, t, T, w_l2: float = 1.0, w_boundary: float = 0.25):

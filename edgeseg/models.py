@@ -7,8 +7,10 @@ Architecture as in the DermoSegDiff paper; a student is a teacher with its last 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import torch
@@ -17,7 +19,8 @@ from torch import nn
 
 from edgeseg.diffusion import NoiseSchedule
 
-__all__ = ["Preset", "PRESETS", "DermoSegDiff", "build", "preset", "list_presets", "count_params", "flops_per_call"]
+__all__ = ["Preset", "PRESETS", "DermoSegDiff", "build", "preset", "list_presets", "count_params", "flops_per_call",
+           "stage_outputs"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -486,3 +489,30 @@ class DermoSegDiff(nn.Module):
             x = stage(x, h, b, tx)
         x = self.final_block(torch.cat([x, r_x, r_g], dim=1), tx)
         return self.final_conv(x)
+
+
+@contextlib.contextmanager
+def stage_outputs(net: DermoSegDiff) -> Iterator[dict[str, torch.Tensor]]:
+    """Record what every stage of `net` computes in the forward calls made inside the block.
+
+    Keys name the place by resolution level, so a student and its deeper teacher share them:
+    ``enc{i}.h`` / ``enc{i}.b`` the two skips of encoder level i, ``mid`` the bottleneck,
+    ``dec{i}`` the output of the decoder stage at level i (a later call overwrites an earlier one).
+    """
+    out: dict[str, torch.Tensor] = {}
+
+    def keep(*names):
+        def hook(_module, _inputs, result):
+            values = result[2:] if isinstance(result, tuple) else (result,)  # an encoder stage: its skips
+            out.update(zip(names, values))
+        return hook
+
+    taps = [(stage, keep(f"enc{i}.h", f"enc{i}.b")) for i, stage in enumerate(net.downs)]
+    taps.append((net.mid, keep("mid")))
+    taps += [(stage, keep(f"dec{len(net.ups) - 1 - j}")) for j, stage in enumerate(net.ups)]
+    handles = [module.register_forward_hook(hook) for module, hook in taps]
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()

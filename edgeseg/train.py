@@ -13,6 +13,7 @@ bit-exactly on CPU, and a torchrun run matches a single-process run on the same 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -29,8 +30,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from edgeseg.checkpoint import atomic_write_json, load_model, save_model, save_tensors
 from edgeseg.errors import EdgesegError, SettingsError
-from edgeseg.losses import student_objective, teacher_objective, x0_segmentation_loss
-from edgeseg.models import DermoSegDiff, WSConv2d, build, preset
+from edgeseg.losses import feature_kd_loss, student_objective, teacher_objective, x0_segmentation_loss
+from edgeseg.models import DermoSegDiff, WSConv2d, build, preset, stage_outputs
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "distill_loss", "EMA", "paper_recipe", "tiny_recipe",
            "validate_settings", "read_state_config", "FIXED_ON_RESUME"]
@@ -88,6 +89,9 @@ class TrainConfig:
     # for the prediction type) instead of uniformly: a phone runs those few only
     focus_timesteps: float = 0.0
     w_seg: float = 0.0  # students: weight of Dice + BCE on the predicted x0 (losses.x0_segmentation_loss)
+    # students: weight of feature distillation on every stage the teacher shares (losses.feature_kd_loss),
+    # for a student whose blocks differ from the teacher's (mobile blocks)
+    w_feat: float = 0.0
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -120,7 +124,7 @@ _NUMBERS: dict[str, tuple] = {
     "lambda_b": ("float", 0.0, None), "w_l2": ("float", 0.0, None), "w_kd": ("float", 0.0, None),
     "w_boundary": ("float", 0.0, None), "plateau_factor": ("float>", 0.0, 1.0), "ema_beta": ("float", 0.0, 1.0),
     "grad_clip": ("float>?", 0.0, None), "max_seconds": ("float>?", 0.0, None),
-    "focus_timesteps": ("float", 0.0, 1.0), "w_seg": ("float", 0.0, None),
+    "focus_timesteps": ("float", 0.0, 1.0), "w_seg": ("float", 0.0, None), "w_feat": ("float", 0.0, None),
 }
 _CHOICES = {"role": ("teacher", "student"), "kd": ("efkd", "global", "none"),
             "prediction_type": (None, "epsilon", "sample", "v_prediction"), "kernel_backend": ("auto", "triton", "torch")}
@@ -199,7 +203,7 @@ def _validate(cfg: "TrainConfig") -> None:
 #: Settings a resumed run must keep: they define the objective, the data order or the model.
 FIXED_ON_RESUME = ("role", "preset", "dataset", "data_dir", "kd", "tau", "lambda_e", "lambda_b", "w_l2", "w_kd",
                    "w_boundary", "batch_size", "seed", "augment", "init_from_teacher", "init_from", "prediction_type",
-                   "focus_timesteps", "w_seg")
+                   "focus_timesteps", "w_seg", "w_feat")
 
 
 def read_state_config(state_dir: str | Path) -> dict | None:
@@ -315,6 +319,11 @@ def init_from_teacher(student: DermoSegDiff, teacher: DermoSegDiff) -> int:
             copied += 1
     return copied
 
+
+
+def _taps(net: DermoSegDiff | None, on: bool):
+    """`stage_outputs(net)` when feature distillation is on, else an empty dict that stays empty."""
+    return stage_outputs(net) if on and net is not None else contextlib.nullcontext({})
 
 # ----------------------------------------------------------------------------------------
 # trainer
@@ -529,27 +538,37 @@ class Trainer:
         x_t = self.schedule.q_sample(mask, t, noise)
         target = self.schedule.training_target(mask, noise, t, self.p.prediction_type)
         use_bf16 = self.cfg.bf16 and self.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+        feats = self.cfg.w_feat > 0 and self.teacher is not None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16), \
+                _taps(self.model, feats) as f_s, _taps(self.teacher, feats) as f_t:
             pred = model(x_t, image, t)
             if self.cfg.role == "teacher":
                 return teacher_objective(pred, target, d, t, self.schedule.T, self.cfg.w_l2, self.cfg.w_boundary)
-            if self.teacher is not None and self.cfg.kd != "none":
+            pred_t = torch.zeros_like(pred)  # no KD: a teacher given anyway initialises the student only
+            if self.teacher is not None and (self.cfg.kd != "none" or feats):
                 with torch.no_grad():
-                    pred_t = self.teacher(x_t, image, t)
-                    t_type = self.teacher.preset.prediction_type
-                    if t_type != self.p.prediction_type:
-                        # distil across parameterisations: the teacher's output, read as (x0, eps),
-                        # re-expressed in the student's (x0 clipped to [-1, 1], as the sampler does)
-                        x0_t, eps_t = self.schedule.to_x0_eps(pred_t.float(), x_t, t, t_type)
-                        pred_t = self.schedule.training_target(x0_t, eps_t, t, self.p.prediction_type)
-            else:  # no KD: a teacher given anyway only initialises the student (init_from_teacher)
-                pred_t = torch.zeros_like(pred)
+                    out_t = self.teacher(x_t, image, t)  # also fills f_t
+                if self.cfg.kd != "none":
+                    pred_t = self._in_student_terms(out_t, x_t, t)
         total, terms = distill_loss(pred.float(), pred_t.float(), target, d, t, self.schedule.T, self.cfg)
+        if feats:
+            terms["feat"] = feature_kd_loss(f_s, f_t)
+            total = total + self.cfg.w_feat * terms["feat"]
         if self.cfg.w_seg > 0:
             x0, _ = self.schedule.to_x0_eps(pred.float(), x_t, t, self.p.prediction_type, clip=False)
             terms["seg"] = x0_segmentation_loss(x0, mask)
             total = total + self.cfg.w_seg * terms["seg"]
         return total, terms
+
+    @torch.no_grad()
+    def _in_student_terms(self, pred_t: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The teacher's output in the student's parameterisation: read as (x0, eps) and re-expressed
+        (x0 clipped to [-1, 1], as the sampler does) when the two prediction types differ."""
+        t_type = self.teacher.preset.prediction_type
+        if t_type == self.p.prediction_type:
+            return pred_t
+        x0_t, eps_t = self.schedule.to_x0_eps(pred_t.float(), x_t, t, t_type)
+        return self.schedule.training_target(x0_t, eps_t, t, self.p.prediction_type)
 
     def train_step(self, batch) -> dict[str, float]:
         image, mask, d = (x.to(self.device, non_blocking=True) for x in batch)

@@ -504,6 +504,31 @@ def test_x0_segmentation_loss_term_trains(tmp_path, data):
     assert logs["loss"] == pytest.approx(plain["loss"] + 0.5 * logs["seg"], rel=1e-5)
 
 
+def test_feature_kd_pairs_stages_by_level_and_adds_its_term(tmp_path, data):
+    from edgeseg.losses import feature_kd_loss
+    from edgeseg.models import stage_outputs
+
+    teacher, student = micro_teacher(), build(MICRO_STUDENT)
+    s = student.preset.image_size
+    x, g, t = torch.randn(2, 1, s, s), torch.rand(2, 3, s, s), torch.tensor([3, 700])
+    with torch.no_grad(), stage_outputs(student) as fs, stage_outputs(teacher) as ft:
+        student(x, g, t)
+        teacher(x, g, t)
+    shared = {k for k in fs if k in ft and fs[k].shape == ft[k].shape}
+    assert {"enc0.h", "enc0.b", "dec0"} <= shared  # the deeper teacher's skips and top decoder line up
+    assert not any(m._forward_hooks for m in [*student.modules(), *teacher.modules()])  # taps removed
+    assert float(feature_kd_loss(ft, ft)) == 0.0 < float(feature_kd_loss(fs, ft))
+    assert float(feature_kd_loss({"mid": torch.ones(1, 2, 3, 3)}, {"mid": torch.zeros(1, 2, 4, 4)})) == 0.0
+    batch = next(iter(trainer(cfg(kd="none"), tmp_path / "loader", data)._loader(0)))
+    tr = trainer(cfg(kd="none", w_feat=0.5, init_from_teacher=True), tmp_path / "feat", data, teacher=teacher)
+    logs = tr.train_step(batch)
+    assert logs["feat"] > 0 and logs["kd"] == 0.0
+    plain = trainer(cfg(kd="none", init_from_teacher=True), tmp_path / "plain", data,
+                    teacher=micro_teacher()).train_step(batch)
+    assert "feat" not in plain
+    assert logs["loss"] == pytest.approx(plain["loss"] + 0.5 * logs["feat"], rel=1e-5)
+
+
 def test_max_seconds_stops_training_and_survives_resume(tmp_path, data):
     c = cfg(kd="none", epochs=1000, max_seconds=1.0, save_every_steps=1)
     t = trainer(c, tmp_path, data)
