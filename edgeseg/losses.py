@@ -83,9 +83,7 @@ def feature_kd_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.T
     """
     terms = [(s.float() - teacher[k].detach().float()).pow(2).mean() / (teacher[k].detach().float().var() + 1e-6)
              for k, s in student.items() if k in teacher and teacher[k].shape == s.shape]
-    if not terms:
-        return next(iter(student.values())).new_zeros(()) if student else torch.zeros(())
-    return torch.stack(terms).mean()
+    return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
 def teacher_objective(pred, target, d, t, T, w_l2: float = 1.0, w_boundary: float = 0.25):

@@ -320,10 +320,10 @@ def init_from_teacher(student: DermoSegDiff, teacher: DermoSegDiff) -> int:
     return copied
 
 
-
 def _taps(net: DermoSegDiff | None, on: bool):
     """`stage_outputs(net)` when feature distillation is on, else an empty dict that stays empty."""
     return stage_outputs(net) if on and net is not None else contextlib.nullcontext({})
+
 
 # ----------------------------------------------------------------------------------------
 # trainer
