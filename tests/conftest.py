@@ -38,3 +38,16 @@ def golden() -> dict[str, np.ndarray]:
         pytest.skip(f"golden file {GOLDEN_NAME} not found (tried {tried}); set EDGESEG_GOLDEN to its path")
     with np.load(p, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def tiny_pte_fp32(tmp_path_factory):
+    """(path, sidecar) of the shipped tiny student's fp32 .pte at K = 1, N = 2 (4 parity images),
+    exported once for test_mobile and test_deploy (with its ETRecord and bundled program).
+    Read-only: a test that changes a file works on a copy."""
+    from edgeseg.checkpoint import load_model
+    from edgeseg.mobile.export import export_executorch
+
+    tiny = load_model(REPO_ROOT / "edgeseg" / "assets" / "tiny-student-synthetic.safetensors").eval()
+    out = tmp_path_factory.mktemp("pte") / "tiny.pte"
+    return out, export_executorch(tiny, out, 1, 2, "none", n_parity_images=4)

@@ -63,11 +63,10 @@ def one_error_line(rc: int, err: str, needle: str) -> None:
 
 # ---------------------------------------------------------------------------------------- .pte
 @pytest.fixture(scope="module")
-def pte(tiny, tmp_path_factory):
-    from edgeseg.mobile.export import export_executorch
-
-    out = tmp_path_factory.mktemp("pte") / "tiny.pte"
-    meta = export_executorch(tiny, out, K, N, "none", n_parity_images=4)
+def pte(tiny_pte_fp32):
+    """The shipped tiny student's fp32 .pte at K, N (conftest: exported once, shared with test_mobile)."""
+    out, meta = tiny_pte_fp32
+    assert (meta["steps"], meta["ensemble"]) == (K, N)
     return out, meta
 
 

@@ -259,12 +259,9 @@ def test_exported_core_equals_sample_masks(prediction_type, steps, ensemble, bat
 
 # ---------------------------------------------------------------------------------------- ExecuTorch
 @pytest.fixture(scope="module")
-def pte_fp32(tiny, tmp_path_factory):
-    from edgeseg.mobile.export import export_executorch
-
-    out = tmp_path_factory.mktemp("pte") / "tiny.pte"
-    meta = export_executorch(tiny, out, K, N, "none", n_parity_images=4)
-    return out, meta
+def pte_fp32(tiny_pte_fp32):
+    """The shipped tiny student's fp32 .pte (conftest: exported once, shared with test_deploy)."""
+    return tiny_pte_fp32
 
 
 def test_pte_fp32_sidecar_and_parity(pte_fp32):
