@@ -81,8 +81,11 @@ def feature_kd_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.T
     mean of ``mean((f_s - f_t)^2) / var(f_t)``, teacher detached. Dividing by the teacher map's
     variance weighs the stages alike whatever their scale. Zero when no map is shared.
     """
-    terms = [(s.float() - teacher[k].detach().float()).pow(2).mean() / (teacher[k].detach().float().var() + 1e-6)
-             for k, s in student.items() if k in teacher and teacher[k].shape == s.shape]
+    terms = []
+    for k, s in student.items():
+        if k in teacher and teacher[k].shape == s.shape:
+            t = teacher[k].detach().float()
+            terms.append((s.float() - t).pow(2).mean() / (t.var() + 1e-6))
     return torch.stack(terms).mean() if terms else torch.zeros(())
 
 

@@ -322,7 +322,7 @@ def init_from_teacher(student: DermoSegDiff, teacher: DermoSegDiff) -> int:
 
 def _taps(net: DermoSegDiff | None, on: bool):
     """`stage_outputs(net)` when feature distillation is on, else an empty dict that stays empty."""
-    return stage_outputs(net) if on and net is not None else contextlib.nullcontext({})
+    return stage_outputs(net) if on else contextlib.nullcontext({})
 
 
 # ----------------------------------------------------------------------------------------
@@ -544,12 +544,12 @@ class Trainer:
             pred = model(x_t, image, t)
             if self.cfg.role == "teacher":
                 return teacher_objective(pred, target, d, t, self.schedule.T, self.cfg.w_l2, self.cfg.w_boundary)
-            pred_t = torch.zeros_like(pred)  # no KD: a teacher given anyway initialises the student only
-            if self.teacher is not None and (self.cfg.kd != "none" or feats):
+            kd = self.teacher is not None and self.cfg.kd != "none"
+            if kd or feats:
                 with torch.no_grad():
                     out_t = self.teacher(x_t, image, t)  # also fills f_t
-                if self.cfg.kd != "none":
-                    pred_t = self._in_student_terms(out_t, x_t, t)
+            # no KD: a teacher given anyway initialises the student (and teaches features) only
+            pred_t = self._in_student_terms(out_t, x_t, t) if kd else torch.zeros_like(pred)
         total, terms = distill_loss(pred.float(), pred_t.float(), target, d, t, self.schedule.T, self.cfg)
         if feats:
             terms["feat"] = feature_kd_loss(f_s, f_t)

@@ -48,6 +48,14 @@ def compact_constant_keys():
         node_visitor.hashlib = real
 
 
+def _conv_visitor():
+    """XNNPACK's serializer class for convolutions (KeyError if ExecuTorch no longer registers one)."""
+    import executorch.backends.xnnpack.operators  # noqa: F401 (registers the visitors)
+    from executorch.backends.xnnpack.operators.node_visitor import _node_visitor_dict
+
+    return _node_visitor_dict[CONV_TARGET]
+
+
 @contextlib.contextmanager
 def transient_conv_indirection():
     """Serialize every XNNPACK convolution with ``XNN_FLAG_TRANSIENT_INDIRECTION_BUFFER``.
@@ -60,12 +68,10 @@ def transient_conv_indirection():
     convs that do not overlap reuse the same bytes. ExecuTorch's conv visitor always writes flags
     0 and its runtime passes no runtime-wide flag, so the flag is set on the serialized nodes.
     """
-    import executorch.backends.xnnpack.operators  # noqa: F401 (registers the visitors)
-    from executorch.backends.xnnpack.operators.node_visitor import _node_visitor_dict
     from executorch.backends.xnnpack.serialization.xnnpack_graph_schema import XNNConv2d, XNNDepthwiseConv2d
     from executorch.backends.xnnpack.utils.xnnpack_constants import XNN_FLAG_TRANSIENT_INDIRECTION_BUFFER
 
-    conv = _node_visitor_dict[CONV_TARGET]
+    conv = _conv_visitor()
     real = conv.define_node
 
     def define_node(self, node, xnn_graph, *args, **kwargs):
@@ -131,13 +137,11 @@ def workarounds_apply() -> list[str]:
     except ImportError as e:
         problems.append(f"int8_partitioner's imports moved: {e}")
     try:
-        import executorch.backends.xnnpack.operators  # noqa: F401
-        from executorch.backends.xnnpack.operators.node_visitor import _node_visitor_dict
         from executorch.backends.xnnpack.serialization.xnnpack_graph_schema import XNNConv2d
 
-        if CONV_TARGET not in _node_visitor_dict or "flags" not in XNNConv2d.__dataclass_fields__:
-            problems.append("no XNNPACK visitor for aten.convolution or XNNConv2d has no flags field: "
-                            "transient_conv_indirection cannot set its flag")
-    except ImportError as e:
-        problems.append(f"transient_conv_indirection's imports moved: {e}")
+        _conv_visitor()
+        if "flags" not in XNNConv2d.__dataclass_fields__:
+            problems.append("XNNConv2d has no flags field: transient_conv_indirection cannot set its flag")
+    except (ImportError, KeyError) as e:
+        problems.append(f"transient_conv_indirection finds no XNNPACK conv visitor: {e!r}")
     return problems
