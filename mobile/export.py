@@ -64,7 +64,8 @@ PARITY_THRESHOLDS = {"none": 0.99, "int8": 0.97}
 # 2: conv-only int8 with per-step weight copies, reshape-free GroupNorm, short constant keys.
 # 3: linear attention with separate q/k/v convs (k/v context first): less program memory.
 # 4: XNNPACK convolutions with transient indirection buffers (workarounds.transient_conv_indirection).
-EXPORT_RECIPE = 4
+# 5: int8 joins: adds, multiplies and like-range concatenations of int8 tensors stay int8.
+EXPORT_RECIPE = 5
 CALIBRATION_IMAGES = 32
 PARITY_IMAGES = 16
 

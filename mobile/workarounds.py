@@ -87,20 +87,34 @@ def transient_conv_indirection():
         conv.define_node = real
 
 
+def _one_scale(node) -> bool:
+    """Whether every input of a concatenation is dequantized with its output's quantization."""
+    from executorch.backends.xnnpack.utils.quant_utils import is_dequant, is_quant
+
+    users = list(node.users)
+    if len(users) != 1 or not is_quant(users[0]) or not all(is_dequant(i) for i in node.all_input_nodes):
+        return False
+    return all(tuple(i.args[1:]) == tuple(users[0].args[1:]) for i in node.all_input_nodes)
+
+
 def int8_partitioner():
     """XNNPACK partitioner for programs quantized by :func:`quantize_int8`.
 
     The stock partitioner reads ``dequantize -> op -> quantize`` around ANY op as a quantized op
-    and hands it to XNNPACK in int8. With only convs/linears quantized, a concatenation of two
-    conv outputs feeding a conv is exactly that pattern, and XNNPACK's int8 concatenation needs
-    one scale for all inputs: it refuses the program at load ("Failed to create cat2 node ...
-    xnn_status_invalid_parameter"). Here every op but the GEMMs and the q/dq themselves is
-    partitioned as fp32, so the delegate computes exactly the q/dq graph that was calibrated:
-    int8 convs, explicit converts around them, fp32 everywhere else.
+    and hands it to XNNPACK in int8. Only the ops the quantizer chose to run in int8 should be:
+    the GEMMs, the adds of int8 tensors and the concatenations whose inputs share the output's
+    scale. A concatenation of two int8 tensors with different scales is also that pattern, and
+    XNNPACK's int8 concatenation refuses it at load ("Failed to create cat2 node ...
+    xnn_status_invalid_parameter"), so such a one stays fp32. Every other op is partitioned as
+    fp32, so the delegate computes exactly the q/dq graph that was calibrated: explicit converts
+    where int8 meets fp32.
     """
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
     from executorch.backends.xnnpack.partition.config.gemm_configs import GEMMConfig
     from executorch.backends.xnnpack.partition.config.generic_node_configs import (
+        AddConfig,
+        CatConfig,
+        MulConfig,
         DeQuantizedPerTensorConfig,
         GenericNodePartitionerConfig,
         QuantizedPerTensorConfig,
@@ -108,15 +122,19 @@ def int8_partitioner():
     from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-    def fp32_only(cfg):
+    class OneScaleCat(CatConfig):
+        def get_node_and_deps(self, node, ep):
+            return super().get_node_and_deps(node, ep) if _one_scale(node) else [node]
+
+    def chosen(cfg):
+        if cfg is CatConfig:
+            return OneScaleCat
         if (not issubclass(cfg, GenericNodePartitionerConfig) or issubclass(cfg, GEMMConfig)
-                or cfg in (QuantizedPerTensorConfig, DeQuantizedPerTensorConfig)):
+                or cfg in (AddConfig, MulConfig, QuantizedPerTensorConfig, DeQuantizedPerTensorConfig)):
             return cfg
         return type(f"{cfg.__name__}Fp32", (cfg,), {"supported_precision_types": lambda self: [ConfigPrecisionType.FP32]})
 
-    return XnnpackPartitioner(configs=[fp32_only(c) for c in ALL_PARTITIONER_CONFIGS])
-
-
+    return XnnpackPartitioner(configs=[chosen(c) for c in ALL_PARTITIONER_CONFIGS])
 
 
 def workarounds_apply() -> list[str]:

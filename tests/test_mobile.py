@@ -180,8 +180,10 @@ def test_executorch_workarounds_still_apply():
         assert (a, b) == ("0", "1") and node_visitor.hashlib.sha256(b"x").hexdigest() == "0"
     assert node_visitor.hashlib is real
     configs = int8_partitioner().target_partitioner_configs  # {aten op name: config}
-    assert type(configs["add.Tensor"]).__name__.endswith("Fp32"), "int8_partitioner no longer rewrites add"
-    assert not type(configs["convolution.default"]).__name__.endswith("Fp32"), "convs must stay quantizable"
+    assert type(configs["sub.Tensor"]).__name__.endswith("Fp32"), "int8_partitioner no longer rewrites sub"
+    assert type(configs["cat.default"]).__name__ == "OneScaleCat"
+    for op in ("convolution.default", "add.Tensor", "mul.Tensor"):
+        assert not type(configs[op]).__name__.endswith("Fp32"), f"{op} must stay quantizable"
 
 
 def _serialized_xnnpack_nodes(monkeypatch, model, example):
@@ -440,6 +442,67 @@ def test_int8_quantizer_annotates_convs_of_every_step_only():
     assert not any(annotated(n) for n in convs if owner(n) == "ExportGroupNorm")
     assert any(owner(n) == "ExportGroupNorm" for n in convs)
     assert not any(annotated(n) for n in calls if "conv" not in str(n.target) and "linear" not in str(n.target))
+
+
+class _Joins(torch.nn.Module):
+    """conv + ReLU blocks joined by residual adds, a gating multiply, a concatenation of like
+    ranges and one of ranges 100x apart (a conv whose weights are scaled down)."""
+
+    def __init__(self):
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.a, self.b, self.gate = conv(3, 8, 3, padding=1), conv(8, 8, 3, padding=1), conv(8, 8, 1)
+        self.small, self.out, self.c = conv(3, 8, 1), conv(24, 1, 1), conv(8, 1, 1)
+        with torch.no_grad():
+            self.small.weight.mul_(0.01)
+            self.small.bias.mul_(0.01)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        r = torch.relu(self.b(h)) + h
+        m = self.gate(r) * r
+        like = torch.cat([r, h], 1)
+        return self.out(torch.cat([like, self.small(x)], 1)) + self.c(m)
+
+
+def test_int8_joins_stay_int8_unless_their_ranges_differ(tmp_path):
+    """Adds, multiplies and concatenations of int8 tensors run in int8 (no converts between the
+    convs); a concatenation of ranges 100x apart stays fp32 (one shared scale would erase the
+    small input); the int8 concatenation loads in XNNPACK (one scale for its inputs and output)
+    and the program computes the calibrated q/dq graph."""
+    from edgeseg.mobile.export import _load_method
+    from edgeseg.mobile.quantize import quantize_int8
+    from edgeseg.mobile.workarounds import _one_scale
+
+    torch.manual_seed(0)
+    model, x = _Joins().eval(), torch.rand(1, 3, 16, 16)
+    ep = quantize_int8(model, (x,), [(torch.rand(1, 3, 16, 16),) for _ in range(8)])
+
+    def is_q(n):
+        return "quantize_per_tensor" in str(n.target) and "dequantize" not in str(n.target)
+
+    def int8_join(n):
+        return (all("dequantize" in str(i.target) for i in n.all_input_nodes)
+                and len(n.users) == 1 and is_q(next(iter(n.users))))
+
+    joins = {str(n.target): [] for n in ep.graph.nodes if n.op == "call_function"}
+    for n in ep.graph.nodes:
+        if n.op == "call_function":
+            joins[str(n.target)].append(n)
+    like, mixed = joins["aten.cat.default"]
+    assert len(joins["aten.add.Tensor"]) == 2 and all(map(int8_join, joins["aten.add.Tensor"] + joins["aten.mul.Tensor"]))
+    assert int8_join(like) and _one_scale(like)
+    assert not _one_scale(mixed), "a concatenation of ranges 100x apart must not share one scale"
+
+    lowered, calls, others = lower_executorch(ep, "int8")
+    assert calls == 1 and not others
+    path = tmp_path / "joins.pte"
+    with open(path, "wb") as f:
+        to_program(lowered).write_to_file(f)
+    got = _load_method(path).execute((x,))[0]
+    want = ep.module()(x)
+    assert torch.allclose(got, want, atol=0.05 * float(want.abs().max())), float((got - want).abs().max())
+    assert torch.allclose(got, model(x), atol=0.1 * float(want.abs().max()))
 
 
 @pytest.mark.slow
