@@ -153,7 +153,7 @@ class _ScaleGroups:
         return True
 
 
-def _annotate_int8_joins(graph: torch.fx.Graph, config, absmax: dict[str, float]) -> None:
+def _annotate_int8_joins(graph: torch.fx.Graph, act, absmax: dict[str, float]) -> None:
     """Keep int8 through the concatenations, adds and multiplies that join int8 tensors.
 
     With only the convs quantized, every skip concatenation, residual add and gating multiply of
@@ -165,12 +165,12 @@ def _annotate_int8_joins(graph: torch.fx.Graph, config, absmax: dict[str, float]
     concatenation of the decoder output with the first convs' outputs, 10x apart, turned the
     masks to noise), so a concatenation whose inputs' calibrated ranges (`absmax`, by node name)
     differ by more than :data:`CAT_RANGE_RATIO` stays fp32. A join with any other fp32 input
-    (the paper blocks: GroupNorm and SiLU outputs) is left as it was.
+    (the paper blocks: GroupNorm and SiLU outputs) is left as it was. `act` is the activation
+    quantization spec the convs got.
     """
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
     from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
-    act = config.input_activation
     groups, cats = _ScaleGroups(absmax), []
     for n in graph.nodes:  # topological order: a join's inputs are settled before it is seen
         inputs = _join_inputs(n)
@@ -231,7 +231,7 @@ def _xnnpack_conv_quantizer(absmax: dict[str, float] | None = None):
         def annotate(self, model):
             model = self._annotate_for_quantization_config(model)  # no propagate_annotation
             if absmax is not None:
-                _annotate_int8_joins(model.graph, get_symmetric_quantization_config(is_per_channel=True), absmax)
+                _annotate_int8_joins(model.graph, self.global_config.input_activation, absmax)
             return model
 
     q = ConvLinearQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))

@@ -103,8 +103,8 @@ def int8_partitioner():
     The stock partitioner reads ``dequantize -> op -> quantize`` around ANY op as a quantized op
     and hands it to XNNPACK in int8. Only the ops the quantizer chose to run in int8 should be:
     the GEMMs, the adds and multiplies of int8 tensors and the concatenations whose inputs share
-    the output's scale. A concatenation of two int8 tensors with different scales is also that pattern, and
-    XNNPACK's int8 concatenation refuses it at load ("Failed to create cat2 node ...
+    the output's scale. A concatenation of int8 tensors with different scales is also that
+    pattern, and XNNPACK's int8 concatenation refuses it at load ("Failed to create cat2 node ...
     xnn_status_invalid_parameter"), so such a one stays fp32. Every other op is partitioned as
     fp32, so the delegate computes exactly the q/dq graph that was calibrated: explicit converts
     where int8 meets fp32.

@@ -485,10 +485,9 @@ def test_int8_joins_stay_int8_unless_their_ranges_differ(tmp_path):
         return (all("dequantize" in str(i.target) for i in n.all_input_nodes)
                 and len(n.users) == 1 and is_q(next(iter(n.users))))
 
-    joins = {str(n.target): [] for n in ep.graph.nodes if n.op == "call_function"}
+    joins: dict[str, list] = {}
     for n in ep.graph.nodes:
-        if n.op == "call_function":
-            joins[str(n.target)].append(n)
+        joins.setdefault(str(n.target), []).append(n)
     like, mixed = joins["aten.cat.default"]
     assert len(joins["aten.add.Tensor"]) == 2 and all(map(int8_join, joins["aten.add.Tensor"] + joins["aten.mul.Tensor"]))
     assert int8_join(like) and _one_scale(like)
