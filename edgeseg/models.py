@@ -46,6 +46,9 @@ class Preset:
     # "mobile": BatchNorm + ReLU blocks, linear attention in the bottleneck only: at export every block
     # (with its time scale/shift) folds into one conv + ReLU, close to a plain U-Net's cost per FLOP.
     blocks: str = "paper"
+    # mobile blocks only: how many of the lowest-resolution stages (encoder and decoder) keep their
+    # linear attention (global context where it is cheap: at 64 px the last stage is 16 x 16)
+    low_res_attention: int = 0
     note: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -96,7 +99,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 BLOCKS = ("paper", "mobile")
 _ARCH_FIELDS = ("dim_x", "dim_g", "dim_x_mults", "dim_g_mults", "groups", "image_size", "heads", "dim_head",
-                "blocks")
+                "blocks", "low_res_attention")
 # Upper bounds far above every shipped preset (the paper teacher: width 64 x 6 stages, 1024 image
 # channels), so a typo or an edited JSON cannot ask for gigabytes before anything is checked.
 _MAX = {"dim": 2048, "mult": 64, "stages": 8, "heads": 64, "dim_head": 1024, "image_size": 4096}
@@ -144,6 +147,11 @@ def _check_preset(p: "Preset") -> None:
         raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {p.prediction_type!r}")
     if p.blocks not in BLOCKS:
         raise ValueError(f"blocks must be one of {', '.join(BLOCKS)}, got {p.blocks!r}")
+    if not _is_int(p.low_res_attention) or not 0 <= p.low_res_attention <= len(p.dim_x_mults):
+        raise ValueError(f"low_res_attention must be an integer from 0 to the number of stages "
+                         f"({len(p.dim_x_mults)}), got {p.low_res_attention!r}")
+    if p.low_res_attention and p.blocks != "mobile":
+        raise ValueError("low_res_attention applies to mobile blocks only (paper blocks have attention at every stage)")
     if not isinstance(p.note, str):
         raise ValueError(f"note must be a string, got {p.note!r}")
 
@@ -182,6 +190,10 @@ _ALL: list[Preset] = [
     # the phone's cost per FLOP of a plain conv net; initialised from the teacher's convolutions
     Preset("tiny-student-mobile", 16, 8, (1, 2, 3), (1, 2, 4), 4, role="student", image_size=64,
            prediction_type="sample", heads=2, dim_head=16, teacher="tiny-teacher", blocks="mobile"),
+    # the same with the lowest-resolution stage's linear attention kept (16 x 16 at 64 px)
+    Preset("tiny-student-mobile-attn", 16, 8, (1, 2, 3), (1, 2, 4), 4, role="student", image_size=64,
+           prediction_type="sample", heads=2, dim_head=16, teacher="tiny-teacher", blocks="mobile",
+           low_res_attention=1),
 ]
 PRESETS: dict[str, Preset] = {p.name: p for p in _ALL}
 
@@ -362,10 +374,9 @@ def upsample(dim: int, dim_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(dim, dim_out, 3, padding=1))
 
 
-def stage_attention(dim: int, attn, mobile: bool) -> nn.Module:
-    """An encoder/decoder stage's linear attention; none in mobile blocks (in the exported program
-    its softmaxes, batch matmuls and transposes at full resolution cost more than the stage's convs)."""
-    return nn.Identity() if mobile else PreNormResidual(dim, LinearAttention(dim, *attn))
+def stage_attention(dim: int, attn) -> nn.Module:
+    """An encoder/decoder stage's linear attention (`attn` = (heads, dim_head)), or none (`attn` None)."""
+    return nn.Identity() if attn is None else PreNormResidual(dim, LinearAttention(dim, *attn))
 
 
 class EncoderStage(nn.Module):
@@ -376,8 +387,8 @@ class EncoderStage(nn.Module):
         self.rb_g2 = ResBlock(dg + dx, dg, tg, groups, mobile)
         self.gate = nn.Conv2d(dg, dx, 1)
         self.rb_x2 = ResBlock(dx, dx, tx, groups, mobile)
-        self.attn_x = stage_attention(dx, attn, mobile)
-        self.attn_g = stage_attention(dg + dx, attn, mobile)
+        self.attn_x = stage_attention(dx, attn)
+        self.attn_g = stage_attention(dg + dx, attn)
         if last:
             self.down_x = nn.Conv2d(dx, dx_next, 3, padding=1)
             self.down_g = nn.Conv2d(dg + dx, dg_next, 3, padding=1)
@@ -404,7 +415,7 @@ class DecoderStage(nn.Module):
         super().__init__()
         self.rb1 = ResBlock(dx + dskip, dx, tx, groups, mobile)
         self.rb2 = ResBlock(dx + dskip, dx, tx, groups, mobile)
-        self.attn = stage_attention(dx, attn, mobile)
+        self.attn = stage_attention(dx, attn)
         self.up = nn.Conv2d(dx, dx_out, 3, padding=1) if last else upsample(dx, dx_out)
 
     def forward(self, x, h, b, tx):
@@ -455,18 +466,28 @@ class DermoSegDiff(nn.Module):
         self.init_x = nn.Conv2d(1, p.dim_x, 1)
         self.init_g = nn.Conv2d(3, p.dim_g, 1)
         self.downs = nn.ModuleList(
-            EncoderStage(dims_x[i], dims_g[i], dims_x[i + 1], dims_g[i + 1], tx, tg, p.groups, last=i == n - 1, attn=attn,
-                         mobile=mobile)
+            EncoderStage(dims_x[i], dims_g[i], dims_x[i + 1], dims_g[i + 1], tx, tg, p.groups, last=i == n - 1,
+                         attn=self.stage_attn(i), mobile=mobile)
             for i in range(n)
         )
         self.mid = Bottleneck(dims_x[-1], dims_g[-1], tx, p.groups, attn, mobile)
         self.ups = nn.ModuleList(
-            DecoderStage(dims_x[i + 1], dims_x[i] + dims_g[i], dims_x[i], tx, p.groups, last=i == 0, attn=attn,
-                         mobile=mobile)
+            DecoderStage(dims_x[i + 1], dims_x[i] + dims_g[i], dims_x[i], tx, p.groups, last=i == 0,
+                         attn=self.stage_attn(i), mobile=mobile)
             for i in reversed(range(n))
         )
         self.final_block = ResBlock(2 * p.dim_x + p.dim_g, p.dim_x, tx, groups=1, mobile=mobile)
         self.final_conv = nn.Conv2d(p.dim_x, 1, 1)
+
+    def stage_attn(self, i: int) -> tuple[int, int] | None:
+        """Stage i's linear attention (heads, dim_head), or None: paper blocks have it at every stage,
+        mobile blocks at the `low_res_attention` lowest-resolution stages only (in the exported
+        program its softmaxes, batch matmuls and transposes at full resolution cost more than the
+        stage's convs)."""
+        p = self.preset
+        if p.blocks == "mobile" and i < p.stages - p.low_res_attention:
+            return None
+        return p.heads, p.dim_head
 
     @property
     def downsample_factor(self) -> int:

@@ -75,6 +75,26 @@ def test_preset_dict_round_trip_and_overrides():
     # a checkpoint written before `blocks` existed rebuilds the paper network
     old = {k: v for k, v in preset("tiny-student").to_dict().items() if k != "blocks"}
     assert Preset.from_dict(old).blocks == "paper"
+    old = {k: v for k, v in preset("tiny-student-mobile").to_dict().items() if k != "low_res_attention"}
+    assert Preset.from_dict(old).low_res_attention == 0
+    with pytest.raises(ValueError, match="low_res_attention must be an integer from 0 to the number of stages"):
+        Preset.from_dict({**preset("tiny-student-mobile").to_dict(), "low_res_attention": 4})
+    with pytest.raises(ValueError, match="mobile blocks only"):
+        Preset.from_dict({**preset("tiny-student").to_dict(), "low_res_attention": 1})
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_mobile_low_res_attention_sits_at_the_deepest_stages(k):
+    """Encoder stage i and the decoder stage that mirrors it keep their linear attention iff i is
+    among the k lowest-resolution stages; paper blocks keep it everywhere."""
+    m = build("tiny-student-mobile", low_res_attention=k)
+    n = m.preset.stages
+    has = [not isinstance(s.attn_x, torch.nn.Identity) for s in m.downs]
+    assert has == [i >= n - k for i in range(n)]
+    assert [not isinstance(s.attn_g, torch.nn.Identity) for s in m.downs] == has
+    assert [not isinstance(s.attn, torch.nn.Identity) for s in m.ups] == has[::-1]  # ups run deepest first
+    paper = build("tiny-student")
+    assert all(not isinstance(s.attn, torch.nn.Identity) for s in paper.ups)
 
 
 # ----------------------------------------------------------------------------------------

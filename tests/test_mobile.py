@@ -124,6 +124,17 @@ def test_mobile_blocks_fold_exactly_to_conv_relu():
     assert all(w.op == "placeholder" for w in (n.args[1] for n in relu_convs))
 
 
+def test_mobile_blocks_with_low_res_attention_fold_exactly():
+    """A mobile network keeping its deepest stage's attention: folded copy equals the network."""
+    m = _calibrated("tiny-student-mobile", low_res_attention=1)
+    assert count_modules(m)["LinearAttention"] == 1 + 3  # bottleneck, encoder x and g, decoder
+    p = prepare_for_export(m)
+    assert count_modules(p)["LinearAttention"] == 0 and count_modules(p)["ExportLinearAttention"] == 4
+    x, g, t = torch.randn(2, 1, 32, 32), torch.rand(2, 3, 32, 32), torch.tensor([249, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(p(x, g, t), m(x, g, t), atol=1e-5, rtol=1e-5)
+
+
 def test_space_to_depth_fold_exact():
     from edgeseg.mobile.fold import fold_space_to_depth_conv
     from edgeseg.models import Downsample
