@@ -144,6 +144,8 @@ def train_unet(train_ds, val_ds=None, minutes: float | None = 4.0, steps: int | 
                log=None, channels=UNET_CHANNELS):
     """Train :func:`SmallUNet` with Dice + BCE (Adam, cosine LR, flips) for ``minutes`` of wall
     time or ``steps`` steps, whichever comes first. Returns (model, info dict)."""
+    from edgeseg.train import cosine_lr_factor
+
     torch, nn, F = _torch()
     if threads:
         torch.set_num_threads(threads)
@@ -163,9 +165,9 @@ def train_unet(train_ds, val_ds=None, minutes: float | None = 4.0, steps: int | 
         elapsed = time.perf_counter() - t0
         if budget is not None and elapsed >= budget:
             break
-        frac = min(1.0, (step / max_steps) if steps is not None else elapsed / budget)
+        frac = (step / max_steps) if steps is not None else elapsed / budget
         for pg in opt.param_groups:
-            pg["lr"] = lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
+            pg["lr"] = lr * cosine_lr_factor(frac)
         idx = torch.randint(0, n, (batch_size,), generator=g)
         x = (x_all[idx].float() / 255.0).contiguous(memory_format=torch.channels_last)
         y = y_all[idx].float()

@@ -66,6 +66,10 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     epochs: int = 2000
     max_steps: int | None = None  # stop after this many optimizer steps (whole run)
+    # "plateau": halve (plateau_factor) after plateau_patience epochs without a better validation
+    # loss; "cosine": anneal from lr to LR_FLOOR x lr over the run (max_seconds or the steps,
+    # whichever ends it first), as the U-Net baseline does
+    lr_schedule: str = "plateau"
     plateau_factor: float = 0.5
     plateau_patience: int = 10
     grad_clip: float | None = 1.0
@@ -127,7 +131,8 @@ _NUMBERS: dict[str, tuple] = {
     "focus_timesteps": ("float", 0.0, 1.0), "w_seg": ("float", 0.0, None), "w_feat": ("float", 0.0, None),
 }
 _CHOICES = {"role": ("teacher", "student"), "kd": ("efkd", "global", "none"),
-            "prediction_type": (None, "epsilon", "sample", "v_prediction"), "kernel_backend": ("auto", "triton", "torch")}
+            "prediction_type": (None, "epsilon", "sample", "v_prediction"), "kernel_backend": ("auto", "triton", "torch"),
+            "lr_schedule": ("plateau", "cosine")}
 _BOOLS = ("augment", "bf16", "init_from_teacher")
 
 
@@ -198,6 +203,16 @@ def _validate(cfg: "TrainConfig") -> None:
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in b)):
         raise _bad("betas", "two numbers in [0, 1)", b)
     cfg.betas = (float(b[0]), float(b[1]))  # JSON round trips give lists
+
+
+#: The cosine schedule's last learning rate, as a fraction of the first.
+LR_FLOOR = 0.02
+
+
+def cosine_lr_factor(frac: float) -> float:
+    """The cosine schedule's learning rate at `frac` (0 to 1) of a run, as a fraction of the first."""
+    frac = min(max(frac, 0.0), 1.0)
+    return LR_FLOOR + (1.0 - LR_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 #: Settings a resumed run must keep: they define the objective, the data order or the model.
@@ -583,6 +598,9 @@ class Trainer:
             )
         self.opt.zero_grad(set_to_none=True)
         total.backward()
+        if self.cfg.lr_schedule == "cosine":
+            for g in self.opt.param_groups:
+                g["lr"] = self.cfg.lr * cosine_lr_factor(self.run_fraction())
         if self.cfg.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
@@ -682,6 +700,14 @@ class Trainer:
         started = self._fit_started
         return self.train_seconds + (time.time() - started if started else 0.0)
 
+    def run_fraction(self) -> float:
+        """How far the run is: steps done over total steps, or training seconds over max_seconds,
+        whichever limit is nearer."""
+        frac = self.step / max(self.total_steps(), 1)
+        if self.cfg.max_seconds is not None:
+            frac = max(frac, self._seconds_now() / self.cfg.max_seconds)
+        return min(frac, 1.0)
+
     def _time_up(self) -> bool:
         return self.cfg.max_seconds is not None and self._seconds_now() >= self.cfg.max_seconds
 
@@ -725,7 +751,7 @@ class Trainer:
                **{f"train_{k}": v / per_epoch for k, v in self.epoch_sums.items()}}
         if self.epoch % self.cfg.val_every == 0:
             rec["val_loss"] = self.validate()
-            if math.isfinite(rec["val_loss"]):
+            if math.isfinite(rec["val_loss"]) and self.cfg.lr_schedule == "plateau":
                 self.plateau.step(rec["val_loss"])
         if on_epoch_end is not None:
             on_epoch_end(self, rec)

@@ -547,3 +547,23 @@ def test_max_seconds_stops_training_and_survives_resume(tmp_path, data):
     assert again.step == steps
     with pytest.raises(EdgesegError, match="max_seconds"):
         TrainConfig(max_seconds=-1)
+
+
+def test_cosine_schedule_anneals_over_the_run_and_ignores_the_plateau(tmp_path, data):
+    """lr_schedule=cosine: the step's learning rate follows the run's progress down to LR_FLOOR x lr;
+    the plateau rule stays out of it."""
+    from edgeseg.train import LR_FLOOR, cosine_lr_factor
+
+    assert cosine_lr_factor(0.0) == 1.0 and cosine_lr_factor(1.0) == pytest.approx(LR_FLOOR)
+    assert cosine_lr_factor(0.5) == pytest.approx((1 + LR_FLOOR) / 2) and cosine_lr_factor(2.0) == cosine_lr_factor(1.0)
+    t = trainer(cfg(kd="none", lr_schedule="cosine", epochs=3, save_every_steps=0), tmp_path, data)
+    total = t.total_steps()
+    lrs = []
+    t.fit(on_epoch_end=lambda tr, rec: lrs.append(tr.lr))
+    assert t.step == total and len(lrs) == 3
+    # the lr written by each epoch's last step: that step's progress (step - 1 of total done before it)
+    per = t._steps_per_epoch()
+    assert lrs == pytest.approx([1e-3 * cosine_lr_factor((e * per - 1) / total) for e in (1, 2, 3)])
+    assert t.plateau.last_epoch == 0  # the plateau rule never saw a validation loss
+    with pytest.raises(EdgesegError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
