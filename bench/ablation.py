@@ -49,7 +49,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import machine_info, median_ms, now_iso, recorded_command, write_json  # noqa: E402
+from bench.common import machine_info, median_ms, now_iso, recorded_command, shown_path, write_json  # noqa: E402
 
 METRICS = ("dsc", "iou", "hd95", "bf", "se", "sp", "acc")
 TAUS = (0.3, 0.45, 0.6, 0.75, 0.9)
@@ -799,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "generated": now_iso(), "command": [sys.executable, *recorded_command()], "quick": args.quick, "suite": suite,
         "machine": machine_info(args.threads), "threads": args.threads, "jobs": args.jobs,
-        "dataset": args.dataset, "teacher": str(teacher), "teacher_prediction_type": tpreset.prediction_type,
+        "dataset": args.dataset, "teacher": shown_path(teacher), "teacher_prediction_type": tpreset.prediction_type,
         "student_preset": args.student_preset, "budget": asdict(budget),
         "variants": [asdict(v) for v in vs], "cost": cost,
         "aggregate": aggregate(runs), "runs": sorted(slim, key=lambda r: (r["variant"], r["seed"])),

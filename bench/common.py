@@ -239,6 +239,15 @@ def result_doc(kind: str, machine: dict, settings: dict, results: list[dict], no
     }
 
 
+def shown_path(path: str | Path | None) -> str | None:
+    """A path as results files record it: relative to the repository when inside it, else its folder and
+    name (no machine's absolute paths in committed results)."""
+    if path is None:
+        return None
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else f"{p.parent.name}/{p.name}"
+
+
 def write_json(path: str | Path, obj) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

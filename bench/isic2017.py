@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from bench.common import machine_info, median_ms, paired, write_json  # noqa: E402
+from bench.common import machine_info, median_ms, paired, shown_path, write_json  # noqa: E402
 
 METRICS = ("dsc", "iou", "se", "sp", "acc", "hd95", "bf")
 
@@ -304,7 +304,8 @@ def main(argv=None) -> int:
     others = {"teacher": "teacher", **{UNETS[k][0]: UNETS[k][1] for k in UNETS if UNETS[k][1] in preds}}
     doc = {
         "dataset": "isic2017", "split": "test", "n_images": len(test_ds), "image_size": args.size,
-        "teacher": str(t_path), "student": str(s_path), "machine": machine_info(args.threads), "rows": rows,
+        "teacher": shown_path(t_path), "student": shown_path(s_path), "machine": machine_info(args.threads),
+        "rows": rows,
         "paired": {f"student - {short}": {m: paired(student_scores[m], preds[label][1][m]) for m in ("dsc", "bf")}
                    for short, label in others.items()},
     }

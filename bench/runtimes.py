@@ -345,7 +345,7 @@ def make_rows(args, infos: list[dict], files: dict, exports: dict, res: dict, ce
                 "label": LABELS[rt], "precision": precision, "steps": args.steps, "ensemble": args.ensemble,
                 "latency_ms": lat, "process_runs": [c["runs_ms"] for c in cell["latency"]],
                 "program_peak_mb": round(statistics.median(mem), 1) if mem else None, "program_peak_mb_runs": mem,
-                "file": files.get((info["preset"], rt)) or info["checkpoint"], "file_mb": round(size / 1e6, 3),
+                "file": common.shown_path(files.get((info["preset"], rt)) or info["checkpoint"]), "file_mb": round(size / 1e6, 3),
                 "gflop_per_image": round(gflop_img, 3), "gflops": gfs,
                 "ceiling_share": round(gfs / ceiling, 4) if gfs and ceiling else None,
                 "dice": (cell["dice"] or {}).get("dice"), "dice_images": (cell["dice"] or {}).get("dice_images"),
