@@ -75,11 +75,12 @@ UNETS = {"own": ("unet", "U-Net, own size (Dice+BCE)"),
          "same-gflop": ("unet-same-gflop", "U-Net, same GFLOP as the student (Dice+BCE)")}
 
 
-def unet_channels(kind: str, student_preset: str, size: int) -> tuple[int, ...]:
-    """Own widths, or widths at the student's GFLOP per image at its default sampler setting."""
+def unet_channels(kind: str, student_preset: str, size: int, ensemble: int | None = None) -> tuple[int, ...]:
+    """Own widths, or widths at the student's GFLOP per image at its sampler setting (default K, and N
+    unless `ensemble` is given)."""
     from edgeseg.baselines import UNET_CHANNELS, unet_channels_like
 
-    return UNET_CHANNELS if kind == "own" else unet_channels_like(student_preset, size)
+    return UNET_CHANNELS if kind == "own" else unet_channels_like(student_preset, size, ensemble=ensemble)
 
 
 def train_unet_once(train_ds, seconds: float, threads: int, seed: int, out: Path, kind: str, channels):
@@ -235,6 +236,9 @@ def main(argv=None) -> int:
                     help="U-Nets to train (--stage unet/all): own (0.12 M) and/or same-gflop (the width at which "
                          "one pass costs what the student's default sampler setting costs)")
     ap.add_argument("--student-preset", default="tiny-student", help="preset that sizes the same-GFLOP U-Net")
+    ap.add_argument("--ensemble", type=int, default=None,
+                    help="the student's ensemble size N (default: the defaults table's); it also sizes the "
+                         "same-GFLOP U-Net, e.g. 1 for a phone program of one member")
     ap.add_argument("--size", type=int, default=64, help="input size of the models (the tiny presets: 64)")
     ap.add_argument("--pte", type=Path, default=None, help="also score this exported student program (.pte)")
     ap.add_argument("--threads", type=int, default=2)
@@ -245,6 +249,8 @@ def main(argv=None) -> int:
                          "eval: score with the U-Net already trained in --out; all: both")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "isic2017")
     args = ap.parse_args(argv)
+    if args.ensemble is not None and args.ensemble < 1:
+        raise SystemExit(f"--ensemble must be at least 1, got {args.ensemble}")
 
     from edgeseg.checkpoint import load_model
     from edgeseg.data import load_dataset
@@ -261,7 +267,7 @@ def main(argv=None) -> int:
         for kind in args.unets.split(","):
             if kind not in UNETS:
                 raise SystemExit(f"--unets: unknown U-Net {kind!r}; known: {', '.join(UNETS)}")
-            channels = unet_channels(kind, args.student_preset, args.size)
+            channels = unet_channels(kind, args.student_preset, args.size, args.ensemble)
             print(f"training the U-Net ({kind}, widths {channels}) for {args.unet_seconds:.0f} s ...", flush=True)
             train_unet_once(train_ds, args.unet_seconds, args.threads, args.seed, args.out, kind, channels)
         if args.stage == "unet":
@@ -277,7 +283,7 @@ def main(argv=None) -> int:
     rows, preds = {}, {}
     for name, model in (("teacher", teacher), ("student (EFKD)", student)):
         k, n = sampler_defaults(model.preset.prediction_type)
-        st = SamplerSettings("ddim", k, n)
+        st = SamplerSettings("ddim", k, args.ensemble if args.ensemble and model is student else n)
         t0 = time.time()
         metrics, dices, means = score_diffusion(model, test_ds, st, args.seed)
         rows[name] = {"metrics": metrics, "sampler": st.describe(), "cost": cost_diffusion(model, st),

@@ -194,6 +194,10 @@ _ALL: list[Preset] = [
     Preset("tiny-student-mobile-attn", 16, 8, (1, 2, 3), (1, 2, 4), 4, role="student", image_size=64,
            prediction_type="sample", heads=2, dim_head=16, teacher="tiny-teacher", blocks="mobile",
            low_res_attention=1),
+    # the teacher's four stages and widths with mobile blocks: an 8 x 8 level (receptive field and
+    # parameters where pixels are few) at about tiny-student-mobile's cost; every conv starts from the teacher
+    Preset("tiny-student-mobile-deep", 16, 8, (1, 2, 3, 4), (1, 2, 4, 8), 4, role="student", image_size=64,
+           prediction_type="sample", heads=2, dim_head=16, teacher="tiny-teacher", blocks="mobile"),
 ]
 PRESETS: dict[str, Preset] = {p.name: p for p in _ALL}
 

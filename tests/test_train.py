@@ -347,6 +347,24 @@ def test_init_from_teacher_gives_mobile_blocks_the_standardised_kernels():
     torch.testing.assert_close(paper.downs[0].rb_x1.block1.proj.weight, t_conv.weight)
 
 
+def test_mobile_student_of_the_teachers_depth_starts_from_every_teacher_conv():
+    from edgeseg.models import WSConv2d, build
+    from edgeseg.train import init_from_teacher
+
+    torch.manual_seed(0)
+    teacher, student = build("tiny-teacher"), build("tiny-student-mobile-deep")
+    init_from_teacher(student, teacher)
+    t_mods = dict(teacher.named_modules())
+    convs = [(n, m) for n, m in student.named_modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) > 60
+    for name, conv in convs:  # same depth: no stage shift, no conv left at its random init
+        t_conv = t_mods[name]
+        want = t_conv.standardized_weight() if isinstance(t_conv, WSConv2d) else t_conv.weight
+        torch.testing.assert_close(conv.weight, want, msg=name)
+    # the 8 x 8 bottleneck starts with the teacher's attention too
+    torch.testing.assert_close(student.mid.lin_attn.fn.to_qkv.weight, teacher.mid.lin_attn.fn.to_qkv.weight)
+
+
 def test_trainer_ema_before_start_equals_online_weights(tmp_path, data):
     t = trainer(cfg(kd="none", ema_start=100, epochs=1, save_every_steps=0), tmp_path, data)
     t.fit(stop_after_steps=2)
