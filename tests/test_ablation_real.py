@@ -83,3 +83,19 @@ def test_isic2017_table_trains_both_unets_and_pairs_them(tmp_path, isic):
     md = (out / "table.md").read_text()
     assert "Paired differences" in md and "AUROC" in md
     assert (out / "overlays.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_isic2017_table_sizes_the_unet_and_samples_the_student_at_the_given_ensemble(tmp_path, isic):
+    from edgeseg.baselines import unet_channels_like
+
+    out = tmp_path / "n1"
+    _run([str(REPO / "bench" / "isic2017.py"), "--data-dir", str(isic), "--unet-seconds", "2", "--threads", "1",
+          "--unets", "same-gflop", "--ensemble", "1", "--out", str(out)], tmp_path)
+    same = json.loads((out / "unet-same-gflop-train.json").read_text())
+    assert same["channels"] == list(unet_channels_like("tiny-student", 64, ensemble=1))
+    assert same["channels"] != list(unet_channels_like("tiny-student", 64))  # N = 3 would be three times the cost
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows["student (EFKD)"]["sampler"].endswith("x 1") and rows["teacher"]["sampler"].endswith("x 3")
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "isic2017.py"), "--data-dir", str(isic),
+                        "--ensemble", "0", "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0 and "--ensemble must be at least 1, got 0" in r.stderr
