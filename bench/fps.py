@@ -448,17 +448,17 @@ def to_row(job: dict, res: dict | None, error: str | None, params: dict, export:
         precision=job["precision"], sampler=job["sampler"], steps=job["steps"], ensemble=job["ensemble"],
         default=job["default"], sweep=job["sweep"], params=params.get(job["preset"]),
         gflop_per_call=job["gflop"], calls_per_image=calls, gflop_per_image=round(calls * job["gflop"], 3),
-        checkpoint=job["checkpoint"], dice_reason=job["dice_reason"], dice_images=0,
+        checkpoint=common.shown_path(job["checkpoint"]), dice_reason=job["dice_reason"], dice_images=0,
         latency_ms=common.latency_stats([]),
     )
     if export is not None:
         meta = export["meta"]
-        row.update(file=export["path"], file_mb=round(meta["size_bytes"] / 1e6, 3), sha256=meta.get("sha256"),
+        row.update(file=common.shown_path(export["path"]), file_mb=round(meta["size_bytes"] / 1e6, 3), sha256=meta.get("sha256"),
                    export={"reused": export["reused"], "seconds": meta.get("export_seconds"),
                            "delegate_calls": meta.get("delegate_calls"), "parity": meta.get("parity")})
     elif job["backend"] == "eager" and job["checkpoint"]:
         ck = Path(job["checkpoint"])
-        row.update(file=str(ck), file_mb=round(ck.stat().st_size / 1e6, 3))
+        row.update(file=common.shown_path(ck), file_mb=round(ck.stat().st_size / 1e6, 3))
     elif job["backend"] == "eager":
         row.update(file_mb=round(params.get(job["preset"], 0) * 4 / 1e6, 3),
                    note="file MB: fp32 weights size (no checkpoint file)")
@@ -611,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         "sweep_dice_images": args.sweep_dice_images,
         "dice_dataset": "synthetic test split (first images, seed of the checkpoint's training config)",
         "sweep_k": list(SWEEP_K), "sweep_n": list(SWEEP_N), "presets": args.presets,
-        "checkpoints": checkpoints, "probe_gflops": round(gflops, 2), "estimated_s": round(est_total, 1),
+        "checkpoints": {k: common.shown_path(v) for k, v in checkpoints.items()}, "probe_gflops": round(gflops, 2), "estimated_s": round(est_total, 1),
         "wall_s": round(time.perf_counter() - t_start, 1),
         "latency": "per image (batch 1), wall time of one full segmenter run, median and IQR over repeats",
         "peak_rss": "VmHWM of a fresh child process per configuration (Python + torch included)",
