@@ -67,6 +67,7 @@ class Variant:
     preset: str | None = None  # None: the run's student preset
     focus: float = 0.0  # TrainConfig.focus_timesteps
     w_seg: float = 0.0  # TrainConfig.w_seg
+    w_sampler_kd: float = 0.0  # TrainConfig.w_sampler_kd
     unet: str = "own"  # U-Nets: "own" size or "flops" (same GFLOP per image as the student)
     seeds: int | None = None  # None: the budget's
 
@@ -89,8 +90,9 @@ def variants(teacher_type: str) -> list[Variant]:
     return out
 
 
-#: the ideas of the real-data suite: sampler-timestep focus share and x0 Dice + BCE weight
-FOCUS, W_SEG = 0.5, 0.5
+#: the ideas of the real-data suite: sampler-timestep focus share, x0 Dice + BCE weight and
+#: sampler-distillation weight
+FOCUS, W_SEG, W_SKD = 0.5, 0.5, 0.5
 
 
 def real_variants() -> list[Variant]:
@@ -113,6 +115,10 @@ def real_variants() -> list[Variant]:
         Variant("mobile-focus-seg",
                 "mobile-block student (BatchNorm, ReLU, linear attention in the bottleneck), EFKD + both",
                 preset="tiny-student-mobile", groups=("ideas",), seeds=2, **both),
+        Variant("efkd-focus-seg-skd", "student, EFKD + both + sampler distillation", w_sampler_kd=W_SKD,
+                groups=("ideas",), **both),
+        Variant("skd-focus-seg", "student, sampler distillation + both, no per-step KD", kd="none",
+                w_sampler_kd=W_SKD, groups=("ideas",), **both),
     ]
 
 
@@ -203,7 +209,8 @@ def _student_config(v: Variant, seed: int, budget: Budget, job: dict):
 
     cfg = replace(tiny_recipe("student"), preset=v.preset or job["student_preset"], dataset=job["dataset"],
                   data_dir=job["data_dir"], kd=v.kd, tau=v.tau, prediction_type=v.prediction_type, seed=seed,
-                  batch_size=budget.batch_size, num_workers=0, focus_timesteps=v.focus, w_seg=v.w_seg)
+                  batch_size=budget.batch_size, num_workers=0, focus_timesteps=v.focus, w_seg=v.w_seg,
+                  w_sampler_kd=v.w_sampler_kd)
     if budget.train_seconds is not None:
         # wall-time budget: a few hundred steps, so a short EMA (starts at step 50, ~50-step horizon)
         return replace(cfg, max_seconds=budget.train_seconds, epochs=1000, ema_beta=0.98, ema_start=50,
@@ -535,7 +542,8 @@ PAIRS = (("efkd-tau0.6", "no-kd"), ("efkd-tau0.6", "global-kd"), ("global-kd", "
          ("efkd-focus", "efkd-tau0.6"), ("efkd-seg", "efkd-tau0.6"), ("efkd-focus-seg", "efkd-tau0.6"),
          ("efkd-focus-seg", "unet-flops"), ("efkd-focus-seg", "unet"), ("efkd-tau0.6", "unet-flops"),
          ("efkd-focus-seg", "teacher"), ("lean-focus-seg", "efkd-focus-seg"), ("mobile-focus-seg", "efkd-focus-seg"),
-         ("mobile-focus-seg", "unet-flops"))
+         ("mobile-focus-seg", "unet-flops"), ("efkd-focus-seg-skd", "efkd-focus-seg"),
+         ("skd-focus-seg", "efkd-focus-seg"), ("efkd-focus-seg-skd", "skd-focus-seg"))
 
 
 def measure_cost_real(vs: list[Variant], runs: list[dict], job: dict, budget: Budget, threads: int,

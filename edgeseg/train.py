@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from edgeseg.checkpoint import atomic_write_json, load_model, save_model, save_tensors
 from edgeseg.errors import EdgesegError, SettingsError
-from edgeseg.losses import feature_kd_loss, student_objective, teacher_objective, x0_segmentation_loss
+from edgeseg.losses import efkd_loss, feature_kd_loss, student_objective, teacher_objective, x0_segmentation_loss
 from edgeseg.models import DermoSegDiff, WSConv2d, build, preset, stage_outputs
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "distill_loss", "EMA", "paper_recipe", "tiny_recipe",
@@ -96,6 +96,10 @@ class TrainConfig:
     # students: weight of feature distillation on every stage the teacher shares (losses.feature_kd_loss),
     # for a student whose blocks differ from the teacher's (mobile blocks)
     w_feat: float = 0.0
+    # students: weight of sampler distillation (losses.efkd_loss on x0): on the rows drawn at the
+    # shipped sampler's first timestep (needs focus_timesteps > 0), the student's x0 is pulled toward
+    # the teacher's whole sampler output (its K x N ensemble mean from edgeseg.defaults)
+    w_sampler_kd: float = 0.0
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -129,6 +133,7 @@ _NUMBERS: dict[str, tuple] = {
     "w_boundary": ("float", 0.0, None), "plateau_factor": ("float>", 0.0, 1.0), "ema_beta": ("float", 0.0, 1.0),
     "grad_clip": ("float>?", 0.0, None), "max_seconds": ("float>?", 0.0, None),
     "focus_timesteps": ("float", 0.0, 1.0), "w_seg": ("float", 0.0, None), "w_feat": ("float", 0.0, None),
+    "w_sampler_kd": ("float", 0.0, None),
 }
 _CHOICES = {"role": ("teacher", "student"), "kd": ("efkd", "global", "none"),
             "prediction_type": (None, "epsilon", "sample", "v_prediction"), "kernel_backend": ("auto", "triton", "torch"),
@@ -203,6 +208,9 @@ def _validate(cfg: "TrainConfig") -> None:
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in b)):
         raise _bad("betas", "two numbers in [0, 1)", b)
     cfg.betas = (float(b[0]), float(b[1]))  # JSON round trips give lists
+    if cfg.w_sampler_kd > 0 and (cfg.role != "student" or cfg.focus_timesteps == 0):
+        raise _bad("w_sampler_kd", "0 for a teacher, and 0 unless focus_timesteps > 0 (its rows are the ones drawn "
+                   "at the sampler's timesteps)", cfg.w_sampler_kd)
 
 
 #: The cosine schedule's last learning rate, as a fraction of the first.
@@ -218,7 +226,7 @@ def cosine_lr_factor(frac: float) -> float:
 #: Settings a resumed run must keep: they define the objective, the data order or the model.
 FIXED_ON_RESUME = ("role", "preset", "dataset", "data_dir", "kd", "tau", "lambda_e", "lambda_b", "w_l2", "w_kd",
                    "w_boundary", "batch_size", "seed", "augment", "init_from_teacher", "init_from", "prediction_type",
-                   "focus_timesteps", "w_seg", "w_feat")
+                   "focus_timesteps", "w_seg", "w_feat", "w_sampler_kd")
 
 
 def read_state_config(state_dir: str | Path) -> dict | None:
@@ -381,6 +389,8 @@ class Trainer:
             self.p = replace(self.p, prediction_type=cfg.prediction_type)
         if cfg.role == "student" and teacher is None and cfg.kd != "none":
             raise EdgesegError("a student needs a teacher for KD (or use --kd none)")
+        if teacher is None and cfg.w_sampler_kd > 0:
+            raise EdgesegError("sampler distillation (w_sampler_kd > 0) needs a teacher")
         torch.manual_seed(cfg.seed)  # weight init
         self.model = build(self.p).to(self.device)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
@@ -395,6 +405,7 @@ class Trainer:
         )
         self.schedule = self.model.noise_schedule
         self.focus_t = self._sampler_timesteps() if cfg.focus_timesteps > 0 else None
+        self._teacher_segmenter = None  # the teacher's sampler, built on first use (w_sampler_kd)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # timesteps + noise, checkpointed
         self.step, self.epoch = 0, 0
         self.train_seconds = 0.0  # wall time spent in fit(), over resumes (max_seconds)
@@ -569,11 +580,37 @@ class Trainer:
         if feats:
             terms["feat"] = feature_kd_loss(f_s, f_t)
             total = total + self.cfg.w_feat * terms["feat"]
-        if self.cfg.w_seg > 0:
+        if self.cfg.w_seg > 0 or self.cfg.w_sampler_kd > 0:
             x0, _ = self.schedule.to_x0_eps(pred.float(), x_t, t, self.p.prediction_type, clip=False)
+        if self.cfg.w_seg > 0:
             terms["seg"] = x0_segmentation_loss(x0, mask)
             total = total + self.cfg.w_seg * terms["seg"]
+        if self.cfg.w_sampler_kd > 0:
+            terms["sampler_kd"] = self._sampler_kd_loss(x0, image, d, t)
+            total = total + self.cfg.w_sampler_kd * terms["sampler_kd"]
         return total, terms
+
+    def _sampler_kd_loss(self, x0: torch.Tensor, image: torch.Tensor, d: torch.Tensor, t: torch.Tensor):
+        """Sampler distillation: where the phone's sampler starts (the rows at its first timestep, x_t
+        all but pure noise), the student's x0 against the teacher's final answer, the mean of its
+        K-step ensemble, weighted edge/body as EFKD (Eq. 3-7). Zero when no row is at that timestep."""
+        rows = t == self.focus_t[0]
+        if not bool(rows.any()):
+            return x0.new_zeros(())
+        if self._teacher_segmenter is None:
+            from edgeseg.evaluate import SamplerSettings
+
+            self._teacher_segmenter = SamplerSettings().segmenter(self.teacher)
+        with torch.no_grad():
+            target, _ = self._teacher_segmenter.predict(image[rows], generator=self._teacher_noise())
+        c = self.cfg
+        return efkd_loss(x0[rows], target.to(x0.device), d[rows], t[rows], self.schedule.T, c.tau, c.lambda_e,
+                         c.lambda_b)
+
+    def _teacher_noise(self) -> torch.Generator:
+        """The teacher sampler's generator, a function of (seed, step, rank): the shared timestep and
+        noise stream stays the same on every rank, and a resumed run draws the same teacher noise."""
+        return torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + self.step) * 64 + self.rank)
 
     @torch.no_grad()
     def _in_student_terms(self, pred_t: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
