@@ -68,6 +68,7 @@ class Variant:
     focus: float = 0.0  # TrainConfig.focus_timesteps
     w_seg: float = 0.0  # TrainConfig.w_seg
     w_sampler_kd: float = 0.0  # TrainConfig.w_sampler_kd
+    teacher: str | None = None  # checkpoint (repository-relative); None: the run's --teacher
     unet: str = "own"  # U-Nets: "own" size or "flops" (same GFLOP per image as the student)
     seeds: int | None = None  # None: the budget's
 
@@ -94,6 +95,10 @@ def variants(teacher_type: str) -> list[Variant]:
 #: sampler-distillation weight
 FOCUS, W_SEG, W_SKD = 0.5, 0.5, 0.5
 
+#: the teacher trained longer on real data (README, "Real lesions"): `edgeseg train-teacher --dataset
+#: isic2017 --data-dir DIR --run-name teacher-longer ...` writes it here
+LONGER_TEACHER = "runs/teacher-longer/teacher-final.safetensors"
+
 
 def real_variants() -> list[Variant]:
     """The real-data suite (issue 15): every trained variant gets the same wall time."""
@@ -119,6 +124,10 @@ def real_variants() -> list[Variant]:
                 groups=("ideas",), **both),
         Variant("skd-focus-seg", "student, sampler distillation + both, no per-step KD", kd="none",
                 w_sampler_kd=W_SKD, groups=("ideas",), **both),
+        Variant("teacher-longer", "teacher trained longer on real data", kind="teacher", teacher=LONGER_TEACHER,
+                groups=("ideas",)),
+        Variant("efkd-focus-seg-longer", "student of the longer-trained teacher, EFKD + both", teacher=LONGER_TEACHER,
+                groups=("ideas",), **both),
     ]
 
 
@@ -218,6 +227,11 @@ def _student_config(v: Variant, seed: int, budget: Budget, job: dict):
     return replace(cfg, max_steps=budget.steps, ema_start=min(100, budget.steps // 2))
 
 
+def _teacher_path(v: Variant, job: dict) -> str:
+    """The variant's teacher checkpoint: its own (repository-relative) or the run's --teacher."""
+    return str(REPO / v.teacher) if v.teacher else job["teacher"]
+
+
 def run_one(v: Variant, seed: int, budget: Budget, job: dict) -> dict:
     """Train (students, U-Net) and evaluate one variant at one seed; returns its result dict."""
     import torch
@@ -228,7 +242,7 @@ def run_one(v: Variant, seed: int, budget: Budget, job: dict) -> dict:
     from edgeseg.train import Trainer
 
     t0 = time.time()
-    teacher = load_model(job["teacher"])
+    teacher = load_model(_teacher_path(v, job))
     size = teacher.preset.image_size
     test_ds = load_dataset(job["dataset"], "test", data_dir=job["data_dir"], size=size)
     work = Path(job["work"])
@@ -469,9 +483,11 @@ def plot_tau(doc: dict, path: Path) -> Path:
 
 
 SHORT = {"teacher": "teacher", "no-kd": "no KD", "global-kd": "global", "efkd-tau0.6": "EFKD", "unet": "U-Net",
-         "efkd-focus-seg": "EFKD+", "unet-flops": "U-Net L"}
+         "efkd-focus-seg": "EFKD+", "unet-flops": "U-Net L", "efkd-focus-seg-skd": "EFKD+SKD",
+         "skd-focus-seg": "SKD", "efkd-focus-seg-longer": "EFKD+ lT"}
 OVERLAY_COLUMNS = {"kd": ("no-kd", "global-kd", "efkd-tau0.6", "unet"),
-                   "real": ("no-kd", "efkd-tau0.6", "efkd-focus-seg", "unet", "unet-flops")}
+                   "real": ("no-kd", "efkd-tau0.6", "efkd-focus-seg", "efkd-focus-seg-skd", "skd-focus-seg",
+                            "efkd-focus-seg-longer", "unet", "unet-flops")}
 
 
 def _load_unet(work: Path, name: str):
@@ -543,7 +559,8 @@ PAIRS = (("efkd-tau0.6", "no-kd"), ("efkd-tau0.6", "global-kd"), ("global-kd", "
          ("efkd-focus-seg", "unet-flops"), ("efkd-focus-seg", "unet"), ("efkd-tau0.6", "unet-flops"),
          ("efkd-focus-seg", "teacher"), ("lean-focus-seg", "efkd-focus-seg"), ("mobile-focus-seg", "efkd-focus-seg"),
          ("mobile-focus-seg", "unet-flops"), ("efkd-focus-seg-skd", "efkd-focus-seg"),
-         ("skd-focus-seg", "efkd-focus-seg"), ("efkd-focus-seg-skd", "skd-focus-seg"))
+         ("skd-focus-seg", "efkd-focus-seg"), ("efkd-focus-seg-skd", "skd-focus-seg"), ("teacher-longer", "teacher"),
+         ("efkd-focus-seg-longer", "efkd-focus-seg"))
 
 
 def measure_cost_real(vs: list[Variant], runs: list[dict], job: dict, budget: Budget, threads: int,
@@ -645,9 +662,9 @@ def markdown_real(doc: dict) -> str:
              f"thread(s), median of repeats.", ""]
     for group, title in (("kd", "Objective and baselines"), ("tau", "EFKD tau"),
                          ("ideas", "Ideas for few-step students (each against EFKD tau 0.6)")):
-        lines += [f"### {title}", "", head]
-        lines += [_row_real(v, agg[v.name], cost[v.name]) for v in vs if group in v.groups and v.name in agg]
-        lines.append("")
+        rows = [_row_real(v, agg[v.name], cost[v.name]) for v in vs if group in v.groups and v.name in agg]
+        if rows:  # a run of a few variants (--only) leaves some tables empty
+            lines += [f"### {title}", "", head, *rows, ""]
     lines += ["### Paired differences (A - B, in points; per image, averaged over the seeds both have)", "",
               "| A - B | seeds | DSC [95% CI] | DSC per seed | images won / lost | BF [95% CI] | HD95 px [95% CI] |",
               "|---|---|---:|---|---:|---:|---:|"]
@@ -742,6 +759,11 @@ def main(argv: list[str] | None = None) -> int:
             if unknown:
                 raise EdgesegError(f"--only: unknown variants {sorted(unknown)}; known: {[v.name for v in vs]}")
             vs = [v for v in vs if v.name in keep]
+        for v in vs:
+            if v.teacher and not (REPO / v.teacher).exists() and not args.report_only:
+                raise EdgesegError(f"variant {v.name} needs the teacher {v.teacher}, which does not exist: train it "
+                                   f"(README, 'Real lesions': the longer-trained teacher) or leave the variant out "
+                                   f"with --only")
     except EdgesegError as e:
         console.print(f"[red]error:[/] {e}")
         return 2
@@ -805,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     # per-image scores stay in the per-run files; the document keeps what they give (paired differences)
     slim = [{**r, "metrics": {k: v for k, v in r["metrics"].items() if k != "per_image"}} for r in runs]
     doc = {
-        "generated": now_iso(), "command": [sys.executable, *recorded_command()], "quick": args.quick, "suite": suite,
+        "generated": now_iso(), "command": recorded_command([sys.executable, *sys.argv]), "quick": args.quick, "suite": suite,
         "machine": machine_info(args.threads), "threads": args.threads, "jobs": args.jobs,
         "dataset": args.dataset, "teacher": shown_path(teacher), "teacher_prediction_type": tpreset.prediction_type,
         "student_preset": args.student_preset, "budget": asdict(budget),
@@ -817,7 +839,8 @@ def main(argv: list[str] | None = None) -> int:
     if suite == "real":
         doc["paired"] = paired_table(runs)
     suffix = "" if args.dataset == "synthetic" else f"-{args.dataset}"
-    plot_tau(doc, out / f"ablation{suffix}-tau.png")
+    if any(name.startswith("efkd-tau") for name in doc["aggregate"]):  # else nothing to sweep (--only)
+        plot_tau(doc, out / f"ablation{suffix}-tau.png")
     plot_overlays(doc, work, str(teacher), out / f"ablation{suffix}-overlays.png", job, budget,
                   columns=OVERLAY_COLUMNS[suite])
     if suite == "real":
@@ -830,8 +853,7 @@ def main(argv: list[str] | None = None) -> int:
         f"thread(s); {doc['seconds']['runs_sum'] / 60:.1f} min summed over runs), then "
         f"{doc['seconds']['this_invocation'] - run_seconds:.0f} s for cost, pictures and tables.\n")
     console.print(md)
-    console.print(f"wrote {out}/ablation{suffix}.{{json,md}} and the pictures (-tau, -overlays"
-                  f"{', -tradeoff' if suite == 'real' else ''}.png)")
+    console.print(f"wrote {out}/ablation{suffix}.{{json,md}} and the pictures {out}/ablation{suffix}-*.png")
     return 0
 
 

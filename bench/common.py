@@ -210,7 +210,8 @@ def rss_mb() -> dict:
 # ----------------------------------------------------------------------------------------
 def recorded_command(argv: list[str] | None = None) -> list[str]:
     """The command line as committed result files record it: the dataset folder given with
-    --data-dir is a machine's own path, so it is written as DATA_DIR."""
+    --data-dir is a machine's own path, so it is written as DATA_DIR; other absolute paths are
+    written relative to the repository when inside it, else as their folder and name."""
     argv = list(sys.argv if argv is None else argv)
     out = []
     for i, a in enumerate(argv):
@@ -218,6 +219,9 @@ def recorded_command(argv: list[str] | None = None) -> list[str]:
             out.append("DATA_DIR")
         elif a.startswith("--data-dir="):
             out.append("--data-dir=DATA_DIR")
+        elif os.path.isabs(a):  # the interpreter, --out, --work, checkpoints: as shown_path, links kept
+            p = Path(os.path.normpath(a))
+            out.append(str(p.relative_to(REPO)) if p.is_relative_to(REPO) else f"{p.parent.name}/{p.name}")
         else:
             out.append(a)
     return out

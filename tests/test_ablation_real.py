@@ -99,3 +99,25 @@ def test_isic2017_table_sizes_the_unet_and_samples_the_student_at_the_given_ense
     r = subprocess.run([sys.executable, str(REPO / "bench" / "isic2017.py"), "--data-dir", str(isic),
                         "--ensemble", "0", "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode != 0 and "--ensemble must be at least 1, got 0" in r.stderr
+
+
+def test_a_variant_with_its_own_teacher_is_taught_and_scored_by_it(tmp_path, isic, monkeypatch, capsys):
+    sys.path.insert(0, str(REPO))
+    import bench.ablation as ab
+
+    other = REPO / "edgeseg" / "assets" / "tiny-teacher-synthetic.safetensors"
+    job = {"teacher": str(TEACHER), "dataset": "isic2017", "data_dir": str(isic), "work": str(tmp_path),
+           "threads": 1, "student_preset": "tiny-student"}
+    monkeypatch.setattr(ab, "LONGER_TEACHER", str(other))
+    vs = {v.name: v for v in ab.real_variants()}
+    assert ab._teacher_path(vs["teacher-longer"], job) == str(other)
+    assert ab._teacher_path(vs["teacher"], job) == str(TEACHER)
+    budget = ab.replace(ab.REAL_QUICK, eval_images=6, per_image=True)
+    own, shipped = (ab.run_one(vs[n], 0, budget, job)["metrics"]["per_image"]["dsc"] for n in ("teacher-longer", "teacher"))
+    assert own != shipped  # another network scored the same images
+    # a variant whose teacher is missing stops before any work, naming the file
+    monkeypatch.setattr(ab, "LONGER_TEACHER", str(tmp_path / "missing.safetensors"))
+    rc = ab.main(["--dataset", "isic2017", "--data-dir", str(isic), "--teacher", str(TEACHER),
+                  "--only", "teacher-longer", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")])
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert rc == 2 and "teacher-longer" in out and "missing.safetensors" in out

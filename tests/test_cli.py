@@ -240,3 +240,23 @@ def test_distill_resume_of_a_finished_run_reuses_it(distill_run):
     assert metrics["seconds"]["student_training"] < 5
     with pytest.raises(Exception, match="exists"):
         run_distill(replace(job, resume=False))
+
+
+def test_train_teacher_ships_the_best_epoch_and_keeps_the_final_weights(tmp_path, monkeypatch):
+    """When an earlier epoch validated better than the final weights, <role>.safetensors is that
+    epoch's and <role>-final.safetensors keeps the final ones (a longer run stays inspectable)."""
+    import edgeseg.pipeline as pipeline
+    from edgeseg.checkpoint import load_model
+
+    scores = iter([0.9, 0.1, 0.1])  # epoch 1 validates best, epoch 2 (the final weights) worse
+    monkeypatch.setattr(pipeline, "_val_dsc", lambda *a, **k: next(scores))
+    small = dict(epochs=2, num_workers=0, val_max_batches=1, batch_size=64)
+    job = pipeline.DistillJob(dataset="synthetic", teacher_preset=MICRO_TEACHER, runs_dir=str(tmp_path),
+                              run_name="t", teacher_overrides=small, val_dsc_images=4, quiet=True)
+    run = pipeline.run_train_teacher(job)
+    shipped, final, best = (load_model(run / f"teacher{s}.safetensors").state_dict() for s in ("", "-final", "-best"))
+    assert all(torch.equal(shipped[k], best[k]) for k in best)
+    assert any(not torch.equal(shipped[k], final[k]) for k in final)
+    meta = json.loads((run / "teacher.json").read_text())
+    assert meta["selected"]["epoch"] == 1 and meta["selected"]["val_dsc"] == 0.9
+    assert "earlier epoch" in json.loads((run / "teacher-final.json").read_text())["note"]
