@@ -95,8 +95,9 @@ def variants(teacher_type: str) -> list[Variant]:
 #: sampler-distillation weight
 FOCUS, W_SEG, W_SKD = 0.5, 0.5, 0.5
 
-#: the teacher trained longer on real data (README, "Real lesions"): `edgeseg train-teacher --dataset
-#: isic2017 --data-dir DIR --run-name teacher-longer ...` writes it here
+#: the teacher trained longer on real data, its final weights (bench/README.md, "Sampler distillation and a
+#: longer-trained teacher"): `edgeseg train-teacher --dataset isic2017 ... --run-name teacher-longer` keeps
+#: them here when validation ships an earlier epoch as teacher.safetensors, as it did
 LONGER_TEACHER = "runs/teacher-longer/teacher-final.safetensors"
 
 
@@ -762,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in vs:
             if v.teacher and not (REPO / v.teacher).exists() and not args.report_only:
                 raise EdgesegError(f"variant {v.name} needs the teacher {v.teacher}, which does not exist: train it "
-                                   f"(README, 'Real lesions': the longer-trained teacher) or leave the variant out "
+                                   f"(bench/README.md: the longer-trained teacher) or leave the variant out "
                                    f"with --only")
     except EdgesegError as e:
         console.print(f"[red]error:[/] {e}")

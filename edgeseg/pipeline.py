@@ -164,11 +164,11 @@ def _train(cfg: TrainConfig, run: Path, teacher, job: DistillJob):
         return model
     _, best = load_preset(best_path)
     if best["val_dsc"] > _final_val_dsc(trainer, model, job):  # an earlier epoch validated better: ship that one
-        last = run / f"{cfg.role}-final.safetensors"  # the last weights stay beside it (e.g. to study longer training)
-        save_model(model, last, extra={**load_preset(final)[1], "note": "final weights; an earlier epoch validated "
-                                       f"better and is {final.name}"})
-        model = load_model(best_path)
         _, final_meta = load_preset(final)  # what save_final recorded (config, steps, resumes)
+        # the last weights stay beside it (e.g. to study longer training)
+        save_model(model, run / f"{cfg.role}-final.safetensors",
+                   extra={**final_meta, "note": f"final weights; an earlier epoch validated better and is {final.name}"})
+        model = load_model(best_path)
         save_model(model, final, extra={**final_meta, "selected": {k: best[k] for k in
                                                                    ("epoch", "step", "val_dsc", "selected_on")}})
         _say(job, f"{cfg.role}: kept epoch {best['epoch']} (validation Dice {best['val_dsc']:.4f})")
