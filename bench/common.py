@@ -219,9 +219,8 @@ def recorded_command(argv: list[str] | None = None) -> list[str]:
             out.append("DATA_DIR")
         elif a.startswith("--data-dir="):
             out.append("--data-dir=DATA_DIR")
-        elif os.path.isabs(a):  # the interpreter, --out, --work, checkpoints: as shown_path, links kept
-            p = Path(os.path.normpath(a))
-            out.append(str(p.relative_to(REPO)) if p.is_relative_to(REPO) else f"{p.parent.name}/{p.name}")
+        elif os.path.isabs(a):  # the interpreter (a link into the venv: kept), --out, --work, checkpoints
+            out.append(shown_path(a, resolve=False))
         else:
             out.append(a)
     return out
@@ -243,12 +242,13 @@ def result_doc(kind: str, machine: dict, settings: dict, results: list[dict], no
     }
 
 
-def shown_path(path: str | Path | None) -> str | None:
+def shown_path(path: str | Path | None, resolve: bool = True) -> str | None:
     """A path as results files record it: relative to the repository when inside it, else its folder and
-    name (no machine's absolute paths in committed results)."""
+    name (no machine's absolute paths in committed results). ``resolve=False`` keeps symbolic links
+    (only '..' is folded)."""
     if path is None:
         return None
-    p = Path(path).resolve()
+    p = Path(path).resolve() if resolve else Path(os.path.normpath(os.path.abspath(path)))
     return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else f"{p.parent.name}/{p.name}"
 
 

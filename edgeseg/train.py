@@ -405,7 +405,12 @@ class Trainer:
         )
         self.schedule = self.model.noise_schedule
         self.focus_t = self._sampler_timesteps() if cfg.focus_timesteps > 0 else None
-        self._teacher_segmenter = None  # the teacher's sampler, built on first use (w_sampler_kd)
+        # the teacher's sampler at its defaults (edgeseg.defaults): the target of sampler distillation
+        self.teacher_segmenter = None
+        if cfg.w_sampler_kd > 0:
+            from edgeseg.segmenter import Segmenter
+
+            self.teacher_segmenter = Segmenter.from_model(self.teacher)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # timesteps + noise, checkpointed
         self.step, self.epoch = 0, 0
         self.train_seconds = 0.0  # wall time spent in fit(), over resumes (max_seconds)
@@ -597,12 +602,8 @@ class Trainer:
         rows = t == self.focus_t[0]
         if not bool(rows.any()):
             return x0.new_zeros(())
-        if self._teacher_segmenter is None:
-            from edgeseg.evaluate import SamplerSettings
-
-            self._teacher_segmenter = SamplerSettings().segmenter(self.teacher)
         with torch.no_grad():
-            target, _ = self._teacher_segmenter.predict(image[rows], generator=self._teacher_noise())
+            target, _ = self.teacher_segmenter.predict(image[rows], generator=self._teacher_noise())
         c = self.cfg
         return efkd_loss(x0[rows], target.to(x0.device), d[rows], t[rows], self.schedule.T, c.tau, c.lambda_e,
                          c.lambda_b)
