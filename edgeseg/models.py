@@ -184,6 +184,13 @@ _ALL: list[Preset] = [
            prediction_type="sample", heads=2, dim_head=16, teacher="tiny-teacher"),
     # half the width and one attention head: a quarter of tiny-student's FLOPs (<= 1 GFLOP per call
     # at 128 px); its widths differ from the teacher's, so it trains from scratch under KD
+    # the tiny pair at 128 px, the paper's input size: the same weights' shapes as the 64-px pair
+    # (convolutions and linear attention do not depend on the input size), so the shipped 64-px
+    # models are their starting point (`init_from`)
+    Preset("tiny-teacher-128", 16, 8, (1, 2, 3, 4), (1, 2, 4, 8), 4, role="teacher", image_size=128,
+           prediction_type="sample", heads=2, dim_head=16),
+    Preset("tiny-student-128", 16, 8, (1, 2, 3), (1, 2, 4), 4, role="student", image_size=128,
+           prediction_type="sample", heads=2, dim_head=16, teacher="tiny-teacher-128"),
     Preset("tiny-student-lean", 8, 4, (1, 2, 3), (1, 2, 4), 4, role="student", image_size=64,
            prediction_type="sample", heads=1, dim_head=16, teacher="tiny-teacher"),
     # tiny-student's widths with mobile blocks (BatchNorm + ReLU, linear attention in the bottleneck only):

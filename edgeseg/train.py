@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from edgeseg.checkpoint import atomic_write_json, load_model, save_model, save_tensors
 from edgeseg.errors import EdgesegError, SettingsError
 from edgeseg.losses import efkd_loss, feature_kd_loss, student_objective, teacher_objective, x0_segmentation_loss
-from edgeseg.models import DermoSegDiff, WSConv2d, build, preset, stage_outputs
+from edgeseg.models import DermoSegDiff, Preset, WSConv2d, build, preset, stage_outputs
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "distill_loss", "EMA", "paper_recipe", "tiny_recipe",
            "validate_settings", "read_state_config", "FIXED_ON_RESUME"]
@@ -83,7 +83,7 @@ class TrainConfig:
     val_every: int = 1  # epochs
     val_max_batches: int | None = None
     save_every_steps: int = 0  # 0: at the end of every epoch only
-    bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU)
+    bf16: bool = True  # autocast to bf16 where the device supports it (CUDA; CPUs with AVX-512 BF16 / AMX)
     kernel_backend: str = "auto"  # fused loss: "auto", "triton" or "torch"
     init_from_teacher: bool = False  # start the student from the teacher's matching stages
     init_from: str | None = None  # fine-tune: start from this checkpoint's weights (same preset)
@@ -343,6 +343,29 @@ def init_from_teacher(student: DermoSegDiff, teacher: DermoSegDiff) -> int:
     return copied
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast pays on this device: CUDA, or a CPU with native bf16 (AVX-512 BF16 or AMX),
+    where oneDNN runs bf16 convolutions and matmuls natively instead of emulating them."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _init_weights(path: str, p: Preset) -> dict:
+    """The weights of checkpoint `path` for a network of preset `p`: the same architecture, except
+    that the input size may differ (a 64-px model starts a 128-px one: its tensors have the same shapes)."""
+    src = load_model(path)
+    a, b = src.preset.architecture(), p.architecture()
+    a.pop("image_size"), b.pop("image_size")
+    if a != b:
+        diff = sorted(k for k in a if a[k] != b[k])
+        raise EdgesegError(f"init_from {path}: preset {src.preset.name!r} differs from {p.name!r} in {', '.join(diff)} "
+                           "(fine-tuning needs the same network, at any input size)")
+    return src.state_dict()
+
+
 def _taps(net: DermoSegDiff | None, on: bool):
     """`stage_outputs(net)` when feature distillation is on, else an empty dict that stays empty."""
     return stage_outputs(net) if on else contextlib.nullcontext({})
@@ -395,7 +418,8 @@ class Trainer:
         self.model = build(self.p).to(self.device)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
         if cfg.init_from is not None:
-            self.model.load_state_dict(load_model(cfg.init_from, expect_preset=self.p.name).state_dict())
+            self.model.load_state_dict(_init_weights(cfg.init_from, self.p))
+        self.bf16 = cfg.bf16 and bf16_supported(self.device)
         if cfg.init_from_teacher and self.teacher is not None:
             init_from_teacher(self.model, self.teacher)
         self.ema = EMA(self.model, cfg.ema_beta, cfg.ema_start)
@@ -568,9 +592,8 @@ class Trainer:
     def loss_on(self, model, image, mask, d, t, noise):
         x_t = self.schedule.q_sample(mask, t, noise)
         target = self.schedule.training_target(mask, noise, t, self.p.prediction_type)
-        use_bf16 = self.cfg.bf16 and self.device.type == "cuda"
         feats = self.cfg.w_feat > 0 and self.teacher is not None
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16), \
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16), \
                 _taps(self.model, feats) as f_s, _taps(self.teacher, feats) as f_t:
             pred = model(x_t, image, t)
             if self.cfg.role == "teacher":
@@ -823,7 +846,7 @@ class Trainer:
 
     def save_final(self) -> Path:
         extra = {"train_config": self.cfg.to_dict(), "steps": self.step, "epochs": self.epoch,
-                 "train_seconds": round(self.train_seconds, 1)}
+                 "train_seconds": round(self.train_seconds, 1), "bf16_autocast": self.bf16}
         if self.resumes:
             extra["resumes"] = self.resumes
         return save_model(self.ema.model, self.out_dir / f"{self.cfg.role}.safetensors", extra=extra)
