@@ -8,7 +8,7 @@ converged epsilon student has been trained here).
 """
 from __future__ import annotations
 
-__all__ = ["SAMPLER_DEFAULTS", "sampler_defaults", "DEFAULT_MODEL", "UNCERTAINTY_MAP"]
+__all__ = ["SAMPLER_DEFAULTS", "sampler_defaults", "DEFAULT_MODEL", "UNCERTAINTY_MAP", "MASK_CLEANUP", "MASK_CLEANUPS"]
 
 SAMPLER_DEFAULTS: dict[str, dict] = {
     "sample": {"steps": 1, "ensemble": 3, "provisional": False},
@@ -18,6 +18,12 @@ SAMPLER_DEFAULTS: dict[str, dict] = {
 
 #: The uncertainty map `Segmentation.uncertainty` holds (edgeseg.segmenter.uncertainty_map).
 UNCERTAINTY_MAP = "margin"
+
+#: What `edgeseg.segmenter.postprocess` does to the thresholded mask at the photo's size (chosen on the
+#: ISIC 2017 validation split, bench/isic2017.py): "largest-filled" keeps the largest connected lesion
+#: and fills its holes (a dermoscopy photo is framed on one lesion); "none" keeps the raw threshold.
+MASK_CLEANUPS = ("none", "largest-filled")
+MASK_CLEANUP = "largest-filled"
 
 #: The shipped model used when no checkpoint is given and no run exists under ./runs.
 DEFAULT_MODEL = "tiny-student-isic2017"

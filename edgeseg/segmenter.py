@@ -21,7 +21,7 @@ import torch
 
 from edgeseg.errors import CheckpointError, EdgesegError
 
-__all__ = ["Segmentation", "Segmenter", "UNCERTAINTY_MAPS", "uncertainty_map"]
+__all__ = ["Segmentation", "Segmenter", "UNCERTAINTY_MAPS", "uncertainty_map", "postprocess", "clean_mask"]
 
 UNCERTAINTY_MAPS = ("margin", "spread", "combined")
 
@@ -49,7 +49,8 @@ class Segmentation:
     """One photo's result, at the photo's own resolution.
 
     ``probability``: lesion probability in [0, 1] (the sampler's mean mapped from [-1, 1]);
-    ``mask = probability > 0.5``; ``uncertainty``: the map chosen by measurement
+    ``mask``: ``probability > 0.5`` after :func:`clean_mask` (by default the largest lesion, holes
+    filled); ``uncertainty``: the map chosen by measurement
     (:data:`edgeseg.defaults.UNCERTAINTY_MAP`, see :func:`uncertainty_map`), in [0, 1], larger =
     less sure.
     """
@@ -197,10 +198,31 @@ class Segmenter:
         return postprocess(mean[0, 0].cpu().numpy(), hw, std[0, 0].cpu().numpy()), rgb
 
 
+def clean_mask(mask: np.ndarray, how: str | None = None) -> np.ndarray:
+    """The thresholded mask after the cleanup `how` (default :data:`edgeseg.defaults.MASK_CLEANUP`):
+    "largest-filled" keeps the largest 8-connected lesion and fills its holes; "none" returns it as is."""
+    from edgeseg.defaults import MASK_CLEANUP, MASK_CLEANUPS
+
+    how = how or MASK_CLEANUP
+    if how not in MASK_CLEANUPS:
+        raise EdgesegError(f"unknown mask cleanup {how!r}; known: {', '.join(MASK_CLEANUPS)}")
+    if how == "none" or not mask.any():
+        return mask
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if n > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        mask = labels == int(np.argmax(sizes))
+    return ndimage.binary_fill_holes(mask)
+
+
 def postprocess(mean: np.ndarray, hw: tuple[int, int], spread: np.ndarray | None = None,
-                kind: str | None = None) -> Segmentation:
-    """Upsample the soft S x S mean (in [-1, 1]) to H x W, then threshold: a smooth outline; the
-    uncertainty map (`kind`, default the table's) from the upsampled mean and spread."""
+                kind: str | None = None, cleanup: str | None = None) -> Segmentation:
+    """Upsample the soft S x S mean (in [-1, 1]) to H x W, then threshold: a smooth outline, cleaned
+    by :func:`clean_mask` (`cleanup`, default the table's); the uncertainty map (`kind`, default the
+    table's) from the upsampled mean and spread. The probability stays the model's own."""
     import cv2
 
     from edgeseg.defaults import UNCERTAINTY_MAP
@@ -215,7 +237,7 @@ def postprocess(mean: np.ndarray, hw: tuple[int, int], spread: np.ndarray | None
     sd = up(spread) if spread is not None else np.zeros_like(m)
     u = np.clip(uncertainty_map(m, sd, kind or UNCERTAINTY_MAP), 0.0, 1.0).astype(np.float32)
     p = (m + 1.0) * 0.5
-    return Segmentation(mask=p > 0.5, probability=p, uncertainty=u)
+    return Segmentation(mask=clean_mask(p > 0.5, cleanup), probability=p, uncertainty=u)
 
 
 def _positive(value: int | None, default: int, name: str) -> int:

@@ -14,7 +14,7 @@ from PIL import Image
 import edgeseg
 from edgeseg.errors import CheckpointError, EdgesegError, ImageReadError
 from edgeseg.imageio import read_rgb
-from edgeseg.segmenter import Segmentation, Segmenter
+from edgeseg.segmenter import Segmentation, Segmenter, clean_mask, postprocess
 
 SYNTH = "tiny-student-synthetic"
 
@@ -51,7 +51,7 @@ def test_segment_array_pil_and_path_agree_at_input_size(seg, tmp_path):
         assert out.mask.shape == out.probability.shape == out.uncertainty.shape == (150, 211)
         assert out.mask.dtype == bool and out.probability.dtype == np.float32
         assert 0 <= out.probability.min() and out.probability.max() <= 1
-        np.testing.assert_array_equal(out.mask, out.probability > 0.5)
+        np.testing.assert_array_equal(out.mask, clean_mask(out.probability > 0.5))
         assert 0 <= out.uncertainty.min() and out.uncertainty.max() <= 1
         np.testing.assert_allclose(out.uncertainty, 1 - np.abs(2 * out.probability - 1), atol=1e-6)
         np.testing.assert_array_equal(out.mask, outs[0].mask)  # same seed, same input: same answer
@@ -192,3 +192,31 @@ def test_noise_schedule_travels_with_the_checkpoint(tmp_path):
     path.with_suffix(".json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="bad noise_schedule"):
         load_model(path)
+
+
+def test_clean_mask_keeps_the_largest_lesion_with_its_holes_filled():
+    m = np.zeros((40, 60), dtype=bool)
+    m[5:30, 5:35] = True           # the lesion
+    m[12:16, 12:16] = False        # a hole in it (a glare spot read as skin)
+    m[35:38, 50:55] = True         # a speck of hair read as lesion
+    m[2:4, 50:52] = True           # another speck
+    out = clean_mask(m, "largest-filled")
+    expect = np.zeros_like(m)
+    expect[5:30, 5:35] = True
+    np.testing.assert_array_equal(out, expect)
+    np.testing.assert_array_equal(clean_mask(m, "none"), m)
+    assert not clean_mask(np.zeros((5, 5), dtype=bool)).any()  # no lesion stays no lesion
+    with pytest.raises(EdgesegError, match="unknown mask cleanup 'biggest'"):
+        clean_mask(m, "biggest")
+
+
+def test_postprocess_cleans_the_mask_but_not_the_probability():
+    mean = -np.ones((32, 32), dtype=np.float32)
+    mean[8:24, 8:24] = 1.0
+    mean[14:18, 14:18] = -1.0      # hole
+    mean[0:2, 28:30] = 1.0         # speck
+    out = postprocess(mean, (64, 64))
+    assert out.mask[32, 32] and not out.mask[0:4, 56:60].any()
+    assert out.probability[32, 32] < 0.5 and out.probability[1, 58] > 0.5  # the model's own map
+    raw = postprocess(mean, (64, 64), cleanup="none")
+    np.testing.assert_array_equal(raw.mask, raw.probability > 0.5)
