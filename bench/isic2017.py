@@ -54,6 +54,36 @@ def _per_image_scores(preds, test_ds) -> dict[str, np.ndarray]:
     return {"dsc": dice(p, gt).numpy(), "bf": boundary_fscore(p, gt).numpy()}
 
 
+def photo_masks(data_dir: Path, test_ds) -> list[np.ndarray]:
+    """The split's ground truth at each photo's own size (the release's PNGs), in test_ds order."""
+    from PIL import Image
+
+    from edgeseg.data.layouts import discover
+
+    by_id = {p.id: p.mask for p in discover("isic2017", data_dir)}
+    out = []
+    for name in test_ds.names:
+        with Image.open(by_id[name]) as im:
+            out.append(np.asarray(im.convert("L")) > 127)
+    return out
+
+
+def score_at_photo_size(means, truth: list[np.ndarray], cleanup: str | None = None) -> tuple[dict, dict]:
+    """Metrics of soft S x S means (> 0 is lesion) upsampled to each photo's size and cleaned as
+    `edgeseg segment` does it (edgeseg.segmenter.postprocess), against the photos' own masks; and
+    per-image Dice / boundary F for paired intervals."""
+    from edgeseg.metrics import MetricAccumulator
+    from edgeseg.segmenter import postprocess
+
+    acc = MetricAccumulator()
+    for mean, gt in zip(means, truth):
+        pred = postprocess(np.asarray(mean, dtype=np.float32).reshape(np.shape(mean)[-2:]), gt.shape,
+                           cleanup=cleanup).mask
+        acc.update_masks(torch.from_numpy(pred)[None], torch.from_numpy(gt)[None])
+    per = acc.per_sample()
+    return _summary(acc), {"dsc": per["dsc"], "bf": per["bf"]}
+
+
 def score_masks(masks: np.ndarray, test_ds) -> dict:
     from edgeseg.metrics import MetricAccumulator
 
@@ -69,6 +99,8 @@ def otsu_masks(test_ds) -> np.ndarray:
 
     return np.stack([otsu_predict(np.asarray(x)) > 0 for x in test_ds.images])
 
+
+STUDENT = "student (EFKD)"  # the student's row label (tests and the docs' tables read it)
 
 #: the U-Net baselines: file stem under --out and table label
 UNETS = {"own": ("unet", "U-Net, own size (Dice+BCE)"),
@@ -163,18 +195,18 @@ def cost_unet(model, size: int) -> dict:
 
 
 def score_program(path: Path, test_ds, student_cost: dict) -> tuple[dict, np.ndarray]:
-    """An exported .pte (what a phone runs), through edgeseg.Segmenter, scored like the rest."""
+    """An exported .pte (what a phone runs), through edgeseg.Segmenter, scored like the rest; returns
+    the row and the program's soft means (B x S x S, > 0 is lesion)."""
     from edgeseg.segmenter import Segmenter
 
     seg = Segmenter.from_pretrained(path)
     x = torch.from_numpy(np.array(test_ds.images)).permute(0, 3, 1, 2).float() / 255.0
-    mean, _ = seg.predict(x)
-    masks = (mean[:, 0] > 0).numpy()
+    mean = torch.cat([seg.predict(x[i:i + 32])[0] for i in range(0, len(x), 32)])[:, 0].numpy()
     cost = {"params": student_cost["params"], "gflop": student_cost["gflop"],
             "ms": round(median_ms(lambda: seg.predict(x[:1]), 30), 2), "file_bytes": path.stat().st_size}
-    row = {"metrics": score_masks(masks, test_ds), "sampler": f"DDIM {seg.steps} steps x {seg.ensemble} (.pte)",
+    row = {"metrics": score_masks(mean > 0, test_ds), "sampler": f"DDIM {seg.steps} steps x {seg.ensemble} (.pte)",
            "cost": cost}
-    return row, masks
+    return row, mean
 
 
 def draw(test_ds, rows: dict, per_image: np.ndarray, path: Path) -> None:
@@ -194,28 +226,45 @@ def draw(test_ds, rows: dict, per_image: np.ndarray, path: Path) -> None:
     save_grid(tiles, path, cols=len(rows), labels=labels)
 
 
-def markdown(doc: dict) -> str:
+def _metric_rows(doc: dict, key: str) -> list[str]:
     lines = ["| model | params | sampler | GFLOP/img | ms/img | DSC | IoU | SE | SP | ACC | HD95 px | BF |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in doc["rows"].items():
-        m, c = r["metrics"], r["cost"]
+        if key not in r:
+            continue
+        m, c = r[key], r["cost"]
         pct = lambda k: f"{100 * m[k]['mean']:.2f}"  # noqa: E731
         params = f"{c['params'] / 1e6:.3f}M" if c.get("params") else "-"
         lines.append(f"| {name} | {params} | {r['sampler']} | {c.get('gflop', '-')} | {c.get('ms', '-')} | "
                      f"{pct('dsc')} | {pct('iou')} | {pct('se')} | {pct('sp')} | {pct('acc')} | "
                      f"{m['hd95']['mean']:.2f} | {pct('bf')} |")
-    lines += ["", "The margin map (1 - |mean|; for a U-Net mean = 2 sigmoid(logit) - 1) as an uncertainty map: pixel "
-              "AUROC against the error map, correlation of its per-image mean with 1 - Dice, ECE of p = (mean + 1) / 2:",
-              "", "| model | AUROC | r | ECE |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {r['uncertainty']['auroc']:.3f} | {r['uncertainty']['corr_1_minus_dice']:.2f} | "
-              f"{r['uncertainty']['ece']:.3f} |" for name, r in doc["rows"].items() if "uncertainty" in r]
-    lines += ["", f"Paired differences on the {doc['n_images']} test images (points; normal 95% interval over images):",
-              "", "| A - B | DSC [95% CI] | images won / lost | BF [95% CI] |", "|---|---:|---:|---:|"]
-    for key, p in doc.get("paired", {}).items():
+    return lines
+
+
+def _paired_rows(paired: dict) -> list[str]:
+    lines = ["| A - B | DSC [95% CI] | images won / lost | BF [95% CI] |", "|---|---:|---:|---:|"]
+    for key, p in paired.items():
         d, bf = p["dsc"], p["bf"]
         lines.append(f"| {key} | {100 * d['mean']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}] | "
                      f"{d['wins']} / {d['losses']} | {100 * bf['mean']:+.2f} "
                      f"[{100 * bf['ci95'][0]:+.2f}, {100 * bf['ci95'][1]:+.2f}] |")
+    return lines
+
+
+def markdown(doc: dict) -> str:
+    n, split = doc["n_images"], doc.get("split", "test")
+    lines = [f"At each photo's own size ({n} {split} images; the mask upsampled and cleaned as `edgeseg segment` "
+             "does it):", "", *_metric_rows(doc, "photo_metrics"), "",
+             "At the models' input size (the thresholded mean, no cleanup):", "", *_metric_rows(doc, "metrics"), ""]
+    lines += ["The margin map (1 - |mean|; for a U-Net mean = 2 sigmoid(logit) - 1) as an uncertainty map: pixel "
+              "AUROC against the error map, correlation of its per-image mean with 1 - Dice, ECE of p = (mean + 1) / 2:",
+              "", "| model | AUROC | r | ECE |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {r['uncertainty']['auroc']:.3f} | {r['uncertainty']['corr_1_minus_dice']:.2f} | "
+              f"{r['uncertainty']['ece']:.3f} |" for name, r in doc["rows"].items() if "uncertainty" in r]
+    if doc.get("paired_photo_size"):
+        lines += ["", f"Paired differences at photo size on the {n} images (points; normal 95% interval over images):",
+                  "", *_paired_rows(doc["paired_photo_size"])]
+    lines += ["", f"Paired differences at input size on the {n} images:", "", *_paired_rows(doc.get("paired", {}))]
     return "\n".join(lines) + "\n"
 
 
@@ -225,21 +274,27 @@ def _first(ds, n: int):
     return SegDataset(ds.images[:n], ds.masks[:n], ds.names[:n], ds.name, ds.split)
 
 
-def main(argv=None) -> int:
+def _args(argv):
+    from edgeseg.defaults import DEFAULT_MODEL
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", required=True, type=Path, help="the ISIC 2017 Part 1 folder")
-    ap.add_argument("--teacher", default="tiny-teacher-isic2017", help="checkpoint or shipped model name")
-    ap.add_argument("--student", default="tiny-student-isic2017", help="checkpoint or shipped model name")
+    ap.add_argument("--teacher", default=DEFAULT_MODEL.replace("student", "teacher"),
+                    help="checkpoint or shipped model name (default: the default model's teacher)")
+    ap.add_argument("--student", default=DEFAULT_MODEL, help="checkpoint or shipped model name (default: the default model)")
     ap.add_argument("--unet-seconds", type=float, default=None,
                     help="U-Net training wall time (give it the student's distillation time)")
     ap.add_argument("--unets", default="own,same-gflop",
                     help="U-Nets to train (--stage unet/all): own (0.12 M) and/or same-gflop (the width at which "
                          "one pass costs what the student's default sampler setting costs)")
-    ap.add_argument("--student-preset", default="tiny-student", help="preset that sizes the same-GFLOP U-Net")
+    ap.add_argument("--student-preset", default=None,
+                    help="preset that sizes the same-GFLOP U-Net (default: the --student checkpoint's)")
     ap.add_argument("--ensemble", type=int, default=None,
                     help="the student's ensemble size N (default: the defaults table's); it also sizes the "
                          "same-GFLOP U-Net, e.g. 1 for a phone program of one member")
-    ap.add_argument("--size", type=int, default=64, help="input size of the models (the tiny presets: 64)")
+    ap.add_argument("--size", type=int, default=None, help="input size of the models (default: the student's)")
+    ap.add_argument("--split", choices=("test", "val"), default="test",
+                    help="test (the table) or val (choices such as the mask cleanup are made here)")
     ap.add_argument("--pte", type=Path, default=None, help="also score this exported student program (.pte)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -251,37 +306,29 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.ensemble is not None and args.ensemble < 1:
         raise SystemExit(f"--ensemble must be at least 1, got {args.ensemble}")
+    return args
 
-    from edgeseg.checkpoint import load_model
+
+def _train_unets(args, student_preset: str) -> None:
     from edgeseg.data import load_dataset
+
+    if not args.unet_seconds:
+        raise SystemExit("--unet-seconds is needed to train the U-Net (the student's distillation time)")
+    train_ds = load_dataset("isic2017", "train", data_dir=args.data_dir, size=args.size)  # no augmentation
+    for kind in args.unets.split(","):
+        if kind not in UNETS:
+            raise SystemExit(f"--unets: unknown U-Net {kind!r}; known: {', '.join(UNETS)}")
+        channels = unet_channels(kind, student_preset, args.size, args.ensemble)
+        print(f"training the U-Net ({kind}, widths {channels}) for {args.unet_seconds:.0f} s ...", flush=True)
+        train_unet_once(train_ds, args.unet_seconds, args.threads, args.seed, args.out, kind, channels)
+
+
+def _score_diffusion_rows(args, teacher, student, test_ds) -> tuple[dict, dict]:
     from edgeseg.defaults import sampler_defaults
     from edgeseg.evaluate import SamplerSettings
-    from edgeseg.runs import resolve_checkpoint
-
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    train_ds = load_dataset("isic2017", "train", data_dir=args.data_dir, size=args.size)  # no augmentation
-    if args.stage in ("all", "unet"):
-        if not args.unet_seconds:
-            raise SystemExit("--unet-seconds is needed to train the U-Net (the student's distillation time)")
-        for kind in args.unets.split(","):
-            if kind not in UNETS:
-                raise SystemExit(f"--unets: unknown U-Net {kind!r}; known: {', '.join(UNETS)}")
-            channels = unet_channels(kind, args.student_preset, args.size, args.ensemble)
-            print(f"training the U-Net ({kind}, widths {channels}) for {args.unet_seconds:.0f} s ...", flush=True)
-            train_unet_once(train_ds, args.unet_seconds, args.threads, args.seed, args.out, kind, channels)
-        if args.stage == "unet":
-            return 0
-    t_path, s_path = resolve_checkpoint(args.teacher, "teacher"), resolve_checkpoint(args.student, "student")
-    teacher, student = load_model(t_path).eval(), load_model(s_path).eval()
-    if student.preset.image_size != args.size:
-        raise SystemExit(f"the student works at {student.preset.image_size} px, not --size {args.size}")
-    test_ds = load_dataset("isic2017", "test", data_dir=args.data_dir, size=args.size)
-    if args.max_images:
-        test_ds = _first(test_ds, args.max_images)
 
     rows, preds = {}, {}
-    for name, model in (("teacher", teacher), ("student (EFKD)", student)):
+    for name, model in (("teacher", teacher), (STUDENT, student)):
         k, n = sampler_defaults(model.preset.prediction_type)
         st = SamplerSettings("ddim", k, args.ensemble if args.ensemble and model is student else n)
         t0 = time.time()
@@ -290,7 +337,10 @@ def main(argv=None) -> int:
                       "eval_seconds": round(time.time() - t0, 1)}
         preds[name] = (torch.stack(means)[:, 0].numpy(), dices)
         print(f"{name}: DSC {metrics['dsc']['mean']:.4f}", flush=True)
+    return rows, preds
 
+
+def _score_unet_rows(args, test_ds, rows: dict, preds: dict) -> None:
     for kind, (_, label) in UNETS.items():
         unet, unet_info = load_unet(args.out, kind)
         if unet is None:
@@ -299,29 +349,81 @@ def main(argv=None) -> int:
         rows[label] = {"metrics": score_masks(unet_mean > 0, test_ds), "sampler": "single pass",
                        "cost": cost_unet(unet, args.size), "train": unet_info}
         preds[label] = (unet_mean, _per_image_scores(list(unet_mean), test_ds))
+
+
+def _score_at_photo_size(rows: dict, preds: dict, truth) -> dict:
+    """Every row at the photos' own size (upsampled and cleaned as `segment` does it), the same
+    without the cleanup; returns per-image photo-size scores for the paired intervals."""
+    per_image = {}
+    for name, (mean, _) in preds.items():
+        rows[name]["photo_metrics"], per_image[name] = score_at_photo_size(mean, truth)
+        rows[name]["photo_metrics_no_cleanup"] = score_at_photo_size(mean, truth, cleanup="none")[0]
+        print(f"{name}: DSC at photo size {rows[name]['photo_metrics']['dsc']['mean']:.4f} "
+              f"(no cleanup {rows[name]['photo_metrics_no_cleanup']['dsc']['mean']:.4f})", flush=True)
+    return per_image
+
+
+def _short(label: str) -> str:
+    """A row's short name in the paired tables: student, teacher, unet, unet-same-gflop, or the program's file."""
+    names = {STUDENT: "student", **{lab: stem for stem, lab in UNETS.values()}}
+    return names.get(label, label.removeprefix("student ").strip())
+
+
+def _paired_table(scores: dict, baseline: str) -> dict:
+    return {f"{_short(baseline)} - {_short(other)}": {m: paired(scores[baseline][m], scores[other][m])
+                                                      for m in ("dsc", "bf")}
+            for other in scores if other != baseline}
+
+
+def main(argv=None) -> int:
+    args = _args(argv)
+    from edgeseg.checkpoint import load_model, load_preset
+    from edgeseg.data import load_dataset
+    from edgeseg.runs import resolve_checkpoint
+
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t_path, s_path = resolve_checkpoint(args.teacher, "teacher"), resolve_checkpoint(args.student, "student")
+    s_preset = load_preset(s_path)[0]
+    args.size = args.size or s_preset.image_size
+    if args.stage in ("all", "unet"):
+        _train_unets(args, args.student_preset or s_preset.name)
+        if args.stage == "unet":
+            return 0
+    teacher, student = load_model(t_path).eval(), load_model(s_path).eval()
+    if student.preset.image_size != args.size:
+        raise SystemExit(f"the student works at {student.preset.image_size} px, not --size {args.size}")
+    test_ds = load_dataset("isic2017", args.split, data_dir=args.data_dir, size=args.size)
+    if args.max_images:
+        test_ds = _first(test_ds, args.max_images)
+
+    rows, preds = _score_diffusion_rows(args, teacher, student, test_ds)
+    _score_unet_rows(args, test_ds, rows, preds)
     for name, (mean, _) in preds.items():
         rows[name]["uncertainty"] = margin_quality(mean, test_ds)
     if args.pte:
-        rows[f"student {args.pte.name}"], _ = score_program(args.pte, test_ds, rows["student (EFKD)"]["cost"])
+        label = f"student {args.pte.name}"
+        rows[label], pte_mean = score_program(args.pte, test_ds, rows[STUDENT]["cost"])
+        preds[label] = (pte_mean, _per_image_scores(list(pte_mean), test_ds))
+    photo = _score_at_photo_size(rows, preds, photo_masks(args.data_dir, test_ds))
     otsu = otsu_masks(test_ds)
     rows["Otsu (CIELAB L)"] = {"metrics": score_masks(otsu, test_ds), "sampler": "-", "cost": {}}
 
-    student_scores = preds["student (EFKD)"][1]
-    others = {"teacher": "teacher", **{UNETS[k][0]: UNETS[k][1] for k in UNETS if UNETS[k][1] in preds}}
     doc = {
-        "dataset": "isic2017", "split": "test", "n_images": len(test_ds), "image_size": args.size,
+        "dataset": "isic2017", "split": args.split, "n_images": len(test_ds), "image_size": args.size,
         "teacher": shown_path(t_path), "student": shown_path(s_path), "machine": machine_info(args.threads),
         "rows": rows,
-        "paired": {f"student - {short}": {m: paired(student_scores[m], preds[label][1][m]) for m in ("dsc", "bf")}
-                   for short, label in others.items()},
+        "paired": _paired_table({k: v[1] for k, v in preds.items()}, STUDENT),
+        "paired_photo_size": _paired_table(photo, STUDENT),
     }
+    doc["paired_photo_size"].update(_paired_table({k: photo[k] for k in ("teacher", STUDENT)}, "teacher"))
     write_json(args.out / "results.json", doc)
     (args.out / "table.md").write_text(markdown(doc))
-    short = {"student (EFKD)": "student", UNETS["own"][1]: "U-Net", UNETS["same-gflop"][1]: "U-Net L"}
+    student_scores = preds[STUDENT][1]
+    short = {STUDENT: "student", UNETS["own"][1]: "U-Net", UNETS["same-gflop"][1]: "U-Net L"}
     draw(test_ds, {short.get(k, k): (p, sc["dsc"]) for k, (p, sc) in preds.items()},
          student_scores["dsc"], args.out / "overlays.png")
     print(markdown(doc))
-    print(json.dumps(doc["paired"], indent=1))
     return 0
 
 

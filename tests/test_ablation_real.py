@@ -77,6 +77,12 @@ def test_isic2017_table_trains_both_unets_and_pairs_them(tmp_path, isic):
     assert abs(same_row["cost"]["gflop"] / student_gflop - 1) < 0.1
     assert set(doc["paired"]) == {"student - teacher", "student - unet", "student - unet-same-gflop"}
     assert all(set(p) == {"dsc", "bf"} for p in doc["paired"].values())
+    # the same rows at each photo's own size (upsampled and cleaned as `segment` does it), paired too
+    assert set(doc["paired_photo_size"]) == set(doc["paired"]) | {"teacher - student"}
+    for name in ("teacher", "student (EFKD)", "U-Net, own size (Dice+BCE)"):
+        photo, raw = rows[name]["photo_metrics"], rows[name]["photo_metrics_no_cleanup"]
+        assert 0 <= photo["dsc"]["mean"] <= 1 and 0 <= raw["dsc"]["mean"] <= 1
+        assert abs(photo["dsc"]["mean"] - rows[name]["metrics"]["dsc"]["mean"]) < 0.2
     for name in ("teacher", "student (EFKD)", "U-Net, own size (Dice+BCE)"):  # the same uncertainty measure for all
         u = rows[name]["uncertainty"]
         assert 0 <= u["ece"] <= 1 and (u["auroc"] != u["auroc"] or 0 <= u["auroc"] <= 1), name
