@@ -10,6 +10,7 @@ result (another shipped model, a web-target row) is one more line there.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -208,6 +209,7 @@ TABLES = {
 }
 
 
+@functools.cache  # the presets table counts FLOPs: render each table once per process
 def render(name: str) -> str:
     if name.startswith("card:"):
         return card_table(name.removeprefix("card:"))
