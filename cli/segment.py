@@ -34,7 +34,8 @@ def segment(
     out: Path = typer.Option(Path("segmentations"), help="output folder"),
     seed: int = typer.Option(0, help="sampling seed"),
 ):
-    """Segment photos: writes <name>_mask.png (the photo's size), <name>_overlay.png, <name>_uncertainty.png."""
+    """Segment photos: writes <name>_mask.png (the photo's size), <name>_overlay.png, <name>_uncertainty.png.
+    What each shipped model is for and where it fails: docs/models/."""
     import numpy as np
 
     from edgeseg.errors import EdgesegError

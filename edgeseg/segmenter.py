@@ -8,6 +8,7 @@
 Preprocessing (one reader, resize to the model's square input, scale to [0, 1]) and
 postprocessing (the soft prediction upsampled to the photo's size, then thresholded, so the
 outline is smooth at any resolution) live here once; `edgeseg segment` calls this class.
+Each shipped model's intended use, training data, metrics and limitations: docs/models/.
 """
 from __future__ import annotations
 
