@@ -58,9 +58,14 @@ CONTRACT_FIELDS = (
 MAX_SIDECAR_BYTES = 4 << 20
 
 
+#: Contract fields that sidecars written before them lack: hashed when present.
+LATER_CONTRACT_FIELDS = ("postprocessing",)
+
+
 def contract_digest(meta: dict) -> str:
     """sha256 hex of the contract fields of a sidecar, as canonical JSON."""
     body = {k: meta.get(k) for k in CONTRACT_FIELDS}
+    body.update({k: meta[k] for k in LATER_CONTRACT_FIELDS if k in meta})
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -88,6 +93,7 @@ def check_contract(meta: dict, where: str | Path) -> None:
     thr = meta.get("threshold")
     if not (isinstance(thr, (int, float)) and not isinstance(thr, bool) and math.isfinite(thr)):
         raise ExportError(f"{where}: threshold must be a finite number, got {thr!r}")
+    _check_postprocessing(meta.get("postprocessing", {"mask_cleanup": "none"}), where)
     pp = meta.get("preprocessing")
     ok = isinstance(pp, dict) and isinstance(pp.get("scale"), (int, float)) and all(
         isinstance(pp.get(k), list) and len(pp[k]) == 3 and all(isinstance(x, (int, float)) for x in pp[k])
@@ -252,8 +258,28 @@ def student_sidecar(model, target: str, out: Path, steps: int, ensemble: int, ba
         "defaults": {"steps": dflt["steps"], "ensemble": dflt["ensemble"], "provisional": dflt["provisional"]},
         "threshold": 0.0,
         "output_range": [-1.0, 1.0],
+        "postprocessing": postprocessing_contract(),
         "quantize": quantize,
     }
+
+
+def _check_postprocessing(post, where) -> None:
+    from edgeseg.defaults import MASK_CLEANUPS
+    from edgeseg.errors import ExportError
+
+    if not (isinstance(post, dict) and post.get("mask_cleanup") in MASK_CLEANUPS):
+        raise ExportError(f"{where}: postprocessing.mask_cleanup must be one of {', '.join(MASK_CLEANUPS)}, "
+                          f"got {post!r}")
+
+
+def postprocessing_contract() -> dict:
+    """How an app turns `mean` into the photo's mask, as edgeseg.segmenter.postprocess does it."""
+    from edgeseg.defaults import MASK_CLEANUP
+
+    return {"upsample": "bilinear, the S x S mean to the photo's H x W, before thresholding",
+            "mask_cleanup": MASK_CLEANUP,
+            "mask_cleanup_means": {"none": "the thresholded mask as is",
+                                   "largest-filled": "keep the largest 8-connected lesion, fill its holes"}[MASK_CLEANUP]}
 
 
 def write_sidecar(out: Path, meta: dict) -> dict:
