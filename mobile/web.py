@@ -69,11 +69,8 @@ def _how_to_get() -> str:
             f"in {_runtime_dir()}")
 
 
-def _npm_pack(work: Path) -> Path:
+def _npm_pack(npm: str, work: Path) -> Path:
     """``npm pack onnxruntime-web@VERSION`` into `work`; the tarball, checked against the pinned sha512."""
-    npm = shutil.which("npm")
-    if npm is None:
-        raise EdgesegError(f"ONNX Runtime Web is not in the cache and npm is not installed: {_how_to_get()}")
     try:
         done = subprocess.run([npm, "pack", f"onnxruntime-web@{ORT_WEB_VERSION}", "--pack-destination", str(work),
                                "--silent"], cwd=work, capture_output=True, text=True, timeout=600)
@@ -92,11 +89,14 @@ def _npm_pack(work: Path) -> Path:
 
 def _fetch_runtime(target: Path, progress: Callable[[str], None] | None) -> None:
     """Fill the cache folder `target` from the npm tarball (extracted beside it, renamed into place)."""
+    npm = shutil.which("npm")
+    if npm is None:
+        raise EdgesegError(f"ONNX Runtime Web is not in the cache and npm is not installed: {_how_to_get()}")
     target.parent.mkdir(parents=True, exist_ok=True)
     if progress:
         progress(f"fetching onnxruntime-web@{ORT_WEB_VERSION} with npm (once; cached in {target})")
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as d:
-        tgz = _npm_pack(Path(d))
+        tgz = _npm_pack(npm, Path(d))
         out = Path(d) / "files"
         out.mkdir()
         with tarfile.open(tgz) as tar:
@@ -195,7 +195,8 @@ def _keep_failed(tmp: Path, out: Path, error: EdgesegError) -> None:
     failed = out.with_name(out.name + ".failed")
     shutil.rmtree(failed, ignore_errors=True)
     os.replace(tmp, failed)
-    error.args = (str(error).replace(str(tmp), str(failed)),)
+    msg = str(error).replace(f"{tmp / 'model.onnx'} was not written", f"{out} was not written")
+    error.args = (msg.replace(str(tmp), str(failed)),)
 
 
 def export_web(model_or_ckpt, out: str | Path, steps: int | None = None, ensemble: int | None = None,
