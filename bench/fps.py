@@ -12,7 +12,7 @@ the tiny ones trained: the newest run's checkpoints, else those shipped in the p
   timed on a few calls at batch 9 (the ensemble as a batch) and the per-image latency is
   **extrapolated** as 250 x the median call (rows say so: ``extrapolated: true``); its Dice is
   measured on ``--paper-dice-images`` images when a trained checkpoint exists;
-* eager PyTorch, few-step DDIM at the default K and N (``edgeseg.mobile.export.DEFAULTS``);
+* eager PyTorch, few-step DDIM at the default K and N (``edgeseg.defaults.SAMPLER_DEFAULTS``);
 * the fp32 and the int8 ExecuTorch ``.pte`` (XNNPACK) at the default K and N, exported into
   ``--export-dir`` (reused when already there) or given with ``--pte``;
 * untrained presets above ``LARGE_GFLOP`` per call (the paper's 128 px networks): eager only, and the
@@ -200,7 +200,7 @@ def _child_main(spec_json: str) -> int:
 # ========================================================================================
 def default_steps_ensemble(prediction_type: str) -> tuple[int, int]:
     try:
-        from edgeseg.mobile.export import default_steps_ensemble as d
+        from edgeseg.defaults import sampler_defaults as d
 
         return d(prediction_type)
     except Exception:  # noqa: BLE001 (mobile extras not installed)
@@ -394,7 +394,7 @@ def ensure_export(job: dict, export_dir: Path, n_parity: int, n_calib: int) -> d
     import hashlib
 
     from edgeseg.mobile import sidecar as sc
-    from edgeseg.mobile.export import EXPORT_RECIPE
+    from edgeseg.mobile.sidecar import EXPORT_RECIPE
 
     tag = "untrained"
     if job["checkpoint"]:
@@ -411,7 +411,7 @@ def ensure_export(job: dict, export_dir: Path, n_parity: int, n_calib: int) -> d
             pass
     import torch
 
-    from edgeseg.mobile.export import export_executorch
+    from edgeseg.mobile.executorch_export import export_executorch
     from edgeseg.models import build
 
     if job["checkpoint"]:

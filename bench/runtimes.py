@@ -246,7 +246,7 @@ def model_info(name: str) -> dict:
 def ensure_export(info: dict, runtime: str, steps: int, ensemble: int, export_dir: Path) -> dict:
     """The exported file for a (model, runtime): reused from export_dir when its sidecar still matches."""
     from edgeseg.mobile import sidecar as sc
-    from edgeseg.mobile.export import EXPORT_RECIPE
+    from edgeseg.mobile.sidecar import EXPORT_RECIPE
 
     target, precision = runtime.split("-")
     tag = "trained" if info["trained"] else "untrained"
@@ -271,7 +271,7 @@ def _export(info: dict, target: str, precision: str, steps: int, ensemble: int, 
         torch.manual_seed(0)
         model, kw = build(info["preset"]).eval(), {"parity_threshold": 0.0, "n_parity_images": 4}
     if target == "pte":
-        from edgeseg.mobile.export import export_executorch as export
+        from edgeseg.mobile.executorch_export import export_executorch as export
     else:
         from edgeseg.mobile.onnx_export import export_onnx as export
     t0 = time.perf_counter()
