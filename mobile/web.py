@@ -14,7 +14,8 @@ segments a photo on the device with ONNX Runtime Web.
 
 The runtime comes from the npm package ``onnxruntime-web`` (:data:`ORT_WEB_VERSION`), fetched once
 with ``npm pack`` (the registry's client; the tarball is checked against a pinned sha512) and
-cached under :func:`cache_dir`. The folder is built beside DIR and renamed into place.
+cached under :func:`cache_dir`. The folder is built beside DIR and moved into place in one step
+(:func:`edgeseg.mobile.placement.place`).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import torch
 
 from edgeseg.errors import EdgesegError
 from edgeseg.mobile.onnx_export import export_onnx
+from edgeseg.mobile.placement import place
 
 __all__ = ["export_web", "ort_web_files", "cache_dir", "noise_for_page", "ORT_WEB_VERSION", "RUNTIMES",
            "PAGE_FILES", "folder_bytes"]
@@ -149,19 +151,6 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         raise EdgesegError(f"{out.parent} is not a folder")
 
 
-def _place_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished folder into place; an existing one is moved aside first, then removed."""
-    if out.exists() and overwrite:
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    if out.exists():
-        raise EdgesegError(f"{out} appeared during the export; not replaced (pass --overwrite)")
-    os.rename(tmp, out)
-
-
 def _write_site(site: Path, meta: dict, runtime: str, files: dict[str, Path], seed: int) -> dict:
     """Page, runtime and noise files into `site` (the model and its sidecar are already there)."""
     static = resources.files("edgeseg.mobile").joinpath("web_static")
@@ -223,7 +212,7 @@ def export_web(model_or_ckpt, out: str | Path, steps: int | None = None, ensembl
 
         os.chmod(tmp, new_file_mode() | 0o111)
         size = folder_bytes(tmp)
-        _place_dir(tmp, out, overwrite)
+        place(tmp, out, overwrite)
     except EdgesegError as e:
         _keep_failed(tmp, out, e)
         raise
