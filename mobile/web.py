@@ -20,6 +20,7 @@ cached under :func:`cache_dir`. The folder is built beside DIR and moved into pl
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -38,7 +39,7 @@ from edgeseg.mobile.onnx_export import export_onnx
 from edgeseg.mobile.placement import place
 
 __all__ = ["export_web", "ort_web_files", "cache_dir", "noise_for_page", "ORT_WEB_VERSION", "RUNTIMES",
-           "PAGE_FILES", "folder_bytes"]
+           "PAGE_FILES", "folder_bytes", "ISOLATION_HEADERS", "serve"]
 
 ORT_WEB_VERSION = "1.31.1"
 #: The registry's dist.integrity of onnxruntime-web@ORT_WEB_VERSION (npm view onnxruntime-web@1.31.1 dist.integrity).
@@ -221,3 +222,45 @@ def export_web(model_or_ckpt, out: str | Path, steps: int | None = None, ensembl
         raise
     meta.update(path=str(out), web={"folder": str(out), "size_bytes": size, **config})
     return meta
+
+
+#: The headers that make a page cross-origin isolated, so that WebAssembly threads (SharedArrayBuffer) work.
+ISOLATION_HEADERS = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"}
+
+
+@contextlib.contextmanager
+def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 0):
+    """Serve `folder` with :data:`ISOLATION_HEADERS` on a background thread; yields the base URL."""
+    import functools
+    import http.server
+    import threading
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map,
+                          ".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm"}
+
+        def end_headers(self):
+            for k, v in ISOLATION_HEADERS.items():
+                self.send_header(k, v)
+            super().end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer((host, port), functools.partial(Handler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://{host}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+if __name__ == "__main__":  # python -m edgeseg.mobile.web DIR [PORT]: serve an exported site, isolated
+    import sys
+    import time
+
+    with serve(sys.argv[1], port=int(sys.argv[2]) if len(sys.argv) > 2 else 8000) as url:
+        print(f"serving {sys.argv[1]} at {url}/ (Ctrl-C stops)")
+        while True:
+            time.sleep(3600)

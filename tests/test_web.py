@@ -9,13 +9,10 @@ Set EDGESEG_WEB_SCREENSHOT=path to keep the screenshot of the fp32 page (docs/we
 from __future__ import annotations
 
 import base64
-import functools
-import http.server
 import io
 import os
 import shutil
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -52,21 +49,6 @@ def _photo() -> Path:
     raise AssertionError(f"the ISIC 2017 test photo {PHOTO} is not in {ISIC_TESTS[0]}")
 
 
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Static files with the cross-origin-isolation headers (WebAssembly threads) and the right types."""
-
-    extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map,
-                      ".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm"}
-
-    def end_headers(self):
-        self.send_header("Cross-Origin-Opener-Policy", "same-origin")
-        self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
-        super().end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory):
     """{precision: site folder} under one root, exported through the CLI's library call."""
@@ -84,17 +66,16 @@ def browser(sites):
     """(base URL, Playwright browser) serving `sites` from 127.0.0.1."""
     from playwright.sync_api import sync_playwright
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(sites)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    from edgeseg.mobile.web import serve
+
     profile = sites.parent / "chromium-profile"
-    with sync_playwright() as pw:
+    with serve(sites) as base, sync_playwright() as pw:
         ctx = pw.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, args=CHROMIUM_ARGS,
                                                     headless=True)
         try:
-            yield f"http://127.0.0.1:{server.server_address[1]}", ctx
+            yield base, ctx
         finally:
             ctx.close()
-            server.shutdown()
 
 
 def open_page(browser, path: str):
