@@ -147,7 +147,7 @@ def _summary(meta: dict, defaulted: bool, seconds: float):
     if web:
         table.title = "edgeseg export: web"
         table.add_row("folder", f"{web['folder']} ({_size(web['size_bytes'])} in all; serve it with any static file "
-                                f"server, e.g. python -m http.server -d {web['folder']})")
+                                f"server, e.g. python -m edgeseg.mobile.web {web['folder']}, which sends the headers threads need)")
         table.add_row("runtime", f"{web['runtime']['package']} {web['runtime']['version']} ({web['runtime']['build']})")
     table.add_row("file", str(Path(web["folder"]) / meta["file"]) if web else meta["path"])
     table.add_row("sidecar", (str(Path(web["folder"]) / meta["file"]) if web else meta["path"]) + ".json")
