@@ -17,38 +17,24 @@ import pytest
 import torch
 from torch import nn
 
-from ddp_worker import (MICRO_STUDENT, MICRO_TEACHER, ddp_config, micro_datasets, micro_teacher,
-                        micro_environment)
 import edgeseg.viz
 from edgeseg.errors import EdgesegError
-from edgeseg.models import Preset, build
+from edgeseg.models import build
 from edgeseg.train import EMA, TrainConfig, Trainer, TrainingDiverged
+from micro import MICRO_STUDENT, MICRO_TEACHER, ddp_config, make_trainer, micro_config, micro_teacher
 
 CPU = torch.device("cpu")
 _REAL_PLOT_CURVES = edgeseg.viz.plot_curves
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def micro_env(tmp_path_factory):
-    """Micro presets registered, one synthetic cache shared by the session's test files, 1 thread."""
-    yield from micro_environment(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def data():
-    return micro_datasets(32, 8)
+pytestmark = pytest.mark.usefixtures("micro_env")
+trainer = make_trainer
 
 
 def cfg(**kw) -> TrainConfig:
-    base = dict(role="student", preset=MICRO_STUDENT, kd="efkd", batch_size=8, epochs=2, lr=1e-3,
-                num_workers=0, save_every_steps=3, ema_start=2, ema_beta=0.9, seed=0, plateau_patience=0)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def trainer(c: TrainConfig, out: Path, data, teacher=None) -> Trainer:
-    return Trainer(c, out, teacher=teacher, train_ds=data[0], val_ds=data[1], device=CPU, quiet=True)
+    """EFKD, a state saved every 3 steps (mid-epoch: the resume tests stop between saves)."""
+    return micro_config(**{"save_every_steps": 3, **kw})
 
 
 # ----------------------------------------------------------------------------------------
