@@ -65,10 +65,9 @@ def measure(spec: dict) -> dict:
     """Load the program, time `runs` calls after `warmup` (random inputs of the sidecar's shapes)."""
     import torch
 
-    from bench.runtimes import _set_threads
     from executorch.runtime import Runtime
 
-    _set_threads(spec["threads"])
+    common.set_threads(spec["threads"])
     gen = torch.Generator().manual_seed(0)
     inputs = tuple((torch.rand if name == "image" else torch.randn)(tuple(shape), generator=gen)
                    for name, shape in spec["inputs"])
@@ -78,8 +77,7 @@ def measure(spec: dict) -> dict:
 
 
 def run_child(spec: dict, timeout: float) -> dict:
-    return common.run_json_child(Path(__file__).resolve(), ["--child", json.dumps(spec)], RESULT_TAG, timeout,
-                                 env={"OMP_NUM_THREADS": str(spec["threads"])})
+    return common.run_child(Path(__file__).resolve(), "--child", spec, RESULT_TAG, timeout)
 
 
 # ========================================================================================

@@ -1,4 +1,5 @@
-"""`edgeseg export`: the whole few-step segmenter to ExecuTorch (.pte), CoreML (.mlpackage) or ONNX (.onnx).
+"""`edgeseg export`: the whole few-step segmenter to ExecuTorch (.pte), CoreML (.mlpackage), ONNX (.onnx) or a
+static web page (a folder: the ONNX model run by ONNX Runtime Web in the browser).
 
 Registered in cli/main.py as ``app.command("export")(export_cmd)``. Heavy imports (torch,
 executorch, coremltools, onnx) happen inside the command so ``edgeseg --help`` stays fast.
@@ -19,6 +20,7 @@ class Target(str, Enum):
     executorch = "executorch"
     coreml = "coreml"
     onnx = "onnx"
+    web = "web"
 
 
 class ComputeUnits(str, Enum):
@@ -51,17 +53,17 @@ def _size(n: int) -> str:
 
 @user_errors
 def export_cmd(
-    target: Target = typer.Option(..., "--target", help="executorch (.pte, XNNPACK), coreml (.mlpackage) or onnx "
-                                  "(.onnx, ONNX Runtime)"),
+    target: Target = typer.Option(..., "--target", help="executorch (.pte, XNNPACK), coreml (.mlpackage), onnx "
+                                  "(.onnx, ONNX Runtime) or web (a folder: page + .onnx + ONNX Runtime Web)"),
     checkpoint: Optional[Path] = typer.Option(
         None, help="student .safetensors or run folder; default: the newest run's student under ./runs/"),
     quantize: Quantize = typer.Option(
-        Quantize.none, help="none, int8 (ExecuTorch: PT2E static int8; ONNX: ONNX Runtime static QDQ int8; CoreML: "
+        Quantize.none, help="none, int8 (ExecuTorch: PT2E static int8; ONNX and web: ONNX Runtime static QDQ int8; CoreML: "
                             "int8 weights) or palettize (CoreML only: k-means LUT weights)"),
     steps: Optional[int] = typer.Option(None, "--steps", "-k", min=1, max=250, help=_STEPS_HELP),
     ensemble: Optional[int] = typer.Option(None, "--ensemble", "-n", min=1, max=64, help=_ENSEMBLE_HELP),
     out: Optional[Path] = typer.Option(None, help="output path (default <preset>-k<K>n<N>-<precision>.pte/.mlpackage/"
-                                       ".onnx)"),
+                                       ".onnx; web: a folder, required)"),
     n_parity_images: int = typer.Option(16, min=1, help="held-out (test split) images for the parity check"),
     n_calibration_images: int = typer.Option(32, min=1, help="training images for int8 calibration"),
     dataset: Optional[str] = typer.Option(None, help="dataset for calibration/parity (default: the checkpoint's)"),
@@ -74,6 +76,8 @@ def export_cmd(
     seed: int = typer.Option(0, help="seed of the parity check's noise"),
     overwrite: bool = typer.Option(False, help="replace an existing output file and its sidecar (otherwise an "
                                    "existing one is an error, before any work)"),
+    webgpu: bool = typer.Option(False, "--webgpu", help="web only: ship ONNX Runtime Web's WebGPU build (WebGPU where "
+                                "the browser offers it, else WebAssembly; ~29 MB instead of ~15 MB)"),
 ):
     """Export the student with K DDIM steps and an N-member ensemble unrolled inside the program.
 
@@ -91,6 +95,10 @@ def export_cmd(
         raise EdgesegError(f"--quantize palettize is CoreML only; use none or int8 for {target.value}")
     if target != Target.coreml and compute_units is not None:
         raise EdgesegError(f"--compute-units is CoreML only (the {target.value} program runs on the CPU)")
+    if target == Target.web and out is None:
+        raise EdgesegError("--target web writes a folder: pass --out DIR")
+    if target != Target.web and webgpu:
+        raise EdgesegError("--webgpu is for --target web only")
     console = Console(stderr=True)
     t0 = time.perf_counter()
 
@@ -100,8 +108,14 @@ def export_cmd(
     common = dict(batch=batch, dataset=dataset, data_dir=data_dir, n_parity_images=n_parity_images, seed=seed,
                   progress=progress, overwrite=overwrite)
     with console.status("exporting ...", spinner="dots"):
-        meta = _export(target, checkpoint, out, steps, ensemble, quantize.value, common, n_calibration_images, nbits,
-                       compute_units.value if compute_units is not None else "all")
+        if target == Target.web:
+            from edgeseg.mobile.web import export_web
+
+            meta = export_web(checkpoint, out, steps, ensemble, quantize.value, runtime="webgpu" if webgpu else "wasm",
+                              n_calibration_images=n_calibration_images, **common)
+        else:
+            meta = _export(target, checkpoint, out, steps, ensemble, quantize.value, common, n_calibration_images,
+                           nbits, compute_units.value if compute_units is not None else "all")
     Console().print(_summary(meta, steps is None or ensemble is None, time.perf_counter() - t0))
 
 
@@ -129,8 +143,14 @@ def _summary(meta: dict, defaulted: bool, seconds: float):
     table = Table(title=f"edgeseg export: {meta['target']}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("file", meta["path"])
-    table.add_row("sidecar", meta["path"] + ".json")
+    web = meta.get("web")
+    if web:
+        table.title = "edgeseg export: web"
+        table.add_row("folder", f"{web['folder']} ({_size(web['size_bytes'])} in all; serve it with any static file "
+                                f"server, e.g. python -m edgeseg.mobile.web {web['folder']}, which sends the headers threads need)")
+        table.add_row("runtime", f"{web['runtime']['package']} {web['runtime']['version']} ({web['runtime']['build']})")
+    table.add_row("file", str(Path(web["folder"]) / meta["file"]) if web else meta["path"])
+    table.add_row("sidecar", (str(Path(web["folder"]) / meta["file"]) if web else meta["path"]) + ".json")
     for key, what in (("etrecord", "ETRecord"), ("bundled_program", "bundled program")):
         if meta.get(key):
             b = meta[key]

@@ -54,6 +54,47 @@ def parity_unet_pte(path: str | Path, model: nn.Module, images: torch.Tensor) ->
     }
 
 
+def _unet_images(images, calibration_images, n_calibration: int, n_parity: int, size: int, dataset: str, data_dir
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(parity images, calibration images or None when `n_calibration` is 0): the ones given, else
+    loaded from `dataset`; each N x 3 x `size` x `size` (N >= 1)."""
+    if images is None:
+        images = load_images(dataset, "test", n_parity, size, data_dir)
+    calib = None
+    if n_calibration:
+        calib = calibration_images if calibration_images is not None else load_images(
+            dataset, "train", n_calibration, size, data_dir)
+    for what, t in (("images", images), ("calibration_images", calib)):
+        if t is not None and (t.ndim != 4 or tuple(t.shape[1:]) != (3, size, size) or len(t) == 0):
+            raise EdgesegError(f"{what} must be N x 3 x {size} x {size} (N >= 1), got {tuple(t.shape)}")
+    return images.float().contiguous(), calib
+
+
+def _unet_sidecar(model: nn.Module, net: nn.Module, out: Path, size: int, quantize: str, calls: int,
+                  others: dict) -> dict:
+    """The U-Net program's sidecar fields (the same contract fields as the student's; its own I/O)."""
+    return {
+        "format": sc.FORMAT, "format_version": sc.FORMAT_VERSION, "recipe": UNET_RECIPE, "target": UNET_TARGET,
+        "file": out.name, "status": "ok", "model": type(model).__name__.lstrip("_"), "channels": _unet_channels(net),
+        "params": int(sum(p.numel() for p in net.parameters())), "image_size": [size, size],
+        "preprocessing": sc.preprocessing_for(size), "batch": 1,
+        "inputs": [{"name": "image", "shape": [1, 3, size, size], "dtype": "float32",
+                    "description": "preprocessed RGB image, see preprocessing"}],
+        "outputs": [{"name": "logits", "shape": [1, 1, size, size], "dtype": "float32",
+                     "description": "lesion logits; lesion where logits > threshold (sigmoid > 0.5)"}],
+        "threshold": 0.0, "quantize": quantize, "delegate_calls": calls, "non_delegated_ops": others,
+    }
+
+
+def _unet_problem(parity: dict, threshold: float, quantize: str) -> str | None:
+    """The gate's verdict: mask Dice, and for fp32 also the probabilities' deviation."""
+    problem = dice_problem(parity, threshold, quantize)
+    if problem is None and quantize == "none" and parity["max_abs_diff_prob"] > UNET_FP32_PROB_ATOL:
+        problem = (f"parity check failed: fp32 probabilities differ from eager by {parity['max_abs_diff_prob']:.2e} "
+                   f"> {UNET_FP32_PROB_ATOL}")
+    return problem
+
+
 def export_unet_pte(
     model: nn.Module,
     out: str | Path,
@@ -104,16 +145,9 @@ def export_unet_pte(
     threshold = PARITY_THRESHOLDS[quantize] if parity_threshold is None else float(parity_threshold)
     net = copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)
     parity_source = "given" if images is not None else f"{dataset} test split"
-    if images is None:
-        images = load_images(dataset, "test", n_parity_images, size, data_dir)
-    calib = None
-    if quantize == "int8":
-        calib = calibration_images if calibration_images is not None else load_images(
-            dataset, "train", n_calibration_images, size, data_dir)
-    for what, t in (("images", images), ("calibration_images", calib)):
-        if t is not None and (t.ndim != 4 or tuple(t.shape[1:]) != (3, size, size) or len(t) == 0):
-            raise EdgesegError(f"{what} must be N x 3 x {size} x {size} (N >= 1), got {tuple(t.shape)}")
-    images = images.float().contiguous()
+    images, calib = _unet_images(images, calibration_images if quantize == "int8" else None,
+                                 n_calibration_images if quantize == "int8" else 0, n_parity_images, size, dataset,
+                                 data_dir)
     example = (torch.rand(1, 3, size, size),)
     with torch.no_grad():
         shape = tuple(net(example[0]).shape)
@@ -134,23 +168,9 @@ def export_unet_pte(
     parity, _ = checked_parity(tmp, out, lambda: (parity_unet_pte(tmp, net, images), None))
     parity.update(images=parity_source, threshold=threshold, runtime="executorch.runtime (Python)",
                   **({"prob_atol": UNET_FP32_PROB_ATOL} if quantize == "none" else {}))
-    problem = dice_problem(parity, threshold, quantize)
-    if problem is None and quantize == "none" and parity["max_abs_diff_prob"] > UNET_FP32_PROB_ATOL:
-        problem = (f"parity check failed: fp32 probabilities differ from eager by {parity['max_abs_diff_prob']:.2e} "
-                   f"> {UNET_FP32_PROB_ATOL}")
-    meta = {
-        "format": sc.FORMAT, "format_version": sc.FORMAT_VERSION, "recipe": UNET_RECIPE, "target": UNET_TARGET,
-        "file": out.name, "status": "ok", "model": type(model).__name__.lstrip("_"), "channels": _unet_channels(net),
-        "params": int(sum(p.numel() for p in net.parameters())), "image_size": [size, size],
-        "preprocessing": sc.preprocessing_for(size), "batch": 1,
-        "inputs": [{"name": "image", "shape": [1, 3, size, size], "dtype": "float32",
-                    "description": "preprocessed RGB image, see preprocessing"}],
-        "outputs": [{"name": "logits", "shape": [1, 1, size, size], "dtype": "float32",
-                     "description": "lesion logits; lesion where logits > threshold (sigmoid > 0.5)"}],
-        "threshold": 0.0, "quantize": quantize, "delegate_calls": calls, "non_delegated_ops": others,
-        "calibration": None if calib is None else {
-            "n_images": int(len(calib)),
-            "source": "given" if calibration_images is not None else f"{dataset} train split"},
-        "parity": parity,
-    }
+    problem = _unet_problem(parity, threshold, quantize)
+    meta = _unet_sidecar(model, net, out, size, quantize, calls, others)
+    meta["calibration"] = None if calib is None else {
+        "n_images": int(len(calib)), "source": "given" if calibration_images is not None else f"{dataset} train split"}
+    meta["parity"] = parity
     return gate_and_place(tmp, out, meta, problem, overwrite)

@@ -34,12 +34,6 @@ def _one_stage(seed: int = 0):
     return build("tiny-student", dim_x_mults=(1,), dim_g_mults=(1,)).eval()
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from edgeseg.checkpoint import load_model
-
-    return load_model(SHIPPED_STUDENT).eval()
-
 
 def run_cli(argv: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
     """The real entry point (edgeseg.cli.main:main) in this process: (exit code, stdout, stderr)."""

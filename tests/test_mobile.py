@@ -44,14 +44,6 @@ def _tiny(seed: int = 0, **overrides):
     return build("tiny-student", **overrides).eval()
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """The shipped tiny student (trained on the synthetic set, x0 prediction)."""
-    from edgeseg.checkpoint import load_model
-
-    return load_model(SHIPPED_STUDENT).eval()
-
-
 # ---------------------------------------------------------------------------------------- fold
 @pytest.mark.parametrize("name", ["tiny-student", "student-mobile"])
 def test_fold_is_exact(name):
