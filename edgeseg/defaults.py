@@ -8,7 +8,7 @@ converged epsilon student has been trained here).
 """
 from __future__ import annotations
 
-__all__ = ["SAMPLER_DEFAULTS", "sampler_defaults", "DEFAULT_MODEL", "UNCERTAINTY_MAP"]
+__all__ = ["SAMPLER_DEFAULTS", "sampler_defaults", "DEFAULT_MODEL", "UNCERTAINTY_MAP", "finetune_start"]
 
 SAMPLER_DEFAULTS: dict[str, dict] = {
     "sample": {"steps": 1, "ensemble": 3, "provisional": False},
@@ -27,3 +27,10 @@ def sampler_defaults(prediction_type: str) -> tuple[int, int]:
     """(steps, ensemble) for a model of this prediction type."""
     d = SAMPLER_DEFAULTS[prediction_type]
     return d["steps"], d["ensemble"]
+
+
+def finetune_start() -> dict[str, str]:
+    """The shipped models that fine-tuning on a user's folder starts from, by role: the default
+    model and its teacher (named as `edgeseg.runs.resolve_checkpoint` names it), so switching
+    DEFAULT_MODEL switches the fine-tuning start too."""
+    return {"teacher": DEFAULT_MODEL.replace("student", "teacher"), "student": DEFAULT_MODEL}
