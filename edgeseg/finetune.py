@@ -73,7 +73,7 @@ def use_shipped_start(dataset: str, choice: bool | None, teacher: str | None, te
 def finetune_recipe(start: StartModel, dataset: str, data_dir: str | None):
     """The shipped model's own training recipe, continued from its weights on the folder: a lower
     learning rate annealed over the time budget, no worker processes (epochs of a few steps)."""
-    from edgeseg.train import TrainConfig
+    from edgeseg.config import TrainConfig
 
     known = {f.name for f in fields(TrainConfig)}
     cfg = {k: v for k, v in start.train_config.items() if k in known}
@@ -217,24 +217,24 @@ def plan_job(*, start_text: str, t_name: str, cfg_t, cfg_s, sizes: dict, minutes
     return Plan(line, total, eval_s, t_sec, s_sec)
 
 
-def keep_better(role: str, tuned, start: StartModel, run: Path, val_ds, n_val: int, dataset: str,
-                data_dir: str | None):
-    """The fine-tuned model, or the shipped one when fine-tuning did not raise validation Dice on
-    the folder (then ``<run>/<role>.safetensors`` is the shipped weights and the fine-tuned ones
-    stay beside it as ``<role>-finetuned.safetensors``). Returns (model, record for metrics.json)."""
+def keep_better(role: str, tuned, start: StartModel, run: Path, score, dataset: str, data_dir: str | None):
+    """The fine-tuned model, or the shipped one when fine-tuning did not raise the validation score
+    (`score(model)`: validation Dice on the folder, edgeseg.defaults.VAL_SELECT). Then
+    ``<run>/<role>.safetensors`` is the shipped weights and the fine-tuned ones stay beside it as
+    ``<role>-finetuned.safetensors``. Returns (model, record for metrics.json)."""
     import json
     import os
 
     from edgeseg.checkpoint import load_model, save_model
-    from edgeseg.pipeline import VAL_SELECT, _val_dsc
+    from edgeseg.defaults import VAL_SELECT
 
     dst = run / f"{role}.safetensors"
     meta = json.loads(dst.with_suffix(".json").read_text()) if dst.with_suffix(".json").exists() else {}
     shipped = load_model(start.path)
     if meta.get("finetune_kept") == "shipped":  # a resumed run that already chose
         return shipped, {"kept": "shipped", "start": start.name, **meta.get("finetune_val_dsc", {})}
-    scores = {"val_dsc_shipped": _val_dsc(shipped, val_ds, n_val), "val_dsc_finetuned": _val_dsc(tuned, val_ds, n_val)}
-    rec = {"start": start.name, "val_images": min(n_val, len(val_ds)), "val_protocol": VAL_SELECT.describe(), **scores}
+    scores = {"val_dsc_shipped": score(shipped), "val_dsc_finetuned": score(tuned)}
+    rec = {"start": start.name, "val_protocol": VAL_SELECT.describe(), **scores}
     if scores["val_dsc_finetuned"] > scores["val_dsc_shipped"]:
         return tuned, {"kept": "fine-tuned", **rec}
     for suffix in (".safetensors", ".json"):  # the fine-tuned weights stay inspectable

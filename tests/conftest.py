@@ -46,7 +46,7 @@ def tiny_pte_fp32(tmp_path_factory):
     exported once for test_mobile and test_deploy (with its ETRecord and bundled program).
     Read-only: a test that changes a file works on a copy."""
     from edgeseg.checkpoint import load_model
-    from edgeseg.mobile.export import export_executorch
+    from edgeseg.mobile.executorch_export import export_executorch
 
     tiny = load_model(REPO_ROOT / "edgeseg" / "assets" / "tiny-student-synthetic.safetensors").eval()
     out = tmp_path_factory.mktemp("pte") / "tiny.pte"

@@ -136,7 +136,7 @@ def test_coreml_spec_metadata_descriptions_compute_units(tmp_path):
     pytest.importorskip("coremltools")
     import coremltools as ct
 
-    from edgeseg.mobile.export import COREML_METADATA_KEYS, coreml_metadata, export_coreml
+    from edgeseg.mobile.coreml_export import COREML_METADATA_KEYS, coreml_metadata, export_coreml
 
     out = tmp_path / "one.mlpackage"
     meta = export_coreml(_one_stage(), out, K, N, "none", compute_units="cpu_and_ne")

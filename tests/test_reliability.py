@@ -240,23 +240,23 @@ def test_a_renamed_checkpoint_of_another_architecture_is_not_the_expected_preset
 
 # ---------------------------------------------------------------------------------------- item 12: export placement
 def test_export_placement_never_clobbers_without_overwrite(tmp_path):
-    from edgeseg.mobile.export import _place
+    from edgeseg.mobile.placement import place
 
     out = tmp_path / "x.pte"
     tmp = tmp_path / ".x.pte.1.partial"
     tmp.write_bytes(b"new")
-    _place(tmp, out, overwrite=False)
+    place(tmp, out, overwrite=False)
     assert out.read_bytes() == b"new" and not tmp.exists()
     tmp.write_bytes(b"newer")
     with pytest.raises(ExportError, match="appeared during the export"):  # someone wrote x.pte meanwhile
-        _place(tmp, out, overwrite=False)
+        place(tmp, out, overwrite=False)
     assert out.read_bytes() == b"new"
-    _place(tmp, out, overwrite=True)
+    place(tmp, out, overwrite=True)
     assert out.read_bytes() == b"newer" and not tmp.exists()
 
 
 def test_export_output_checks(tmp_path):
-    from edgeseg.mobile.export import check_output
+    from edgeseg.mobile.placement import check_output
 
     check_output(tmp_path / "a.pte", ".pte", overwrite=False)
     with pytest.raises(ExportError, match="must end in .pte"):
@@ -273,14 +273,14 @@ def test_export_output_checks(tmp_path):
 # ---------------------------------------------------------------------------------------- the sidecar contract
 @pytest.fixture
 def fake_export(tmp_path):
-    from edgeseg.mobile.export import _common_sidecar, _finish
+    from edgeseg.mobile.sidecar import student_sidecar, write_sidecar
     from edgeseg.models import PRESETS
 
     out = tmp_path / "m.pte"
     out.write_bytes(b"not really a program")
-    meta = _common_sidecar(SimpleNamespace(preset=PRESETS["tiny-student"]), "executorch", out, 1, 3, 1, "none",
+    meta = student_sidecar(SimpleNamespace(preset=PRESETS["tiny-student"]), "executorch", out, 1, 3, 1, "none",
                            None, "synthetic")
-    _finish(out, meta)
+    write_sidecar(out, meta)
     return out
 
 

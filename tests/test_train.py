@@ -352,7 +352,8 @@ def test_mobile_student_of_the_teachers_depth_starts_from_every_teacher_conv():
     from edgeseg.train import init_from_teacher
 
     torch.manual_seed(0)
-    teacher, student = build("tiny-teacher"), build("tiny-student-mobile-deep")
+    # the teacher's four stages and widths with mobile blocks
+    teacher, student = build("tiny-teacher"), build("tiny-teacher", blocks="mobile")
     init_from_teacher(student, teacher)
     t_mods = dict(teacher.named_modules())
     convs = [(n, m) for n, m in student.named_modules() if isinstance(m, nn.Conv2d)]
@@ -522,39 +523,18 @@ def test_x0_segmentation_loss_term_trains(tmp_path, data):
     assert logs["loss"] == pytest.approx(plain["loss"] + 0.5 * logs["seg"], rel=1e-5)
 
 
-def test_sampler_kd_pulls_the_first_step_x0_toward_the_teachers_sampler_output(tmp_path, data):
+def test_a_removed_setting_loads_at_its_default_and_is_refused_otherwise():
+    """Run states and checkpoints written while sampler distillation existed carry w_sampler_kd: 0.0."""
+    from edgeseg.config import check_resume
     from edgeseg.errors import SettingsError
-    from edgeseg.evaluate import SamplerSettings
-    from edgeseg.losses import efkd_loss
 
-    with pytest.raises(SettingsError, match="w_sampler_kd.*focus_timesteps"):
-        cfg(w_sampler_kd=0.5)  # without focus no row sits at the sampler's timestep
-    with pytest.raises(SettingsError, match="w_sampler_kd"):
-        cfg(role="teacher", preset=MICRO_TEACHER, focus_timesteps=0.5, w_sampler_kd=0.5)
-    with pytest.raises(EdgesegError, match="needs a teacher"):
-        trainer(cfg(kd="none", focus_timesteps=0.5, w_sampler_kd=0.5), tmp_path / "x", data)
-
-    teacher = micro_teacher()
-    c = cfg(kd="none", focus_timesteps=1.0, w_sampler_kd=0.5)
-    tr = trainer(c, tmp_path / "a", data, teacher=teacher)
-    batch = next(iter(tr._loader(0)))
-    image, mask, d = batch
-    t = tr.focus_t[:1].repeat(len(image))
-    x0 = torch.zeros_like(mask, requires_grad=True)
-    loss = tr._sampler_kd_loss(x0, image, d, t)
-    target, _ = SamplerSettings().segmenter(teacher).predict(image, generator=tr._teacher_noise())
-    assert loss.item() == pytest.approx(efkd_loss(torch.zeros_like(mask), target, d, t, tr.schedule.T).item(), rel=1e-6)
-    assert loss.item() > 0 and tr._sampler_kd_loss(target.clone(), image, d, t).item() == pytest.approx(0.0, abs=1e-9)
-    loss.backward()
-    assert torch.sign(x0.grad).eq(-torch.sign(target)).float().mean() > 0.99  # toward the teacher's answer
-    # rows away from the sampler's first timestep carry no term
-    assert tr._sampler_kd_loss(x0, image, d, t - 1).item() == 0.0
-
-    logs = tr.train_step(batch)
-    assert "sampler_kd" in logs and math.isfinite(logs["sampler_kd"]) and logs["sampler_kd"] > 0
-    plain = trainer(cfg(kd="none", focus_timesteps=1.0), tmp_path / "plain", data, teacher=teacher).train_step(batch)
-    assert "sampler_kd" not in plain
-    assert logs["loss"] == pytest.approx(plain["loss"] + 0.5 * logs["sampler_kd"], rel=1e-5)
+    saved = {**cfg().to_dict(), "w_sampler_kd": 0.0}
+    assert TrainConfig.from_dict(saved) == cfg()
+    assert check_resume(saved, cfg().to_dict()) == {}
+    with pytest.raises(SettingsError, match="w_sampler_kd = 0.5 .*sampler distillation.* commit 3a06f44"):
+        TrainConfig.from_dict({**saved, "w_sampler_kd": 0.5})
+    with pytest.raises(SettingsError, match="unknown training settings"):
+        TrainConfig.from_dict({**saved, "w_sampler": 0.0})
 
 
 def test_feature_kd_pairs_stages_by_level_and_adds_its_term(tmp_path, data):
