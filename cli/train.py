@@ -68,6 +68,15 @@ def _check_sampler(option: str, steps: int, ensemble: int, images: Optional[int]
     check_range(f"{option}-images", images, 1)
 
 
+def _check_minutes(minutes: Optional[float]) -> None:
+    import math
+
+    from edgeseg.errors import SettingsError
+
+    if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
+        raise SettingsError(f"--minutes must be a number > 0, got {minutes}")
+
+
 def _check_checkpoint_file(path) -> None:
     """A checkpoint given on the command line, checked (preset, header, sha256, shapes) before any work starts."""
     if path is not None:
@@ -82,7 +91,8 @@ def distill(
                                           "ham10000, ph2 or folder; with --resume: the run's"),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder (not needed for synthetic)"),
     teacher: Optional[Path] = typer.Option(None, help="teacher checkpoint (.safetensors); default: the shipped "
-                                           "tiny teacher for synthetic, else train one first"),
+                                           "teacher for synthetic and isic2017, fine-tuned for a folder without "
+                                           "a GPU (see --from-shipped), else train one first"),
     teacher_preset: Optional[str] = typer.Option(None, help="teacher preset (default by dataset)"),
     student_preset: Optional[str] = typer.Option(None, "--student-preset", "--preset",
                                                  help="student preset (default by dataset)"),
@@ -108,6 +118,13 @@ def distill(
     eval_ensemble: Optional[int] = typer.Option(None, help="ensemble size for the final evaluation (default: "
                                                 "the defaults table, 3)"),
     eval_images: Optional[int] = typer.Option(None, help="evaluate on the first N test images only"),
+    minutes: Optional[float] = typer.Option(None, help="time budget of the whole job in minutes (training and "
+                                            "evaluation); the best epoch within it ships. Default: 10 when "
+                                            "fine-tuning the shipped models, else the recipe's epochs"),
+    from_shipped: Optional[bool] = typer.Option(None, "--from-shipped/--from-scratch",
+                                                help="start from the shipped real-lesion models (fine-tune) or "
+                                                "train the presets from random weights; default: shipped for "
+                                                "--dataset folder on a machine without a GPU, else scratch"),
 ):
     """Distil a student from a teacher with EFKD, evaluate both, and write a run folder.
 
@@ -115,6 +132,7 @@ def distill(
     """
     # every setting is checked before any model, dataset or run folder is touched
     _check_sampler("--eval", eval_steps, eval_ensemble, eval_images)
+    _check_minutes(minutes)
     overrides = _overrides(config, set_, kd=kd, tau=tau, lambda_e=lambda_e, lambda_b=lambda_b, epochs=epochs,
                            max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=num_workers)
     teacher_overrides = parse_sets(teacher_set)
@@ -142,7 +160,7 @@ def distill(
         teacher_preset=teacher_preset, student_preset=student_preset, run_name=run_name, runs_dir=str(runs_dir),
         resume=resume, overrides=overrides, teacher_overrides=teacher_overrides,
         eval=SamplerSettings("ddim", eval_steps, eval_ensemble),
-        eval_images=eval_images,
+        eval_images=eval_images, minutes=minutes, from_shipped=from_shipped,
     )
     run_distill(job)
 
@@ -163,8 +181,16 @@ def train_teacher(
     run_name: Optional[str] = typer.Option(None, help="run folder name under --runs-dir"),
     runs_dir: Path = typer.Option(Path("runs"), help="where run folders go"),
     resume: bool = typer.Option(False, help="continue the run folder --run-name"),
+    minutes: Optional[float] = typer.Option(None, help="time budget of the whole job in minutes (training and "
+                                            "evaluation); the best epoch within it ships. Default: 10 when "
+                                            "fine-tuning the shipped models, else the recipe's epochs"),
+    from_shipped: Optional[bool] = typer.Option(None, "--from-shipped/--from-scratch",
+                                                help="start from the shipped real-lesion models (fine-tune) or "
+                                                "train the presets from random weights; default: shipped for "
+                                                "--dataset folder on a machine without a GPU, else scratch"),
 ):
     """Train a teacher (DermoSegDiff) with the same engine; writes <run>/teacher.safetensors."""
+    _check_minutes(minutes)
     overrides = _overrides(config, set_, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed)
     saved = _run_settings("teacher", overrides, runs_dir, run_name, resume) or {}
     dataset = dataset or saved.get("dataset") or "synthetic"
@@ -178,6 +204,7 @@ def train_teacher(
     from edgeseg.pipeline import DistillJob, run_train_teacher
 
     job = DistillJob(dataset=dataset, data_dir=data_dir, teacher_preset=preset,
-                     run_name=run_name, runs_dir=str(runs_dir), resume=resume, teacher_overrides=overrides)
+                     run_name=run_name, runs_dir=str(runs_dir), resume=resume, teacher_overrides=overrides,
+                     minutes=minutes, from_shipped=from_shipped)
     run = run_train_teacher(job)
     typer.echo(f"teacher written to {run / 'teacher.safetensors'}")

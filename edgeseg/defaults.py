@@ -13,7 +13,7 @@ from __future__ import annotations
 from edgeseg.evaluate import SamplerSettings
 
 __all__ = ["SAMPLER_DEFAULTS", "sampler_defaults", "DEFAULT_MODEL", "UNCERTAINTY_MAP", "SHIPPED_MODELS",
-           "DATASET_PRESETS", "DEFAULT_EVAL", "VAL_SELECT", "MASK_CLEANUP", "MASK_CLEANUPS"]
+           "DATASET_PRESETS", "DEFAULT_EVAL", "VAL_SELECT", "MASK_CLEANUP", "MASK_CLEANUPS", "finetune_start"]
 
 SAMPLER_DEFAULTS: dict[str, dict] = {
     "sample": {"steps": 1, "ensemble": 3, "provisional": False},
@@ -63,3 +63,10 @@ def sampler_defaults(prediction_type: str) -> tuple[int, int]:
     """(steps, ensemble) for a model of this prediction type."""
     d = SAMPLER_DEFAULTS[prediction_type]
     return d["steps"], d["ensemble"]
+
+
+def finetune_start() -> dict[str, str]:
+    """The shipped models that fine-tuning on a user's folder starts from, by role: the default
+    model and its teacher (named as `edgeseg.runs.resolve_checkpoint` names it), so switching
+    DEFAULT_MODEL switches the fine-tuning start too."""
+    return {"teacher": DEFAULT_MODEL.replace("student", "teacher"), "student": DEFAULT_MODEL}

@@ -6,6 +6,7 @@ presets and the teacher checkpoint shipped in the package.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,8 @@ class DistillJob:
     eval_images: int | None = None  # None: the whole test split
     val_dsc_images: int = 150  # per-epoch validation Dice (EMA model): curves and model selection
     quiet: bool = False
+    minutes: float | None = None  # budget of the whole job (edgeseg.finetune); None: the recipes' epochs
+    from_shipped: bool | None = None  # start from the shipped models; None: edgeseg.finetune.use_shipped_start
 
 
 def _run_dir(job: DistillJob, student_preset: str) -> Path:
@@ -153,23 +156,109 @@ def _train(cfg: TrainConfig, run: Path, teacher, job: DistillJob):
 
 
 def run_train_teacher(job: DistillJob) -> Path:
-    """Train a teacher with the same engine; returns the run folder holding teacher.safetensors."""
-    t_name, _ = default_presets(job.dataset)
-    t_name = job.teacher_preset or t_name
+    """Train a teacher with the same engine (or fine-tune the shipped one, edgeseg.finetune);
+    returns the run folder holding teacher.safetensors."""
+    t0 = time.time()
+    start = _start(job)
+    t_name = job.teacher_preset or (start["teacher"].preset if start else default_presets(job.dataset)[0])
     preset(t_name)
     run = _run_dir(job, t_name)
-    cfg = _apply(recipe("teacher", t_name, job.dataset, job.data_dir), job.teacher_overrides)
+    cfg = _apply(_recipe("teacher", t_name, job, start), job.teacher_overrides)
     init_distributed()
-    _train(cfg, run, None, job)
+    ds = _splits(job, preset(t_name).image_size)
+    sizes, val_ds = {k: len(v) for k, v in ds.items()}, ds["val"]
+    cfg, notes = _fit_batches(job, sizes["train"], cfg=cfg)
+    plan = _plan(job, start, t_name, cfg, None, sizes, t0, notes)
+    cfg = _with_budget(cfg, plan.teacher_seconds, job.teacher_overrides)
+    teacher = _train(cfg, run, None, job)
+    if start and int(os.environ.get("RANK", "0")) == 0:
+        from edgeseg.finetune import keep_better
+
+        _, kept = keep_better("teacher", teacher, start["teacher"], run, _val_score(job, val_ds), job.dataset,
+                              job.data_dir)
+        _say(job, f"teacher: kept the {kept['kept']} model (validation Dice shipped {kept['val_dsc_shipped']:.4f}, "
+                  f"fine-tuned {kept['val_dsc_finetuned']:.4f})")
     return run
 
 
-def _presets(job: DistillJob):
+def _val_score(job: DistillJob, val_ds):
+    """The model-selection score on the folder's validation split, as a function of the model."""
+    return lambda model: _val_dsc(model, val_ds, job.val_dsc_images)
+
+
+def _start(job: DistillJob) -> dict | None:
+    """The shipped models this job starts from (edgeseg.finetune), or None."""
+    from edgeseg.finetune import start_models, use_shipped_start
+
+    use = use_shipped_start(job.dataset, job.from_shipped, job.teacher, job.teacher_preset, job.student_preset)
+    return start_models() if use else None
+
+
+def _recipe(role: str, name: str, job: DistillJob, start: dict | None) -> TrainConfig:
+    """The shipped model's recipe continued from its weights when starting from it, else the preset's."""
+    from edgeseg.finetune import finetune_recipe
+
+    if start and start[role].preset == name:
+        return finetune_recipe(start[role], job.dataset, job.data_dir)
+    return recipe(role, name, job.dataset, job.data_dir)
+
+
+def _splits(job: DistillJob, size: int) -> dict:
+    """{split: dataset}, read before any training: a bad file must surface now, not hours into a run."""
+    from edgeseg.data import load_dataset
+
+    return {s: load_dataset(job.dataset, s, data_dir=job.data_dir, size=size) for s in ("train", "val", "test")}
+
+
+def _fit_batches(job: DistillJob, n_train: int, **cfgs) -> tuple:
+    """The configs with the small-split batch rule applied (edgeseg.finetune.fit_batch), and its notes."""
+    from edgeseg.finetune import fit_batch
+
+    out, notes = [], []
+    for name, cfg in cfgs.items():
+        overrides = job.teacher_overrides if cfg.role == "teacher" else job.overrides
+        cfg, note = fit_batch(cfg, overrides, n_train, job.dataset)
+        out.append(cfg)
+        notes += [note] if note else []
+    return (*out, notes)
+
+
+def _plan(job: DistillJob, start: dict | None, t_name: str, cfg_t, cfg_s, sizes: dict, t0: float, notes: list):
+    """The job's plan (edgeseg.finetune.plan_job), said in one line before any training."""
+    from edgeseg.finetune import FINETUNE_MINUTES, plan_job
+
+    if start:
+        why = "--from-shipped" if job.from_shipped else "the default for a folder on a machine without a GPU"
+        text = (f"start from the shipped {start['teacher'].name} and {start['student'].name} ({why}; "
+                "--from-scratch trains the presets from random weights)")
+    else:
+        why = ("GPU present" if torch.cuda.is_available() else "chosen") if job.dataset == "folder" else job.dataset
+        text = f"train from the presets ({why})"
+    if cfg_t is None:
+        text += f"; teacher {job.teacher or shipped_teacher(t_name, job.dataset)} as it is"
+    minutes = job.minutes if job.minutes is not None else (FINETUNE_MINUTES if start else None)
+    settings = job.eval.resolved(preset(cfg_s.preset).prediction_type) if cfg_s is not None else job.eval
+    plan = plan_job(start_text=text, t_name=t_name, cfg_t=cfg_t, cfg_s=cfg_s, sizes=sizes, minutes=minutes,
+                    started=t0, eval_forwards=(settings.steps or 1) * (settings.ensemble or 1),
+                    eval_models=2 if start else 1, notes=notes)
+    _say(job, plan.line)
+    return plan
+
+
+def _with_budget(cfg: TrainConfig, seconds: float | None, overrides: dict) -> TrainConfig:
+    """`cfg` stopped after its share of the budget (a max_seconds given explicitly wins)."""
+    if seconds is None or "max_seconds" in overrides:
+        return cfg
+    return _apply(cfg, {"max_seconds": round(seconds, 1)})
+
+
+def _presets(job: DistillJob, start: dict | None = None):
     """(teacher preset name, student preset name, student preset), checked to exist."""
-    t_default, s_default = default_presets(job.dataset)
+    t_default, s_default = ((start["teacher"].preset, start["student"].preset) if start
+                            else default_presets(job.dataset))
     s_name = job.student_preset or s_default
     s_preset = preset(s_name)
-    t_name = job.teacher_preset or s_preset.teacher or t_default
+    t_name = job.teacher_preset or (t_default if start else s_preset.teacher or t_default)
     preset(t_name)
     return t_name, s_name, s_preset
 
@@ -223,37 +312,67 @@ def _print_summary(job: DistillJob, results: dict, metrics: dict, run: Path) -> 
     Console().print(f"run folder: {run}   ({metrics['seconds']['total']:.0f} s)")
 
 
+def _finetuned(job: DistillJob, role: str, model, start: dict | None, run: Path, val_ds, kept: dict, rank: int):
+    """The fine-tuned `role` model, or the shipped start when it validates at least as well."""
+    if not start or rank != 0:
+        return model
+    from edgeseg.finetune import keep_better
+
+    model, kept[role] = keep_better(role, model, start[role], run, _val_score(job, val_ds), job.dataset,
+                                    job.data_dir)
+    kept[role]["val_images"] = min(job.val_dsc_images, len(val_ds))
+    _say(job, f"{role}: kept the {kept[role]['kept']} model (validation Dice: shipped "
+              f"{kept[role]['val_dsc_shipped']:.4f}, fine-tuned {kept[role]['val_dsc_finetuned']:.4f})")
+    return model
+
+
 def run_distill(job: DistillJob) -> dict:
     """The main job. Returns the metrics written to `<run>/metrics.json`."""
     t0 = time.time()
-    t_name, s_name, s_preset = _presets(job)
+    start = _start(job)
+    t_name, s_name, s_preset = _presets(job, start)
     run = _run_dir(job, s_name)
     # settings first: a typo must fail now, not after the teacher has trained
-    cfg_t = _apply(recipe("teacher", t_name, job.dataset, job.data_dir), job.teacher_overrides)
-    cfg_s = _apply(recipe("student", s_name, job.dataset, job.data_dir), job.overrides)
+    cfg_t = _apply(_recipe("teacher", t_name, job, start), job.teacher_overrides)
+    cfg_s = _apply(_recipe("student", s_name, job, start), job.overrides)
     device = init_distributed()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
-    # data first: a bad file must surface now, not hours into a run
-    from edgeseg.data import load_dataset
-
     size = s_preset.image_size
-    test_ds = load_dataset(job.dataset, "test", data_dir=job.data_dir, size=size)
-    teacher, teacher_seconds = _get_teacher(job, cfg_t, t_name, run, rank)
+    ds = _splits(job, size)
+    sizes, val_ds, test_ds = {k: len(v) for k, v in ds.items()}, ds["val"], ds["test"]
+    cfg_t, cfg_s, notes = _fit_batches(job, sizes["train"], cfg_t=cfg_t, cfg_s=cfg_s)
+    trains_teacher = start is not None or (job.teacher or shipped_teacher(t_name, job.dataset)) is None
+    plan = _plan(job, start, t_name, cfg_t if trains_teacher else None, cfg_s, sizes, t0, notes)
+    kept: dict = {}
+    if start:
+        cfg_t = _with_budget(cfg_t, plan.teacher_seconds, job.teacher_overrides)
+        tt = time.time()
+        teacher = _finetuned(job, "teacher", _train(cfg_t, run, None, job), start, run, val_ds, kept, rank)
+        teacher_seconds = time.time() - tt
+    else:
+        teacher, teacher_seconds = _get_teacher(job, _with_budget(cfg_t, plan.teacher_seconds, job.teacher_overrides),
+                                                t_name, run, rank)
     if teacher.preset.image_size != size:
         raise EdgesegError(f"teacher {t_name} works at {teacher.preset.image_size}px, student {s_name} at {size}px")
 
     _say(job, f"student: distilling {s_name} with KD={cfg_s.kd} (tau {cfg_s.tau}) into {run}")
     ts = time.time()
-    student = _train(cfg_s, run, teacher, job)
+    cfg_s = _with_budget(cfg_s, plan.student_left(t0), job.overrides)
+    student = _finetuned(job, "student", _train(cfg_s, run, teacher, job), start, run, val_ds, kept, rank)
     student_seconds = time.time() - ts
     if rank != 0:
         return {}
 
     models = {"teacher": teacher.to(device).eval(), "student": student.to(device).eval()}
+    if start:  # the shipped student beside the fine-tuned one, on the same test images
+        models["shipped_student"] = load_model(start["student"].path).to(device).eval()
     results = _evaluate_both(job, run, models, test_ds)
     metrics = _metrics(job, cfg_s, models, results, {
         "total": time.time() - t0, "student_training": student_seconds, "teacher_training": teacher_seconds})
+    metrics["plan"] = plan.line
+    if start:
+        metrics["finetune"] = {**kept, "test_dsc_gain": metrics["student"]["dsc"] - metrics["shipped_student"]["dsc"]}
     atomic_write_json(run / "metrics.json", metrics)
     _print_summary(job, results, metrics, run)
     return metrics
