@@ -142,11 +142,54 @@ function heat(u) {  // 0 -> dark blue, 0.5 -> red, 1 -> yellow
   return stops[i].map((c, k) => Math.round(c + f * (stops[i + 1][k] - c)));
 }
 
-function draw(img, m, threshold) {
+// Flood fill from `seeds` through pixels of `mask` (w x h, 0/1) equal to `value`, 8- or 4-connected,
+// marking `seen` (shared across calls); returns the pixels reached, in the order reached.
+function flood(mask, w, h, seeds, value, eight, seen) {
+  const queue = [];
+  for (const s of seeds) if (mask[s] === value && !seen[s]) { seen[s] = 1; queue.push(s); }
+  const steps = eight ? [[-1, -1], [0, -1], [1, -1], [-1, 0], [1, 0], [-1, 1], [0, 1], [1, 1]] : [[0, -1], [-1, 0], [1, 0], [0, 1]];
+  for (let head = 0; head < queue.length; head++) {
+    const i = queue[head], x = i % w, y = (i - x) / w;
+    for (const [dx, dy] of steps) {
+      const nx = x + dx, ny = y + dy, j = ny * w + nx;
+      if (nx >= 0 && ny >= 0 && nx < w && ny < h && !seen[j] && mask[j] === value) { seen[j] = 1; queue.push(j); }
+    }
+  }
+  return queue;
+}
+
+// The sidecar's postprocessing.mask_cleanup, as edgeseg.segmenter.clean_mask does it: "largest-filled"
+// keeps the largest 8-connected lesion (the first in raster order on a tie) and fills its holes
+// (background not 4-connected to the border).
+function cleanMask(mask, w, h, how) {
+  if (how !== 'largest-filled') return mask;
+  const seen = new Uint8Array(w * h);
+  let best = [];
+  for (let i = 0; i < w * h; i++) {
+    if (!mask[i] || seen[i]) continue;
+    const comp = flood(mask, w, h, [i], 1, true, seen);
+    if (comp.length > best.length) best = comp;
+  }
+  if (!best.length) return mask;
+  const lesion = new Uint8Array(w * h);
+  for (const i of best) lesion[i] = 1;
+  const border = [];
+  for (let x = 0; x < w; x++) border.push(x, (h - 1) * w + x);
+  for (let y = 0; y < h; y++) border.push(y * w, y * w + w - 1);
+  const outside = new Uint8Array(w * h);
+  flood(lesion, w, h, border, 0, false, outside);
+  const out = new Uint8Array(w * h);
+  for (let i = 0; i < w * h; i++) out[i] = outside[i] ? 0 : 1;
+  return out;
+}
+
+function draw(img, m, threshold, cleanup) {
   const { w, h } = img, n = w * h;
-  const mask = new Uint8Array(n);
+  const raw = new Uint8Array(n);
+  for (let i = 0; i < n; i++) if (m[i] > threshold) raw[i] = 1;
+  const mask = cleanMask(raw, w, h, cleanup);
   let area = 0;
-  for (let i = 0; i < n; i++) if (m[i] > threshold) { mask[i] = 1; area++; }
+  for (let i = 0; i < n; i++) area += mask[i];
   const outline = $('#outline'); outline.width = w; outline.height = h;
   const g = outline.getContext('2d');
   g.drawImage(img.bmp, 0, 0);
@@ -188,7 +231,7 @@ async function segment(file) {
     const x = toInput(draft(img, 2 * s), s);
     const { mean, ms } = await runModel(x);
     const m = upsample(mean, s, img.w, img.h);
-    const { area, mg } = draw(img, m, st.side.threshold);
+    const { area, mg } = draw(img, m, st.side.threshold, (st.side.postprocessing || {}).mask_cleanup || 'none');
     const url = await maskDataUrl(mg);
     $('#mask').src = url;
     await $('#mask').decode();
