@@ -25,6 +25,7 @@ import typer
 
 from edgeseg.errors import EdgesegError, SettingsError
 
+SEED_MAX = 2**63 - 1  # every --seed: torch and numpy generators take 0 .. 2**63 - 1 alike
 INTERRUPTED = "interrupted"
 INTERRUPTED_TRAINING = "interrupted: the last checkpoint is kept; continue with --resume"
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from edgeseg.cli.common import user_errors
+from edgeseg.cli.common import SEED_MAX, user_errors
 
 
 def _settings(protocol: str, steps: Optional[int], ensemble: Optional[int], prediction_type: str):
@@ -40,7 +40,7 @@ def evaluate_cmd(
     max_images: Optional[int] = typer.Option(None, min=1, help="only the first N images"),
     out: Optional[Path] = typer.Option(None, help="folder for the JSON and overlays (default: the run folder; "
                                        "./evaluations for a shipped model)"),
-    seed: int = typer.Option(0, help="sampling seed"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="sampling seed"),
 ):
     """Score a checkpoint (Table-I metrics + IoU, HD95, boundary F) and draw overlays."""
     from rich.console import Console

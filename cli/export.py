@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from edgeseg.cli.common import user_errors
+from edgeseg.cli.common import SEED_MAX, user_errors
 
 
 class Target(str, Enum):
@@ -71,7 +71,7 @@ def export_cmd(
     compute_units: Optional[ComputeUnits] = typer.Option(
         None, "--compute-units", help="CoreML only: the processors the model is converted and meant to be loaded "
                                       "for (default all)"),
-    seed: int = typer.Option(0, help="seed of the parity check's noise"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="seed of the parity check's noise"),
     overwrite: bool = typer.Option(False, help="replace an existing output file and its sidecar (otherwise an "
                                    "existing one is an error, before any work)"),
 ):
