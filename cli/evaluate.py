@@ -49,16 +49,21 @@ def evaluate_cmd(
     from edgeseg.data import load_dataset
     from edgeseg.evaluate import evaluate, format_table, metrics_summary, write_overlays
     from edgeseg.models import count_params
+    from edgeseg.runlock import LOCK_NAME, claim_run_dir
     from edgeseg.runs import is_shipped, resolve_checkpoint, training_dataset
 
     path = resolve_checkpoint(checkpoint, which, runs_dir)
+    out = out or (Path("evaluations") if is_shipped(path) else path.parent)
+    if (out / LOCK_NAME).exists() or (not is_shipped(path) and out.resolve() == path.parent.resolve()):
+        # a run folder belongs to one process: a training run still writing the student is
+        # refused here, before its checkpoint is read (a stale lock is taken over with a warning)
+        claim_run_dir(out, resume=True)
     model = load_model(path)
     dataset, data_dir, _ = training_dataset(load_preset(path)[1], dataset, data_dir)
     ds = load_dataset(dataset, split, data_dir=data_dir, size=model.preset.image_size)
     settings = _settings(protocol, steps, ensemble, model.preset.prediction_type)
     r = evaluate(model, ds, settings, max_images=max_images, seed=seed, label=model.preset.name)
     r["params"] = count_params(model)
-    out = out or (Path("evaluations") if is_shipped(path) else path.parent)
     tag = f"{path.stem}-{split}-{settings.sampler}{settings.steps}x{settings.ensemble}"
     write_overlays(r["keep"], out / "overlays" / f"{tag}.png", title_prefix=f"{path.stem} ")
     atomic_write_json(out / f"eval-{tag}.json", {"checkpoint": str(path), "dataset": dataset, "split": split,

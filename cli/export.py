@@ -91,6 +91,9 @@ def export_cmd(
         raise EdgesegError(f"--quantize palettize is CoreML only; use none or int8 for {target.value}")
     if target != Target.coreml and compute_units is not None:
         raise EdgesegError(f"--compute-units is CoreML only (the {target.value} program runs on the CPU)")
+    from edgeseg.cli.common import check_writable_folder
+
+    check_writable_folder(out.parent if out is not None else Path("."), "--out")  # before minutes of lowering
     console = Console(stderr=True)
     t0 = time.perf_counter()
 

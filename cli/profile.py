@@ -33,6 +33,9 @@ def profile_cmd(
 
     from edgeseg.mobile.profile import profile_pte, write_report
 
+    from edgeseg.cli.common import check_writable_folder
+
+    check_writable_folder(out_dir if out_dir is not None else model.parent, "--out-dir")  # before minutes of runs
     console = Console(stderr=True)
     with console.status(f"profiling {model.name} ({warmup} + {runs} runs) ...", spinner="dots"):
         r = profile_pte(model, runs=runs, warmup=warmup, top=top, threads=threads)

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from edgeseg.cli.common import INTERRUPTED_TRAINING, SEED_MAX, parse_sets, read_settings, user_errors
+from edgeseg.cli.common import SEED_MAX, training_interrupted, parse_sets, read_settings, user_errors
 
 _KD_HELP = "knowledge distillation: efkd (edge-focused, paper Eq. 3-7), global (Eq. 2) or none"
 
@@ -81,7 +81,7 @@ def _check_checkpoint_file(path) -> None:
         verify_checkpoint(path)
 
 
-@user_errors(interrupted=INTERRUPTED_TRAINING, hold_warnings=False)
+@user_errors(interrupted=training_interrupted, hold_warnings=False)
 def distill(
     dataset: Optional[str] = typer.Option(None, help="synthetic (built in, the default), isic2017, isic2018, "
                                           "ham10000, ph2 or folder; with --resume: the run's"),
@@ -152,7 +152,7 @@ def distill(
     run_distill(job)
 
 
-@user_errors(interrupted=INTERRUPTED_TRAINING, hold_warnings=False)
+@user_errors(interrupted=training_interrupted, hold_warnings=False)
 def train_teacher(
     dataset: Optional[str] = typer.Option(None, help="synthetic (built in, the default), isic2017, isic2018, "
                                           "ham10000, ph2 or folder; with --resume: the run's"),

@@ -175,13 +175,29 @@ def _train(cfg: TrainConfig, run: Path, teacher, job: DistillJob):
     return model
 
 
+def _check_trainable(cfg: TrainConfig) -> None:
+    """What the settings can only be checked against (dataset and preset names, the train split's
+    size), checked before the run folder is made: a bad value must leave nothing behind."""
+    from edgeseg.data import DATASETS, load_dataset
+    from edgeseg.errors import SettingsError
+
+    if cfg.dataset not in DATASETS:
+        raise SettingsError(f"training setting dataset must be one of {', '.join(DATASETS)}, got {cfg.dataset!r}")
+    p = preset(cfg.preset)
+    n = len(load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, size=p.image_size))
+    if cfg.batch_size > n:
+        raise SettingsError(f"--batch-size must be at most the {cfg.dataset} train split's {n} images "
+                            f"(one batch), got {cfg.batch_size}")
+
+
 def run_train_teacher(job: DistillJob) -> Path:
     """Train a teacher with the same engine; returns the run folder holding teacher.safetensors."""
     t_name, _ = default_presets(job.dataset)
     t_name = job.teacher_preset or t_name
     preset(t_name)
-    run = _run_dir(job, t_name)
     cfg = _apply(recipe("teacher", t_name, job.dataset, job.data_dir), job.teacher_overrides)
+    _check_trainable(cfg)
+    run = _run_dir(job, t_name)
     init_distributed()
     _train(cfg, run, None, job)
     return run
@@ -250,10 +266,13 @@ def run_distill(job: DistillJob) -> dict:
     """The main job. Returns the metrics written to `<run>/metrics.json`."""
     t0 = time.time()
     t_name, s_name, s_preset = _presets(job)
-    run = _run_dir(job, s_name)
     # settings first: a typo must fail now, not after the teacher has trained
     cfg_t = _apply(recipe("teacher", t_name, job.dataset, job.data_dir), job.teacher_overrides)
     cfg_s = _apply(recipe("student", s_name, job.dataset, job.data_dir), job.overrides)
+    _check_trainable(cfg_s)
+    if job.teacher is None and shipped_teacher(t_name, job.dataset) is None:  # the teacher trains here
+        _check_trainable(cfg_t)
+    run = _run_dir(job, s_name)
     device = init_distributed()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 

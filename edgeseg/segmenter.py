@@ -150,12 +150,17 @@ class Segmenter:
 
     @classmethod
     def _from_pte(cls, path: Path, steps: int | None, ensemble: int | None, seed: int) -> "Segmenter":
+        from edgeseg.mobile import sidecar
         from edgeseg.mobile.runtime import PteSegmenter
 
+        if path.is_file():  # the sidecar says what is baked in: refuse before the runtime loads (and talks)
+            meta = sidecar.read_sidecar(path)
+            for name in ("steps", "ensemble"):
+                asked = {"steps": steps, "ensemble": ensemble}[name]
+                if asked is not None and name in meta and int(asked) != int(meta[name]):
+                    raise EdgesegError(f"{path}: the program has {name}={meta[name]} baked in; re-export for "
+                                       f"{name}={asked}")
         pte = PteSegmenter(path)
-        for name, asked, baked in (("steps", steps, pte.steps), ("ensemble", ensemble, pte.ensemble)):
-            if asked is not None and int(asked) != baked:
-                raise EdgesegError(f"{path}: the program has {name}={baked} baked in; re-export for {name}={asked}")
         if pte.image_size[0] != pte.image_size[1]:
             raise EdgesegError(f"{path}: non-square programs are not supported ({pte.image_size})")
 

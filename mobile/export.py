@@ -187,17 +187,19 @@ def artefact_path(out: str | Path, suffix: str) -> Path:
 
 def check_output(out: Path, ext: str, overwrite: bool) -> None:
     """ExportError unless `out`, its sidecar ``<out>.json`` and its other artefacts (a .pte's
-    ``.etrecord`` and ``.bpte``) may be written: the right suffix, not taken (unless `overwrite`),
-    and of a kind that can be replaced (a .pte or .onnx is a file, a .mlpackage a folder)."""
+    ``.etrecord`` and ``.bpte``) may be written: the right suffix, not taken (unless `overwrite`;
+    the leftovers of an incomplete set, one without its program, are replaced), and of a kind
+    that can be replaced (a .pte or .onnx is a file, a .mlpackage a folder)."""
     kind = _KINDS.get(ext, "a model")
     if out.suffix != ext:
         raise ExportError(f"{out}: {kind} must end in {ext}")
     paths = {out: kind, sc.sidecar_path(out): "a sidecar"}
     paths.update({artefact_path(out, sfx): what for sfx, what in ARTEFACTS.get(ext, {}).items()})
+    incomplete = not (out.exists() or out.is_symlink())  # a set without its program: what a killed export left
     for path, what_for in paths.items():
         if not (path.exists() or path.is_symlink()):
             continue
-        if not overwrite:
+        if not overwrite and not incomplete:
             raise ExportError(f"{path} exists; pass --overwrite to replace it (or choose another --out)")
         want_dir = path == out and ext == ".mlpackage"
         if path.is_symlink() or (path.is_dir() != want_dir) or not (path.is_dir() or path.is_file()):
@@ -457,8 +459,9 @@ def _common_sidecar(model, target, out: Path, steps, ensemble, batch, quantize, 
     }
 
 
-def _finish(out: Path, meta: dict) -> dict:
-    digest, size = sc.file_digest(out)
+def _finish(out: Path, meta: dict, program: Path | None = None) -> dict:
+    """Complete `meta` from the finished `program` (default: `out`) and write ``<out>.json``."""
+    digest, size = sc.file_digest(program or out)
     meta["sha256"], meta["size_bytes"] = digest, size
     meta["versions"] = sc.versions()
     meta["created"] = sc.now_iso()
@@ -531,27 +534,31 @@ def _gate_and_place(tmp: Path, out: Path, meta: dict, problem: str | None, overw
                     extras: dict[str, Path] | None = None) -> dict:
     """The end of every file export. With a `problem` the program goes to ``<out>.failed`` (its
     artefacts to ``<out>.failed<suffix>``, sidecar ``"status": "failed"``) and EdgesegError is
-    raised; else the artefacts, then the program are placed (:func:`_place`) and the sidecar written.
+    raised; else the sidecar is written, then the artefacts and last the program are placed
+    (:func:`_place`): the program is the set's commit, so a reader (``segment --model``, ``profile``)
+    never finds a program without its sidecar, and an export killed before the program landed
+    leaves an incomplete set that the next export replaces (:func:`check_output`).
     `extras` maps an artefact suffix (``.bpte``) to its temporary file."""
     extras = extras or {}
     try:
         final = _failed_path(out) if problem else out
-        for sfx, t in extras.items():
-            if problem:
-                os.replace(t, artefact_path(final, sfx))
-            else:
-                _place(t, artefact_path(out, sfx), overwrite)
+        for sfx in extras:
             meta.setdefault(_ARTEFACT_KEYS[sfx], {})["file"] = artefact_path(final, sfx).name
         if problem:
+            for sfx, t in extras.items():
+                os.replace(t, artefact_path(final, sfx))
             os.replace(tmp, final)
             meta.update(status="failed", file=final.name)
             _finish(final, meta)
             raise EdgesegError(f"{problem}; the program was kept as {final} for inspection and {out} was not written")
+        incomplete = not (out.exists() or out.is_symlink())
+        meta = _finish(out, meta, program=tmp)
+        for sfx, t in extras.items():
+            _place(t, artefact_path(out, sfx), overwrite or incomplete)
         _place(tmp, out, overwrite)
     finally:
         for t in (tmp, *extras.values()):
             t.unlink(missing_ok=True)
-    meta = _finish(out, meta)
     meta["path"] = str(out)
     return meta
 
@@ -1006,8 +1013,8 @@ def _finish_coreml(tmp, job: _ExportJob, overwrite, mlmodel, meta, parity_images
                           "note": "not measured: running a CoreML model requires macOS; on Linux the "
                                   "conversion, the program structure, its metadata and the weight compression "
                                   "are checked"}
+    meta = _finish(job.out, meta, program=tmp)  # the sidecar first: the model folder commits the set
     _place(tmp, job.out, overwrite)
-    meta = _finish(job.out, meta)
     meta["path"] = str(job.out)
     return meta
 
