@@ -178,13 +178,13 @@ def _train(cfg: TrainConfig, run: Path, teacher, job: DistillJob):
 def _check_trainable(cfg: TrainConfig) -> None:
     """What the settings can only be checked against (dataset and preset names, the train split's
     size), checked before the run folder is made: a bad value must leave nothing behind."""
-    from edgeseg.data import DATASETS, load_dataset
+    from edgeseg.data import DATASETS, split_sizes
     from edgeseg.errors import SettingsError
 
     if cfg.dataset not in DATASETS:
         raise SettingsError(f"training setting dataset must be one of {', '.join(DATASETS)}, got {cfg.dataset!r}")
-    p = preset(cfg.preset)
-    n = len(load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, size=p.image_size))
+    preset(cfg.preset)
+    n = split_sizes(cfg.dataset, cfg.data_dir).get("train", 0)
     if cfg.batch_size > n:
         raise SettingsError(f"--batch-size must be at most the {cfg.dataset} train split's {n} images "
                             f"(one batch), got {cfg.batch_size}")
