@@ -110,7 +110,8 @@ def _check_outputs(images: List[Path], stems: list[str], out: Path, overwrite: b
             if st is not None and (st.st_dev, st.st_ino) in inputs:
                 raise EdgesegError(f"{target}: is one of the input photos; choose another --out")
             if target.is_dir() or target.is_symlink():
-                raise EdgesegError(f"{target}: exists and is not a regular file; choose another --out")
+                raise EdgesegError(f"{target}: cannot write the result, something that is not a regular file is in the "
+                                  "way; choose another --out")
             if not overwrite:
                 raise EdgesegError(f"{target}: exists; give --overwrite to replace it, or another --out")
 
