@@ -126,6 +126,15 @@ def check_range(option: str, value, low=None, high=None) -> None:
         raise SettingsError(f"{option} must be {rule}, got {value}")
 
 
+def given_path(value: str | None, option: str) -> Path | None:
+    """An output option as a Path; an empty one is refused (Path("") would be the current folder)."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise SettingsError(f"{option} is empty; give a path")
+    return Path(value)
+
+
 def check_writable_folder(folder: Path, option: str) -> None:
     """SettingsError (before any work) unless files can be created in `folder`, or, when it does
     not exist yet, in its nearest existing parent; a probe file that never gets a name is made."""

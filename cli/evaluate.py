@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from edgeseg.cli.common import SEED_MAX, user_errors
+from edgeseg.cli.common import SEED_MAX, given_path, user_errors
 
 
 def _settings(protocol: str, steps: Optional[int], ensemble: Optional[int], prediction_type: str):
@@ -38,7 +38,7 @@ def evaluate_cmd(
     steps: Optional[int] = typer.Option(None, min=1, max=250, help="DDIM steps (default: the defaults table, 1 for x0 models)"),
     ensemble: Optional[int] = typer.Option(None, min=1, max=64, help="ensemble size (default 3 for ddim, 9 for paper)"),
     max_images: Optional[int] = typer.Option(None, min=1, help="only the first N images"),
-    out: Optional[Path] = typer.Option(None, help="folder for the JSON and overlays (default: the run folder; "
+    out: Optional[str] = typer.Option(None, help="folder for the JSON and overlays (default: the run folder; "
                                        "./evaluations for a shipped model)"),
     seed: int = typer.Option(0, min=0, max=SEED_MAX, help="sampling seed"),
 ):
@@ -52,6 +52,7 @@ def evaluate_cmd(
     from edgeseg.runlock import LOCK_NAME, claim_run_dir
     from edgeseg.runs import is_shipped, resolve_checkpoint, training_dataset
 
+    out = given_path(out, "--out")
     path = resolve_checkpoint(checkpoint, which, runs_dir)
     out = out or (Path("evaluations") if is_shipped(path) else path.parent)
     if (out / LOCK_NAME).exists() or (not is_shipped(path) and out.resolve() == path.parent.resolve()):

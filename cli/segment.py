@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import typer
 
-from edgeseg.cli.common import SEED_MAX, user_errors
+from edgeseg.cli.common import SEED_MAX, given_path, user_errors
 
 EXIT_SKIPPED = 3  # some photos were unreadable and skipped (--skip-unreadable); the others are done
 SUFFIXES = ("_mask.png", "_overlay.png", "_uncertainty.png")
@@ -207,13 +207,11 @@ def segment(
 
     Every photo and output name is checked before the model loads; a bad photo is one error line
     (exit 2) with nothing written, unless --skip-unreadable."""
-    from edgeseg.errors import EdgesegError, SettingsError
+    from edgeseg.errors import EdgesegError
     from edgeseg.runs import resolve_checkpoint
     from edgeseg.segmenter import Segmenter
 
-    if not out.strip():
-        raise SettingsError("--out is empty; give an output folder")
-    out = Path(out)
+    out = given_path(out, "--out")
     if out.exists() and not out.is_dir():
         raise EdgesegError(f"{out}: --out exists and is not a folder")
     unique = _unique_inputs(images)

@@ -141,6 +141,11 @@ def _(d, c):
     two_photos(d, c)
 
 
+@case("evaluate-out-empty", "evaluate", "--out", "", "--max-images", "1", needles=("--out",))
+def _(d, c):
+    pass
+
+
 @case("evaluate-into-a-run-in-use", "evaluate", "--checkpoint", "runs/r", "--max-images", "1",
       needles=("runs/r", "in use"))
 def _(d, c):
@@ -192,6 +197,11 @@ def _(d, c):
 def _(d, c):
     fake_pte(d)
     (d / "FILE").write_text("mine")
+
+
+@case("profile-out-dir-empty", "profile", "m.pte", "--out-dir", "", needles=("--out-dir",))
+def _(d, c):
+    fake_pte(d)
 
 
 # item 9: two runs into one --out
