@@ -195,7 +195,7 @@ def check_output(out: Path, ext: str, overwrite: bool) -> None:
         raise ExportError(f"{out}: {kind} must end in {ext}")
     paths = {out: kind, sc.sidecar_path(out): "a sidecar"}
     paths.update({artefact_path(out, sfx): what for sfx, what in ARTEFACTS.get(ext, {}).items()})
-    incomplete = not (out.exists() or out.is_symlink())  # a set without its program: what a killed export left
+    incomplete = _incomplete_set(out)
     for path, what_for in paths.items():
         if not (path.exists() or path.is_symlink()):
             continue
@@ -207,6 +207,19 @@ def check_output(out: Path, ext: str, overwrite: bool) -> None:
             raise ExportError(f"{path} is {what}; it cannot be replaced by {what_for}")
     if out.parent.exists() and not out.parent.is_dir():
         raise ExportError(f"{out.parent} is not a folder")
+
+
+def _incomplete_set(out: Path) -> bool:
+    """True for what an export killed before its program landed leaves: no program, and a
+    sidecar that an edgeseg export wrote for this very file (any other file there is kept)."""
+    if out.exists() or out.is_symlink():
+        return False
+    side = sc.sidecar_path(out)
+    try:
+        meta = sc.read_sidecar(out) if side.is_file() else None
+    except EdgesegError:
+        return False
+    return isinstance(meta, dict) and meta.get("file") == out.name and "contract_sha256" in meta
 
 
 def _place(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -551,7 +564,7 @@ def _gate_and_place(tmp: Path, out: Path, meta: dict, problem: str | None, overw
             meta.update(status="failed", file=final.name)
             _finish(final, meta)
             raise EdgesegError(f"{problem}; the program was kept as {final} for inspection and {out} was not written")
-        incomplete = not (out.exists() or out.is_symlink())
+        incomplete = _incomplete_set(out)
         meta = _finish(out, meta, program=tmp)
         for sfx, t in extras.items():
             _place(t, artefact_path(out, sfx), overwrite or incomplete)
