@@ -247,6 +247,7 @@ def results(tmp_path_factory):
         for h in HOLDERS:
             h.kill()
             h.wait()
+            h.stdout.close()
     return {"res": res, "dirs": dirs, "before": before, "after": {cid: snapshot(d) for cid, d in dirs.items()}}
 
 
