@@ -18,7 +18,6 @@ and each ROW has the keys of ``ROW_KEYS`` (``None`` where not measured, with the
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -253,12 +252,10 @@ def shown_path(path: str | Path | None, resolve: bool = True) -> str | None:
 
 
 def write_json(path: str | Path, obj) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    from edgeseg.checkpoint import atomic_write_json
+
+    atomic_write_json(path, obj)
+    return Path(path)
 
 
 def _fmt(v, spec: str = ".1f", none: str = "-") -> str:
@@ -385,6 +382,50 @@ def run_json_child(script: str | Path, argv: list[str], tag: str, timeout: float
             return json.loads(line[len(tag):])
     tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
     raise RuntimeError(f"child exited {r.returncode}: " + " | ".join(tail))
+
+
+def run_child(script: str | Path, flag: str, spec: dict, tag: str, timeout: float) -> dict:
+    """The benchmarks' one child-process runner: ``python script flag <spec as JSON>`` with
+    OMP_NUM_THREADS from ``spec["threads"]`` (when given); the JSON the child printed after `tag`."""
+    import json
+
+    env = {"OMP_NUM_THREADS": str(spec["threads"])} if spec.get("threads") else None
+    return run_json_child(script, [flag, json.dumps(spec)], tag, timeout, env=env)
+
+
+def set_threads(threads: int) -> dict:
+    """The one thread setting of a measuring child: torch's intra-op pool and, when ExecuTorch is
+    installed, its thread pool; returns what each now uses (None where not available)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    got = {"torch": torch.get_num_threads(), "executorch": None}
+    try:
+        from executorch.extension.pybindings import portable_lib as pl
+
+        if hasattr(pl, "_unsafe_reset_threadpool"):
+            pl._unsafe_reset_threadpool(threads)
+        if hasattr(pl, "_threadpool_get_thread_count"):
+            got["executorch"] = int(pl._threadpool_get_thread_count())
+    except Exception:  # noqa: BLE001 (eager and ONNX rows do not need ExecuTorch)
+        pass
+    return got
+
+
+def cached_export(out: Path, export) -> dict:
+    """The one export cache: {"path", "meta", "reused"} for the program at `out`, reused while its
+    sidecar says it exported fine with this export recipe and still matches the file, else
+    ``export(out)`` (which writes it and returns the sidecar)."""
+    from edgeseg.mobile import sidecar as sc
+
+    try:
+        meta = sc.read_sidecar(out)
+        if (meta.get("status", "ok") == "ok" and meta.get("recipe") == sc.EXPORT_RECIPE
+                and sc.file_digest(out)[0] == meta.get("sha256")):
+            return {"path": str(out), "meta": meta, "reused": True}
+    except Exception:  # noqa: BLE001 (not there or stale: export)
+        pass
+    return {"path": str(out), "meta": export(out), "reused": False}
 
 
 def paired(a, b) -> dict:

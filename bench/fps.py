@@ -12,7 +12,7 @@ the tiny ones trained: the newest run's checkpoints, else those shipped in the p
   timed on a few calls at batch 9 (the ensemble as a batch) and the per-image latency is
   **extrapolated** as 250 x the median call (rows say so: ``extrapolated: true``); its Dice is
   measured on ``--paper-dice-images`` images when a trained checkpoint exists;
-* eager PyTorch, few-step DDIM at the default K and N (``edgeseg.mobile.export.DEFAULTS``);
+* eager PyTorch, few-step DDIM at the default K and N (``edgeseg.defaults.SAMPLER_DEFAULTS``);
 * the fp32 and the int8 ExecuTorch ``.pte`` (XNNPACK) at the default K and N, exported into
   ``--export-dir`` (reused when already there) or given with ``--pte``;
 * untrained presets above ``LARGE_GFLOP`` per call (the paper's 128 px networks): eager only, and the
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -63,23 +62,6 @@ RESULT_TAG = "BENCH-RESULT "
 # ========================================================================================
 # child process: measure one configuration
 # ========================================================================================
-def _set_threads(threads: int) -> dict:
-    import torch
-
-    torch.set_num_threads(threads)
-    got = {"torch": torch.get_num_threads(), "executorch": None}
-    try:
-        from executorch.extension.pybindings import portable_lib as pl
-
-        if hasattr(pl, "_unsafe_reset_threadpool"):
-            pl._unsafe_reset_threadpool(threads)
-        if hasattr(pl, "_threadpool_get_thread_count"):
-            got["executorch"] = int(pl._threadpool_get_thread_count())
-    except Exception:  # noqa: BLE001 (executorch optional for eager rows)
-        pass
-    return got
-
-
 def _load_eager(spec: dict):
     import torch
 
@@ -103,7 +85,7 @@ def measure_one(spec: dict) -> dict:
     """Run in a fresh process: latency runs, peak memory, then Dice. Returns a partial row."""
     import torch
 
-    threads = _set_threads(int(spec["threads"]))
+    threads = common.set_threads(int(spec["threads"]))
     base = common.rss_mb()
     ds = _dataset(spec)
     image = ds[0][0][None].contiguous()
@@ -200,7 +182,7 @@ def _child_main(spec_json: str) -> int:
 # ========================================================================================
 def default_steps_ensemble(prediction_type: str) -> tuple[int, int]:
     try:
-        from edgeseg.mobile.export import default_steps_ensemble as d
+        from edgeseg.defaults import sampler_defaults as d
 
         return d(prediction_type)
     except Exception:  # noqa: BLE001 (mobile extras not installed)
@@ -389,29 +371,22 @@ def fit_repeats(plan: list[dict], gflops: float, budget_s: float, min_repeats: i
 
 # --- exports ------------------------------------------------------------------------------
 def ensure_export(job: dict, export_dir: Path, n_parity: int, n_calib: int) -> dict:
-    """The .pte for a job: reused from export_dir when its sidecar matches (same file, same export
-    recipe), else exported now."""
+    """The .pte for a job: reused from export_dir when its sidecar matches (bench.common.cached_export),
+    else exported now."""
     import hashlib
-
-    from edgeseg.mobile import sidecar as sc
-    from edgeseg.mobile.export import EXPORT_RECIPE
 
     tag = "untrained"
     if job["checkpoint"]:
         h = hashlib.sha256(Path(job["checkpoint"]).read_bytes()).hexdigest()[:10]
         tag = f"ck{h}"
     out = export_dir / f"{job['preset']}-k{job['steps']}n{job['ensemble']}-{job['precision']}-{tag}.pte"
-    if out.exists() and sc.sidecar_path(out).exists():
-        try:
-            meta = sc.read_sidecar(out)
-            if (meta.get("status", "ok") == "ok" and meta.get("recipe") == EXPORT_RECIPE
-                    and sc.file_digest(out)[0] == meta.get("sha256")):
-                return {"path": str(out), "meta": meta, "reused": True}
-        except Exception:  # noqa: BLE001
-            pass
+    return common.cached_export(out, lambda path: _export(job, path, n_parity, n_calib))
+
+
+def _export(job: dict, out: Path, n_parity: int, n_calib: int) -> dict:
     import torch
 
-    from edgeseg.mobile.export import export_executorch
+    from edgeseg.mobile.executorch_export import export_executorch
     from edgeseg.models import build
 
     if job["checkpoint"]:
@@ -426,11 +401,11 @@ def ensure_export(job: dict, export_dir: Path, n_parity: int, n_calib: int) -> d
                              n_calibration_images=n_calib, parity_threshold=thr, dataset="synthetic",
                              progress=lambda m: print(f"    export: {m}", flush=True))
     meta["export_seconds"] = round(time.perf_counter() - t0, 1)
-    return {"path": str(out), "meta": meta, "reused": False}
+    return meta
 
 
 def run_child(job: dict, timeout: float) -> dict:
-    return common.run_json_child(Path(__file__).resolve(), ["--measure-one", json.dumps(job)], RESULT_TAG, timeout)
+    return common.run_child(Path(__file__).resolve(), "--measure-one", job, RESULT_TAG, timeout)
 
 
 def config_name(j: dict) -> str:

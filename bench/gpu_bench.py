@@ -123,9 +123,9 @@ def markdown_table(rows: list[dict], columns) -> str:
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    from edgeseg.checkpoint import atomic_write_json
+
+    atomic_write_json(path, obj, default=str)
 
 
 def part_markdown(doc: dict) -> str:

@@ -3,7 +3,7 @@ the student at most 1.5x the U-Net's latency at equal GFLOP per image).
 
     # two programs already exported (each with its <file>.json sidecar)
     python bench/pte_latency.py --student student-int8.pte --unet unet-int8.pte --out bench/results/pte-latency
-    # or export both here, through the same tooling (mobile/export.py)
+    # or export both here, through the same tooling (edgeseg.mobile)
     python bench/pte_latency.py --student-ckpt runs/x/student.safetensors \\
         --unet-ckpt unet.pt --unet-channels 48,96,144,192,288 --out bench/results/pte-latency
     # an architecture before training it: untrained student preset vs untrained U-Net
@@ -12,11 +12,11 @@ the student at most 1.5x the U-Net's latency at equal GFLOP per image).
     python bench/pte_latency.py --student s.pte --unet 8,16,24,32,48 --quick --out /tmp/pl
 
 The student: ``--student`` an ExecuTorch program written by ``edgeseg export`` /
-:func:`edgeseg.mobile.export.export_executorch`, or ``--student-ckpt`` an edgeseg checkpoint
+:func:`edgeseg.mobile.executorch_export.export_executorch`, or ``--student-ckpt`` an edgeseg checkpoint
 exported here with ``export_executorch(ckpt, quantize="int8")`` at the defaults table's sampler
 setting (K, N) for its prediction type (parity-gated as usual), or ``--student-preset`` an
 untrained network of a preset (latency does not depend on the weights; parity not enforced). The U-Net: ``--unet`` a .pte
-written by :func:`edgeseg.mobile.export.export_unet_pte`, a checkpoint, or a channel list (an
+written by :func:`edgeseg.mobile.unet_export.export_unet_pte`, a checkpoint, or a channel list (an
 untrained SmallUNet: its latency is what its weights would give; the gate's Dice is recorded,
 not enforced); ``--unet-ckpt`` a SmallUNet state_dict (``.pt`` via torch.save, or
 ``.safetensors``), channels from ``--unet-channels`` or read from its weights. A U-Net is
@@ -65,10 +65,9 @@ def measure(spec: dict) -> dict:
     """Load the program, time `runs` calls after `warmup` (random inputs of the sidecar's shapes)."""
     import torch
 
-    from bench.runtimes import _set_threads
     from executorch.runtime import Runtime
 
-    _set_threads(spec["threads"])
+    common.set_threads(spec["threads"])
     gen = torch.Generator().manual_seed(0)
     inputs = tuple((torch.rand if name == "image" else torch.randn)(tuple(shape), generator=gen)
                    for name, shape in spec["inputs"])
@@ -78,8 +77,7 @@ def measure(spec: dict) -> dict:
 
 
 def run_child(spec: dict, timeout: float) -> dict:
-    return common.run_json_child(Path(__file__).resolve(), ["--child", json.dumps(spec)], RESULT_TAG, timeout,
-                                 env={"OMP_NUM_THREADS": str(spec["threads"])})
+    return common.run_child(Path(__file__).resolve(), "--child", spec, RESULT_TAG, timeout)
 
 
 # ========================================================================================
@@ -138,7 +136,7 @@ def export_student(ckpt: str | None, out_dir: Path, preset: str | None = None) -
     recorded, not enforced), int8 at the defaults table's K and N."""
     import torch
 
-    from edgeseg.mobile.export import export_executorch
+    from edgeseg.mobile.executorch_export import export_executorch
     from edgeseg.models import build
 
     out = out_dir / "student-int8.pte"
@@ -155,7 +153,7 @@ def export_unet(args, size: int, out_dir: Path) -> dict:
     import torch
 
     from edgeseg.baselines import SmallUNet
-    from edgeseg.mobile.export import export_unet_pte
+    from edgeseg.mobile.unet_export import export_unet_pte
 
     if args.unet_ckpt:
         model, channels = load_unet_weights(args.unet_ckpt, args.unet_channels)
@@ -384,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"(sidecar target {student['meta'].get('target')!r})")
     size = int(student["meta"]["image_size"][0])
     unet = read_program(args.unet_pte) if args.unet_pte else export_unet(args, size, args.out)
-    from edgeseg.mobile.export import UNET_TARGET
+    from edgeseg.mobile.unet_export import UNET_TARGET
 
     if unet["meta"].get("target") != UNET_TARGET:
         raise SystemExit(f"error: {unet['path']}: not a U-Net program from export_unet_pte")

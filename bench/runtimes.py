@@ -71,18 +71,6 @@ def _reset_peak() -> float:
     return _status_mb()["VmRSS"]
 
 
-def _set_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    try:
-        from executorch.extension.pybindings import portable_lib as pl
-
-        pl._unsafe_reset_threadpool(threads)
-    except Exception:  # noqa: BLE001 (eager and ONNX rows do not need ExecuTorch)
-        pass
-
-
 def _load_runner(spec: dict):
     """A callable (image, noise) -> mean for the spec's runtime; loading it is part of the program's memory."""
     import torch
@@ -147,7 +135,7 @@ def measure_latency(spec: dict) -> dict:
     """One process: reset the memory peak after the runtime is loaded, load the model, time `runs` runs."""
     import torch
 
-    _set_threads(spec["threads"])
+    common.set_threads(spec["threads"])
     _load_library(spec["runtime"])
     img = _test_images(spec["image_size"], 1)[0][0][None].contiguous()
     noise = torch.randn(spec["ensemble"], 1, *img.shape[-2:], generator=torch.Generator().manual_seed(0))
@@ -163,7 +151,7 @@ def measure_dice(spec: dict) -> dict:
 
     from edgeseg.metrics import mask_dice
 
-    _set_threads(spec["threads"])
+    common.set_threads(spec["threads"])
     run = _load_runner(spec)
     dice = []
     for i, item in enumerate(_test_images(spec["image_size"], spec["dice_images"])):
@@ -180,7 +168,7 @@ def measure_gemm(spec: dict) -> dict:
     import numpy as np
 
     n, reps = spec["gemm_size"], spec["gemm_reps"]
-    _set_threads(spec["threads"])
+    common.set_threads(spec["threads"])
     if spec["runtime"] == "gemm-fp32":
         import torch
 
@@ -221,8 +209,7 @@ def _child_main(spec_json: str) -> int:
 
 
 def run_child(spec: dict, timeout: float) -> dict:
-    return common.run_json_child(Path(__file__).resolve(), ["--child", json.dumps(spec)], RESULT_TAG, timeout,
-                          env={"OMP_NUM_THREADS": str(spec["threads"])})
+    return common.run_child(Path(__file__).resolve(), "--child", spec, RESULT_TAG, timeout)
 
 
 # ========================================================================================
@@ -245,19 +232,10 @@ def model_info(name: str) -> dict:
 
 def ensure_export(info: dict, runtime: str, steps: int, ensemble: int, export_dir: Path) -> dict:
     """The exported file for a (model, runtime): reused from export_dir when its sidecar still matches."""
-    from edgeseg.mobile import sidecar as sc
-    from edgeseg.mobile.export import EXPORT_RECIPE
-
     target, precision = runtime.split("-")
     tag = "trained" if info["trained"] else "untrained"
     out = export_dir / f"{info['preset']}-{tag}-k{steps}n{ensemble}-{precision}.{'pte' if target == 'pte' else 'onnx'}"
-    try:
-        meta = sc.read_sidecar(out)
-        if meta.get("recipe") == EXPORT_RECIPE and sc.file_digest(out)[0] == meta.get("sha256"):
-            return {"path": str(out), "meta": meta, "reused": True}
-    except Exception:  # noqa: BLE001 (not there or stale: export)
-        pass
-    return {"path": str(out), "meta": _export(info, target, precision, steps, ensemble, out), "reused": False}
+    return common.cached_export(out, lambda path: _export(info, target, precision, steps, ensemble, path))
 
 
 def _export(info: dict, target: str, precision: str, steps: int, ensemble: int, out: Path) -> dict:
@@ -271,7 +249,7 @@ def _export(info: dict, target: str, precision: str, steps: int, ensemble: int, 
         torch.manual_seed(0)
         model, kw = build(info["preset"]).eval(), {"parity_threshold": 0.0, "n_parity_images": 4}
     if target == "pte":
-        from edgeseg.mobile.export import export_executorch as export
+        from edgeseg.mobile.executorch_export import export_executorch as export
     else:
         from edgeseg.mobile.onnx_export import export_onnx as export
     t0 = time.perf_counter()

@@ -111,7 +111,7 @@ def export_cmd(
 def _export(target: Target, checkpoint, out, steps, ensemble, quantize: str, common: dict, n_calibration_images: int,
             nbits: int, compute_units: str) -> dict:
     if target == Target.executorch:
-        from edgeseg.mobile.export import export_executorch
+        from edgeseg.mobile.executorch_export import export_executorch
 
         return export_executorch(checkpoint, out, steps, ensemble, quantize, n_calibration_images=n_calibration_images,
                                  **common)
@@ -120,7 +120,7 @@ def _export(target: Target, checkpoint, out, steps, ensemble, quantize: str, com
 
         return export_onnx(checkpoint, out, steps, ensemble, quantize, n_calibration_images=n_calibration_images,
                            **common)
-    from edgeseg.mobile.export import export_coreml
+    from edgeseg.mobile.coreml_export import export_coreml
 
     return export_coreml(checkpoint, out, steps, ensemble, quantize, nbits=nbits, compute_units=compute_units,
                          **common)

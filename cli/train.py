@@ -6,7 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from edgeseg.cli.common import SEED_MAX, training_interrupted, parse_sets, read_settings, user_errors
+from edgeseg.cli.common import SEED_MAX, parse_sets, read_settings, training_interrupted, user_errors
+from edgeseg.config import same_folder
 
 _KD_HELP = "knowledge distillation: efkd (edge-focused, paper Eq. 3-7), global (Eq. 2) or none"
 
@@ -19,13 +20,9 @@ def _overrides(config: Optional[Path], sets: List[str], **explicit) -> dict:
     return out
 
 
-def _same_folder(a, b) -> bool:
-    return a is not None and b is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-
-
 def _run_settings(role: str, overrides: dict, runs_dir: Path, run_name: Optional[str], resume: bool) -> dict | None:
     """The training settings a resumed run was started with (None when there is nothing to resume)."""
-    from edgeseg.train import read_state_config
+    from edgeseg.config import read_state_config
 
     if resume and not run_name:
         from edgeseg.errors import SettingsError
@@ -38,13 +35,13 @@ def _run_settings(role: str, overrides: dict, runs_dir: Path, run_name: Optional
 
 def _checked(role: str, overrides: dict, saved: dict | None, job: dict, label: str | None = None) -> dict:
     """Validate `role`'s settings before any work; on --resume start from the run's own settings
-    (`saved`) so only what is given now changes. A setting that must stay as the run started
-    (edgeseg.train.FIXED_ON_RESUME) and is given with another value is refused here, before
-    anything loads; the others (lr, epochs, max_steps, ...) are applied and recorded by the trainer."""
+    (`saved`) so only what is given now changes. The resume rule (edgeseg.config.check_resume)
+    runs here, before anything loads, on what is given now; the trainer applies it again to the
+    whole configuration when it loads the state."""
     from dataclasses import fields
 
+    from edgeseg.config import TrainConfig, check_resume, validate_settings
     from edgeseg.errors import SettingsError
-    from edgeseg.train import FIXED_ON_RESUME, TrainConfig, validate_settings
 
     try:
         validate_settings(role, overrides)
@@ -54,14 +51,12 @@ def _checked(role: str, overrides: dict, saved: dict | None, job: dict, label: s
         raise SettingsError(f"{label}: {e}") from None
     if saved is None:
         return overrides
+    given = {k: v for k, v in {**overrides, **job}.items() if k in saved}
+    try:
+        check_resume(saved, given)
+    except SettingsError as e:
+        raise SettingsError(f"--resume: the run's {role}: {e}") from None
     known = {f.name for f in fields(TrainConfig)} - {"role", "preset", "dataset", "data_dir"}
-    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
-    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in {**overrides, **job}.items()
-               if k in FIXED_ON_RESUME and k in saved and norm(v) != norm(saved[k])
-               and not (k == "data_dir" and _same_folder(v, saved[k]))]
-    if changed:
-        raise SettingsError(f"--resume: the run's {role} cannot change {'; '.join(changed)}; these stay as the "
-                            "run started (start a new run with another --run-name to change them)")
     return {**{k: v for k, v in saved.items() if k in known}, **overrides}
 
 
@@ -127,7 +122,7 @@ def distill(
     saved_t = _run_settings("teacher", teacher_overrides, runs_dir, run_name, resume)
     saved_any = saved_s or saved_t or {}
     dataset = dataset or saved_any.get("dataset") or "synthetic"
-    data_dir = (saved_any.get("data_dir") if data_dir is None or _same_folder(data_dir, saved_any.get("data_dir"))
+    data_dir = (saved_any.get("data_dir") if data_dir is None or same_folder(data_dir, saved_any.get("data_dir"))
                 else str(data_dir))
     student_preset = student_preset or (saved_s or {}).get("preset")
     teacher_preset = teacher_preset or (saved_t or {}).get("preset")
@@ -173,7 +168,7 @@ def train_teacher(
     overrides = _overrides(config, set_, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed)
     saved = _run_settings("teacher", overrides, runs_dir, run_name, resume) or {}
     dataset = dataset or saved.get("dataset") or "synthetic"
-    data_dir = (saved.get("data_dir") if data_dir is None or _same_folder(data_dir, saved.get("data_dir"))
+    data_dir = (saved.get("data_dir") if data_dir is None or same_folder(data_dir, saved.get("data_dir"))
                 else str(data_dir))
     preset = preset or saved.get("preset")
     overrides = _checked("teacher", overrides, saved or None, {"dataset": dataset, "data_dir": data_dir,

@@ -72,8 +72,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+def atomic_write_json(path: str | Path, obj: Any, default=None) -> None:
+    """The one JSON writer: `obj` indented, written under a temporary name and renamed into place
+    (a reader never sees half a file). `default` as for json.dumps (e.g. str for paths)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=default) + "\n").encode())
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

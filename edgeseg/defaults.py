@@ -1,4 +1,6 @@
-"""The one table of inference defaults: `segment`, `evaluate`, `export` and `bench/` all read it.
+"""The one table of defaults: the shipped models, the default model, the sampler's K and N, the
+uncertainty map, the presets per dataset and the main job's evaluation. `segment`, `evaluate`,
+`export`, `distill` and `bench/` all read it.
 
 Default (K DDIM steps, N ensemble members) per prediction type and the uncertainty map, chosen
 by measurement on real lesions (`bench/uncertainty.py`, results and the rule in
@@ -8,7 +10,10 @@ converged epsilon student has been trained here).
 """
 from __future__ import annotations
 
-__all__ = ["SAMPLER_DEFAULTS", "sampler_defaults", "DEFAULT_MODEL", "UNCERTAINTY_MAP"]
+from edgeseg.evaluate import SamplerSettings
+
+__all__ = ["SAMPLER_DEFAULTS", "sampler_defaults", "DEFAULT_MODEL", "UNCERTAINTY_MAP", "SHIPPED_MODELS",
+           "DATASET_PRESETS", "DEFAULT_EVAL", "VAL_SELECT"]
 
 SAMPLER_DEFAULTS: dict[str, dict] = {
     "sample": {"steps": 1, "ensemble": 3, "provisional": False},
@@ -19,8 +24,33 @@ SAMPLER_DEFAULTS: dict[str, dict] = {
 #: The uncertainty map `Segmentation.uncertainty` holds (edgeseg.segmenter.uncertainty_map).
 UNCERTAINTY_MAP = "margin"
 
+#: The models shipped in the package, edgeseg/assets/<name>.safetensors + .json: name -> (preset,
+#: dataset it was trained on). Adding a shipped model is one line here (and its files in assets/).
+SHIPPED_MODELS: dict[str, tuple[str, str]] = {
+    "tiny-student-isic2017": ("tiny-student", "isic2017"),
+    "tiny-teacher-isic2017": ("tiny-teacher", "isic2017"),
+    "tiny-student-synthetic": ("tiny-student", "synthetic"),
+    "tiny-teacher-synthetic": ("tiny-teacher", "synthetic"),
+}
+
 #: The shipped model used when no checkpoint is given and no run exists under ./runs.
 DEFAULT_MODEL = "tiny-student-isic2017"
+
+#: (teacher preset, student preset) the main job trains per dataset; isic2017 and ph2 use the tiny
+#: CPU presets of the models shipped for real lesions.
+DATASET_PRESETS: dict[str, tuple[str, str]] = {
+    "isic2017": ("tiny-teacher", "tiny-student"),
+    "ph2": ("tiny-teacher", "tiny-student"),
+    "isic2018": ("teacher-isic2018", "student-isic2018"),
+    "ham10000": ("teacher-ham10000", "student-ham10000"),
+    "folder": ("teacher-isic2018", "student-isic2018"),
+    "synthetic": ("tiny-teacher", "tiny-student"),
+}
+
+#: The main job's final evaluation: few-step DDIM at the model's K and N from SAMPLER_DEFAULTS.
+DEFAULT_EVAL = SamplerSettings("ddim")
+#: Per-epoch validation Dice for model selection: one deterministic step, cheap enough for every epoch.
+VAL_SELECT = SamplerSettings("ddim", steps=1, ensemble=1)
 
 
 def sampler_defaults(prediction_type: str) -> tuple[int, int]:

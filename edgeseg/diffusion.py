@@ -35,6 +35,7 @@ __all__ = [
     "ddim_update",
     "SamplerCore",
     "sample_masks",
+    "draw_noise",
 ]
 
 
@@ -64,7 +65,7 @@ class SchedulerOutput:
     pred_original_sample: torch.Tensor
 
 
-def _draw(sample: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def draw_noise(sample: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Standard normal noise shaped like `sample` (how both schedulers draw it)."""
     return torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
 
@@ -229,7 +230,7 @@ class DDPMScheduler(_SchedulerBase):
         if t == 0:
             return SchedulerOutput(mean, x0)
         if noise is None:
-            noise = _draw(sample, generator)
+            noise = draw_noise(sample, generator)
         return SchedulerOutput(mean + s.posterior_std(t) * noise, x0)
 
 
@@ -314,7 +315,7 @@ class DDIMScheduler(_SchedulerBase):
         prev, x0 = ddim_update(model_output, sample, self.prediction_type, sa, s1, c_x0, c_eps)
         if sigma > 0.0:
             if noise is None:
-                noise = _draw(sample, generator)
+                noise = draw_noise(sample, generator)
             prev = prev + sigma * noise
         return SchedulerOutput(prev, x0)
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeseg.diffusion import NoiseSchedule
+from edgeseg.diffusion import PREDICTION_TYPES, NoiseSchedule
 
 __all__ = ["Preset", "PRESETS", "DermoSegDiff", "build", "preset", "list_presets", "count_params", "flops_per_call",
            "stage_outputs"]
@@ -46,9 +46,6 @@ class Preset:
     # "mobile": BatchNorm + ReLU blocks, linear attention in the bottleneck only: at export every block
     # (with its time scale/shift) folds into one conv + ReLU, close to a plain U-Net's cost per FLOP.
     blocks: str = "paper"
-    # mobile blocks only: how many of the lowest-resolution stages (encoder and decoder) keep their
-    # linear attention (global context where it is cheap: at 64 px the last stage is 16 x 16)
-    low_res_attention: int = 0
     note: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -70,7 +67,7 @@ class Preset:
         """A preset from its JSON form; ValueError naming the field for any wrong type or range."""
         if not isinstance(d, dict):
             raise ValueError(f"a preset must be a JSON object, got {type(d).__name__}")
-        known = {f for f in cls.__dataclass_fields__}
+        known = {f for f in cls.__dataclass_fields__} | set(REMOVED_FIELDS)
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown preset fields {sorted(unknown)}")
@@ -78,7 +75,7 @@ class Preset:
                          and f.default_factory is MISSING)
         if missing:
             raise ValueError(f"preset fields missing: {missing}")
-        d = dict(d)
+        d = _without_removed_fields(d)
         for k in ("dim_x_mults", "dim_g_mults"):
             if not isinstance(d[k], (list, tuple)):
                 raise ValueError(f"{k} must be a list of integers, got {d[k]!r}")
@@ -96,10 +93,23 @@ class Preset:
 #: Preset (and checkpoint) names: a letter or digit, then letters, digits, '.', '_' or '-'; no
 #: path separators, so a name taken from a checkpoint's JSON is safe to use in a file name.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 BLOCKS = ("paper", "mobile")
 _ARCH_FIELDS = ("dim_x", "dim_g", "dim_x_mults", "dim_g_mults", "groups", "image_size", "heads", "dim_head",
-                "blocks", "low_res_attention")
+                "blocks")
+#: Fields of earlier presets, read at their default (checkpoints written then carry them) and
+#: refused otherwise: field -> (default, what it was, the commit whose code runs such a model).
+REMOVED_FIELDS = {
+    "low_res_attention": (0, "linear attention at the lowest-resolution stages of mobile blocks", "3a06f44"),
+}
+
+
+def _without_removed_fields(d: dict) -> dict:
+    out = dict(d)
+    for name, (default, what, commit) in REMOVED_FIELDS.items():
+        if name in out and out.pop(name) != default:
+            raise ValueError(f"{name} = {d[name]!r} ({what}) is no longer supported; edgeseg at commit {commit} "
+                             "builds and runs such a model")
+    return out
 # Upper bounds far above every shipped preset (the paper teacher: width 64 x 6 stages, 1024 image
 # channels), so a typo or an edited JSON cannot ask for gigabytes before anything is checked.
 _MAX = {"dim": 2048, "mult": 64, "stages": 8, "heads": 64, "dim_head": 1024, "image_size": 4096}
@@ -147,11 +157,6 @@ def _check_preset(p: "Preset") -> None:
         raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {p.prediction_type!r}")
     if p.blocks not in BLOCKS:
         raise ValueError(f"blocks must be one of {', '.join(BLOCKS)}, got {p.blocks!r}")
-    if not _is_int(p.low_res_attention) or not 0 <= p.low_res_attention <= len(p.dim_x_mults):
-        raise ValueError(f"low_res_attention must be an integer from 0 to the number of stages "
-                         f"({len(p.dim_x_mults)}), got {p.low_res_attention!r}")
-    if p.low_res_attention and p.blocks != "mobile":
-        raise ValueError("low_res_attention applies to mobile blocks only (paper blocks have attention at every stage)")
     if not isinstance(p.note, str):
         raise ValueError(f"note must be a string, got {p.note!r}")
 
@@ -182,8 +187,6 @@ _ALL: list[Preset] = [
            prediction_type="sample", heads=2, dim_head=16),
     Preset("tiny-student", 16, 8, (1, 2, 3), (1, 2, 4), 4, role="student", image_size=64,
            prediction_type="sample", heads=2, dim_head=16, teacher="tiny-teacher"),
-    # half the width and one attention head: a quarter of tiny-student's FLOPs (<= 1 GFLOP per call
-    # at 128 px); its widths differ from the teacher's, so it trains from scratch under KD
     # the tiny pair at 128 px, the paper's input size: the same weights' shapes as the 64-px pair
     # (convolutions and linear attention do not depend on the input size), so the shipped 64-px
     # models are their starting point (`init_from`)
@@ -191,19 +194,9 @@ _ALL: list[Preset] = [
            prediction_type="sample", heads=2, dim_head=16),
     Preset("tiny-student-128", 16, 8, (1, 2, 3), (1, 2, 4), 4, role="student", image_size=128,
            prediction_type="sample", heads=2, dim_head=16, teacher="tiny-teacher-128"),
-    Preset("tiny-student-lean", 8, 4, (1, 2, 3), (1, 2, 4), 4, role="student", image_size=64,
-           prediction_type="sample", heads=1, dim_head=16, teacher="tiny-teacher"),
     # tiny-student's widths with mobile blocks (BatchNorm + ReLU, linear attention in the bottleneck only):
     # the phone's cost per FLOP of a plain conv net; initialised from the teacher's convolutions
     Preset("tiny-student-mobile", 16, 8, (1, 2, 3), (1, 2, 4), 4, role="student", image_size=64,
-           prediction_type="sample", heads=2, dim_head=16, teacher="tiny-teacher", blocks="mobile"),
-    # the same with the lowest-resolution stage's linear attention kept (16 x 16 at 64 px)
-    Preset("tiny-student-mobile-attn", 16, 8, (1, 2, 3), (1, 2, 4), 4, role="student", image_size=64,
-           prediction_type="sample", heads=2, dim_head=16, teacher="tiny-teacher", blocks="mobile",
-           low_res_attention=1),
-    # the teacher's four stages and widths with mobile blocks: an 8 x 8 level (receptive field and
-    # parameters where pixels are few) at about tiny-student-mobile's cost; every conv starts from the teacher
-    Preset("tiny-student-mobile-deep", 16, 8, (1, 2, 3, 4), (1, 2, 4, 8), 4, role="student", image_size=64,
            prediction_type="sample", heads=2, dim_head=16, teacher="tiny-teacher", blocks="mobile"),
 ]
 PRESETS: dict[str, Preset] = {p.name: p for p in _ALL}
@@ -492,11 +485,10 @@ class DermoSegDiff(nn.Module):
 
     def stage_attn(self, i: int) -> tuple[int, int] | None:
         """Stage i's linear attention (heads, dim_head), or None: paper blocks have it at every stage,
-        mobile blocks at the `low_res_attention` lowest-resolution stages only (in the exported
-        program its softmaxes, batch matmuls and transposes at full resolution cost more than the
-        stage's convs)."""
+        mobile blocks in the bottleneck only (in the exported program its softmaxes, batch matmuls
+        and transposes at full resolution cost more than the stage's convs)."""
         p = self.preset
-        if p.blocks == "mobile" and i < p.stages - p.low_res_attention:
+        if p.blocks == "mobile":
             return None
         return p.heads, p.dim_head
 

@@ -13,61 +13,38 @@ from pathlib import Path
 import torch
 
 from edgeseg.checkpoint import atomic_write_json, load_model, load_preset, save_model
+from edgeseg.config import TrainConfig, recipe
+from edgeseg.defaults import DATASET_PRESETS, DEFAULT_EVAL, VAL_SELECT
+from edgeseg.devices import init_distributed
 from edgeseg.errors import EdgesegError
 from edgeseg.evaluate import SamplerSettings, evaluate, format_table, metrics_summary, write_overlays
 from edgeseg.models import count_params, preset
-from edgeseg.runs import RUNS_DIR, shipped_path
-from edgeseg.train import TrainConfig, Trainer, init_distributed, paper_recipe, tiny_recipe
+from edgeseg.runs import RUNS_DIR, shipped_model, shipped_path
+from edgeseg.train import Trainer
 
 __all__ = ["DistillJob", "run_distill", "run_train_teacher", "default_presets", "shipped_teacher", "shipped_checkpoint",
            "DEFAULT_EVAL"]
 
-# Few-step evaluation used by the main job (x0-prediction presets); see README "Sampling defaults".
-DEFAULT_EVAL = SamplerSettings("ddim")  # K and N from the defaults table (edgeseg.defaults)
-# Per-epoch validation Dice for model selection: one deterministic step, cheap enough for every epoch.
-VAL_SELECT = SamplerSettings("ddim", steps=1, ensemble=1)
-
-# isic2017 and ph2 default to the tiny CPU presets: the models shipped for real lesions
-_PAPER_PRESETS = {
-    "isic2017": ("tiny-teacher", "tiny-student"),
-    "ph2": ("tiny-teacher", "tiny-student"),
-    "isic2018": ("teacher-isic2018", "student-isic2018"),
-    "ham10000": ("teacher-ham10000", "student-ham10000"),
-    "folder": ("teacher-isic2018", "student-isic2018"),
-    "synthetic": ("tiny-teacher", "tiny-student"),
-}
-
 
 def default_presets(dataset: str) -> tuple[str, str]:
-    if dataset not in _PAPER_PRESETS:
+    """(teacher preset, student preset) the main job uses for `dataset` (edgeseg.defaults.DATASET_PRESETS)."""
+    if dataset not in DATASET_PRESETS:
         from edgeseg.data import DATASETS
 
         raise EdgesegError(f"unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
-    return _PAPER_PRESETS[dataset]
-
-
-SHIPPED = {("tiny-teacher", "synthetic"): "tiny-teacher-synthetic", ("tiny-student", "synthetic"): "tiny-student-synthetic",
-           ("tiny-teacher", "isic2017"): "tiny-teacher-isic2017", ("tiny-student", "isic2017"): "tiny-student-isic2017"}
+    return DATASET_PRESETS[dataset]
 
 
 def shipped_checkpoint(preset_name: str, dataset: str) -> Path | None:
     """The checkpoint shipped inside the package for (preset, dataset), if any (README, "The
     main job" and "Real lesions")."""
-    stem = SHIPPED.get((preset_name, dataset))
+    stem = shipped_model(preset_name, dataset)
     return None if stem is None else shipped_path(stem)
 
 
 def shipped_teacher(preset_name: str, dataset: str) -> Path | None:
     """The shipped teacher for (preset, dataset), if any."""
     return shipped_checkpoint(preset_name, dataset) if preset_name.endswith("teacher") else None
-
-
-def recipe(role: str, preset_name: str, dataset: str, data_dir: str | None) -> TrainConfig:
-    if preset_name.startswith("tiny-"):
-        cfg = tiny_recipe(role)
-        cfg.preset, cfg.dataset, cfg.data_dir = preset_name, dataset, data_dir
-        return cfg
-    return paper_recipe(role, preset_name, dataset, data_dir)
 
 
 @dataclass

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgeseg.defaults import SHIPPED_MODELS
 from edgeseg.errors import CheckpointError
 
-__all__ = ["RUNS_DIR", "SHIPPED_MODELS", "shipped_path", "is_shipped", "latest_run", "resolve_checkpoint", "training_dataset"]
+__all__ = ["RUNS_DIR", "SHIPPED_MODELS", "shipped_path", "shipped_model", "is_shipped", "latest_run",
+           "resolve_checkpoint", "training_dataset"]
 
 RUNS_DIR = Path("runs")
 
-#: Checkpoints shipped in the package (edgeseg/assets/<name>.safetensors + .json).
-SHIPPED_MODELS = ("tiny-student-isic2017", "tiny-teacher-isic2017", "tiny-student-synthetic",
-                  "tiny-teacher-synthetic")
 
 
 def shipped_path(name: str) -> Path:
@@ -32,6 +31,11 @@ def shipped_path(name: str) -> Path:
     if not path.exists():
         raise CheckpointError(f"{path}: shipped model file is missing (broken install?)")
     return path
+
+
+def shipped_model(preset_name: str, dataset: str) -> str | None:
+    """The name of the model shipped for (preset, dataset), if any."""
+    return next((name for name, key in SHIPPED_MODELS.items() if key == (preset_name, dataset)), None)
 
 
 def is_shipped(path: str | Path) -> bool:

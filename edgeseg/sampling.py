@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from edgeseg.diffusion import DDIMScheduler, DDPMScheduler, NoiseSchedule, SchedulerOutput, _draw
+from edgeseg.diffusion import DDIMScheduler, DDPMScheduler, NoiseSchedule, SchedulerOutput, draw_noise
 
 __all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "make_scheduler"]
 
@@ -61,7 +61,7 @@ class FusedDDIMScheduler(DDIMScheduler):
         t = int(timestep)
         sa, s1, c_x0, c_eps, sigma = self.update_coefficients(t)
         if sigma > 0.0 and noise is None:
-            noise = _draw(sample, generator)  # as DDIMScheduler.step draws it
+            noise = draw_noise(sample, generator)  # as DDIMScheduler.step draws it
         prev, x0 = _op()(
             model_output, sample, self.prediction_type, "ddim", sa, s1, c_x0, c_eps,
             std=sigma, noise=noise if sigma > 0.0 else None,
@@ -91,7 +91,7 @@ class FusedDDPMScheduler(DDPMScheduler):
         t = int(timestep)
         s = self.schedule
         if t > 0 and noise is None:
-            noise = _draw(sample, generator)  # as DDPMScheduler.step draws it
+            noise = draw_noise(sample, generator)  # as DDPMScheduler.step draws it
         std = float(s.posterior_std(t)) if t > 0 else 0.0
         prev, x0 = _op()(
             model_output, sample, self.prediction_type, "ddpm",

@@ -14,12 +14,10 @@ bit-exactly on CPU, and a torchrun run matches a single-process run on the same 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,189 +26,25 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from edgeseg.checkpoint import atomic_write_json, load_model, save_model, save_tensors
+from edgeseg.checkpoint import atomic_write_json, save_model, save_tensors
+from edgeseg.config import (FIXED_ON_RESUME, TrainConfig, check_resume, paper_recipe, read_state_config,
+                            read_state_json, tiny_recipe, validate_settings)
+from edgeseg.devices import bf16_supported, dist_info, init_distributed
+from edgeseg.ema import EMA
 from edgeseg.errors import EdgesegError, SettingsError
-from edgeseg.losses import efkd_loss, feature_kd_loss, student_objective, teacher_objective, x0_segmentation_loss
-from edgeseg.models import DermoSegDiff, Preset, WSConv2d, build, preset, stage_outputs
+from edgeseg.losses import feature_kd_loss, student_objective, teacher_objective, x0_segmentation_loss
+from edgeseg.models import DermoSegDiff, build, preset, stage_outputs
+from edgeseg.warmstart import init_from_teacher, init_weights
 
+# TrainConfig, the recipes and the resume rule live in edgeseg.config, EMA in edgeseg.ema, the device and
+# DDP set-up in edgeseg.devices, warm starts in edgeseg.warmstart; they stay importable from here.
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "distill_loss", "EMA", "paper_recipe", "tiny_recipe",
-           "validate_settings", "read_state_config", "FIXED_ON_RESUME"]
+           "validate_settings", "read_state_config", "FIXED_ON_RESUME", "LR_FLOOR", "cosine_lr_factor",
+           "init_from_teacher", "bf16_supported", "init_distributed"]
 
 
 class TrainingDiverged(EdgesegError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
-
-
-# ----------------------------------------------------------------------------------------
-# configuration
-# ----------------------------------------------------------------------------------------
-@dataclass
-class TrainConfig:
-    """Every training setting; `edgeseg distill --help` documents each one."""
-
-    role: str = "student"  # "teacher" or "student"
-    preset: str = "tiny-student"
-    dataset: str = "synthetic"
-    data_dir: str | None = None
-    # objective
-    kd: str = "efkd"  # "efkd", "global" or "none" (students only)
-    tau: float = 0.6
-    lambda_e: float = 5.0
-    lambda_b: float = 2.0
-    w_l2: float = 1.0
-    w_kd: float = 0.25
-    w_boundary: float = 0.25
-    # optimisation
-    batch_size: int = 16  # global batch, split over ranks
-    lr: float = 2e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    epochs: int = 2000
-    max_steps: int | None = None  # stop after this many optimizer steps (whole run)
-    # "plateau": halve (plateau_factor) after plateau_patience epochs without a better validation
-    # loss; "cosine": anneal from lr to LR_FLOOR x lr over the run (max_seconds or the steps,
-    # whichever ends it first), as the U-Net baseline does
-    lr_schedule: str = "plateau"
-    plateau_factor: float = 0.5
-    plateau_patience: int = 10
-    grad_clip: float | None = 1.0
-    ema_beta: float = 0.9999
-    ema_start: int = 500  # steps before the EMA starts averaging (copies weights until then)
-    # data
-    augment: bool = True
-    num_workers: int = 2
-    seed: int = 0
-    # validation / checkpoints
-    val_every: int = 1  # epochs
-    val_max_batches: int | None = None
-    save_every_steps: int = 0  # 0: at the end of every epoch only
-    bf16: bool = True  # autocast to bf16 where the device supports it (CUDA; CPUs with AVX-512 BF16 / AMX)
-    kernel_backend: str = "auto"  # fused loss: "auto", "triton" or "torch"
-    init_from_teacher: bool = False  # start the student from the teacher's matching stages
-    init_from: str | None = None  # fine-tune: start from this checkpoint's weights (same preset)
-    prediction_type: str | None = None  # override the preset's ("epsilon", "sample", "v_prediction")
-    max_seconds: float | None = None  # stop after this much training wall time (whole run, over resumes)
-    # share of each batch's timesteps drawn at the shipped sampler's timesteps (edgeseg.defaults K
-    # for the prediction type) instead of uniformly: a phone runs those few only
-    focus_timesteps: float = 0.0
-    w_seg: float = 0.0  # students: weight of Dice + BCE on the predicted x0 (losses.x0_segmentation_loss)
-    # students: weight of feature distillation on every stage the teacher shares (losses.feature_kd_loss),
-    # for a student whose blocks differ from the teacher's (mobile blocks)
-    w_feat: float = 0.0
-    # students: weight of sampler distillation (losses.efkd_loss on x0): on the rows drawn at the
-    # shipped sampler's first timestep (needs focus_timesteps > 0), the student's x0 is pulled toward
-    # the teacher's whole sampler output (its K x N ensemble mean from edgeseg.defaults)
-    w_sampler_kd: float = 0.0
-
-    def __post_init__(self) -> None:
-        _validate(self)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise SettingsError(f"unknown training settings {unknown}; known: {sorted(names)}")
-        return cls(**d)
-
-
-def validate_settings(role: str, overrides: dict) -> TrainConfig:
-    """Check training settings (option values, --set, a settings file) before any work starts:
-    SettingsError with one line for the first unknown name, wrong type or value out of range."""
-    return TrainConfig.from_dict({**TrainConfig(role=role).to_dict(), **overrides, "role": role})
-
-
-# setting: (kind, low, high, what the low bound means); kinds: int, int? (None allowed), float, float?
-_NUMBERS: dict[str, tuple] = {
-    "batch_size": ("int", 1, None), "epochs": ("int", 1, None), "max_steps": ("int?", 1, None),
-    "plateau_patience": ("int", 0, None), "ema_start": ("int", 0, None), "num_workers": ("int", 0, 64),
-    "seed": ("int", 0, 2**32 - 1), "val_every": ("int", 1, None), "val_max_batches": ("int?", 1, None),
-    "save_every_steps": ("int", 0, None),
-    "lr": ("float>", 0.0, None), "tau": ("float", 0.0, 1.0), "lambda_e": ("float", 0.0, None),
-    "lambda_b": ("float", 0.0, None), "w_l2": ("float", 0.0, None), "w_kd": ("float", 0.0, None),
-    "w_boundary": ("float", 0.0, None), "plateau_factor": ("float>", 0.0, 1.0), "ema_beta": ("float", 0.0, 1.0),
-    "grad_clip": ("float>?", 0.0, None), "max_seconds": ("float>?", 0.0, None),
-    "focus_timesteps": ("float", 0.0, 1.0), "w_seg": ("float", 0.0, None), "w_feat": ("float", 0.0, None),
-    "w_sampler_kd": ("float", 0.0, None),
-}
-_CHOICES = {"role": ("teacher", "student"), "kd": ("efkd", "global", "none"),
-            "prediction_type": (None, "epsilon", "sample", "v_prediction"), "kernel_backend": ("auto", "triton", "torch"),
-            "lr_schedule": ("plateau", "cosine")}
-_BOOLS = ("augment", "bf16", "init_from_teacher")
-
-
-# settings that are also options of `edgeseg distill` / `train-teacher`
-_OPTIONS = ("kd", "tau", "lambda_e", "lambda_b", "epochs", "max_steps", "batch_size", "lr", "seed", "num_workers")
-
-
-def _bad(name: str, rule: str, value) -> SettingsError:
-    label = f"--{name.replace('_', '-')}" if name in _OPTIONS else f"training setting {name}"
-    return SettingsError(f"{label} must be {rule}, got {value!r}")
-
-
-def _number(name: str, v, kind: str, lo, hi):
-    optional = kind.endswith("?")
-    kind = kind.rstrip("?")
-    if v is None and optional:
-        return None
-    hi_txt = f" and <= {hi:g}" if hi is not None else ""
-    if kind == "int":
-        rule = f"an integer >= {lo}{hi_txt}" + (" (leave it out, or null, for no limit)" if optional else "")
-        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
-            v = int(v)
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
-            raise _bad(name, rule, v)
-        return v
-    strict = kind == "float>"
-    rule = f"a finite number {'>' if strict else '>='} {lo:g}" + (f" and {'<' if strict else '<='} {hi:g}"
-                                                                   if hi is not None else "")
-    if optional:
-        rule += " (or null for none)"
-    if isinstance(v, str):  # YAML 1.1 reads 1e-3 as a string
-        try:
-            v = float(v)
-        except ValueError:
-            raise _bad(name, rule, v) from None
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        raise _bad(name, rule, v)
-    v = float(v)
-    ok = math.isfinite(v) and (v > lo if strict else v >= lo)
-    if hi is not None:
-        ok = ok and (v < hi if strict else v <= hi)
-    if not ok:
-        raise _bad(name, rule, v)
-    return v
-
-
-def _validate(cfg: "TrainConfig") -> None:
-    for name, choices in _CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            raise _bad(name, "one of " + ", ".join(str(c) for c in choices), getattr(cfg, name))
-    for name, (kind, lo, hi) in _NUMBERS.items():
-        setattr(cfg, name, _number(name, getattr(cfg, name), kind, lo, hi))
-    for name in _BOOLS:
-        if not isinstance(getattr(cfg, name), bool):
-            raise _bad(name, "true or false", getattr(cfg, name))
-    for name in ("preset", "dataset"):
-        if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
-            raise _bad(name, "a name", getattr(cfg, name))
-    for name in ("data_dir", "init_from"):
-        v = getattr(cfg, name)
-        if v is not None and not isinstance(v, str):
-            if isinstance(v, os.PathLike):
-                setattr(cfg, name, os.fspath(v))
-            else:
-                raise _bad(name, "a path", v)
-    b = cfg.betas
-    if (not isinstance(b, (list, tuple)) or len(b) != 2
-            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in b)):
-        raise _bad("betas", "two numbers in [0, 1)", b)
-    cfg.betas = (float(b[0]), float(b[1]))  # JSON round trips give lists
-    if cfg.w_sampler_kd > 0 and (cfg.role != "student" or cfg.focus_timesteps == 0):
-        raise _bad("w_sampler_kd", "0 for a teacher, and 0 unless focus_timesteps > 0 (its rows are the ones drawn "
-                   "at the sampler's timesteps)", cfg.w_sampler_kd)
 
 
 #: The cosine schedule's last learning rate, as a fraction of the first.
@@ -223,62 +57,8 @@ def cosine_lr_factor(frac: float) -> float:
     return LR_FLOOR + (1.0 - LR_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-#: Settings a resumed run must keep: they define the objective, the data order or the model.
-FIXED_ON_RESUME = ("role", "preset", "dataset", "data_dir", "kd", "tau", "lambda_e", "lambda_b", "w_l2", "w_kd",
-                   "w_boundary", "batch_size", "seed", "augment", "init_from_teacher", "init_from", "prediction_type",
-                   "focus_timesteps", "w_seg", "w_feat", "w_sampler_kd")
-
-
-def read_state_config(state_dir: str | Path) -> dict | None:
-    """The training settings recorded in ``<state_dir>/state.json`` (None if there is no state)."""
-    js = Path(state_dir) / "state.json"
-    if not js.exists():
-        return None
-    meta = _read_state_json(js)
-    return dict(meta["config"])
-
-
-def _read_state_json(js: Path) -> dict:
-    from edgeseg.checkpoint import check_regular_file
-
-    check_regular_file(js, "resume state", EdgesegError)
-    try:
-        meta = json.loads(js.read_text())
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-        for k, t, what in (("step", int, "an integer"), ("epoch", int, "an integer"), ("config", dict, "an object"),
-                           ("param_groups", list, "a list"), ("plateau", dict, "an object"), ("history", list, "a list")):
-            if not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool):
-                raise ValueError(f"{k!r} is missing or not {what}")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise EdgesegError(f"{js}: corrupt resume state ({' '.join(str(e).split())}); the run cannot continue "
-                           "from it") from None
-    return meta
-
-
-def paper_recipe(role: str, preset_name: str, dataset: str, data_dir: str | None = None) -> TrainConfig:
-    """The paper's recipe (Sec. IV-A): batch 16, 2000 epochs, EMA 0.9999 after 500 steps."""
-    if role == "teacher":
-        return TrainConfig(role="teacher", preset=preset_name, dataset=dataset, data_dir=data_dir,
-                           lr=1e-4, betas=(0.7, 0.99), plateau_patience=5)
-    return TrainConfig(role="student", preset=preset_name, dataset=dataset, data_dir=data_dir,
-                       lr=2e-4, plateau_patience=10)
-
-
-def tiny_recipe(role: str) -> TrainConfig:
-    """The CPU demo recipe for tiny presets on the synthetic set (README, "The main job")."""
-    if role == "teacher":
-        return TrainConfig(role="teacher", preset="tiny-teacher", lr=1e-3, epochs=12, batch_size=16,
-                           plateau_patience=2, ema_beta=0.995, ema_start=200, num_workers=1)
-    # init_from_teacher: the 15-minute CPU budget of the demo; the paper trains students from scratch.
-    # focus_timesteps + w_seg: chosen by the real-lesion ablation (bench/README.md, "On real lesions")
-    return TrainConfig(role="student", preset="tiny-student", lr=1e-3, epochs=5, batch_size=16,
-                       plateau_patience=2, ema_beta=0.995, ema_start=100, num_workers=1,
-                       init_from_teacher=True, focus_timesteps=0.5, w_seg=0.5)
-
-
 # ----------------------------------------------------------------------------------------
-# loss dispatch and EMA
+# loss dispatch
 # ----------------------------------------------------------------------------------------
 def distill_loss(pred_s, pred_t, target, d, t, T, cfg: TrainConfig):
     """The student objective; EFKD goes through the fused kernel dispatch (Triton on CUDA)."""
@@ -294,78 +74,6 @@ def distill_loss(pred_s, pred_t, target, d, t, T, cfg: TrainConfig):
                              lambda_b=cfg.lambda_b, weights=(cfg.w_l2, cfg.w_kd, cfg.w_boundary))
 
 
-class EMA:
-    """Exponential moving average of weights; copies the online weights until `start` steps."""
-
-    def __init__(self, model: nn.Module, beta: float, start: int):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.beta, self.start = beta, start
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        dst, src = [], []
-        for d, s in zip(self.model.state_dict().values(), model.state_dict().values()):
-            if d.is_floating_point():
-                dst.append(d)
-                src.append(s.detach())
-            else:  # an integer buffer (BatchNorm's batch count) is copied, never averaged
-                d.copy_(s)
-        if step <= self.start:
-            torch._foreach_copy_(dst, src)
-        else:
-            torch._foreach_lerp_(dst, src, 1.0 - self.beta)
-
-
-@torch.no_grad()
-def init_from_teacher(student: DermoSegDiff, teacher: DermoSegDiff) -> int:
-    """Copy the teacher's weights into the student wherever a stage has the same shape.
-
-    A student is the teacher's depth cut, so its first stages (and the decoder stages that mirror
-    them, plus the input/output layers) exist in the teacher. Decoder stage j of the student is
-    decoder stage j + (teacher depth - student depth) of the teacher. Returns tensors copied.
-    """
-    shift = len(teacher.downs) - len(student.downs)
-    t_state = teacher.state_dict()
-    # a mobile student's plain convs start from the kernels the teacher's WSConv2d applies
-    standardized = {f"{n}.weight": m.standardized_weight() for n, m in teacher.named_modules()
-                    if isinstance(m, WSConv2d)}
-    plain = {f"{n}.weight" for n, m in student.named_modules() if type(m) is nn.Conv2d}
-    copied = 0
-    for name, tensor in student.state_dict().items():
-        src = name
-        if name.startswith("ups."):
-            j, rest = name[4:].split(".", 1)
-            src = f"ups.{int(j) + shift}.{rest}"
-        value = standardized[src] if name in plain and src in standardized else t_state.get(src)
-        if value is not None and value.shape == tensor.shape:
-            tensor.copy_(value)
-            copied += 1
-    return copied
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast pays on this device: CUDA, or a CPU with native bf16 (AVX-512 BF16 or AMX),
-    where oneDNN runs bf16 convolutions and matmuls natively instead of emulating them."""
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def _init_weights(path: str, p: Preset) -> dict:
-    """The weights of checkpoint `path` for a network of preset `p`: the same architecture, except
-    that the input size may differ (a 64-px model starts a 128-px one: its tensors have the same shapes)."""
-    src = load_model(path)
-    a, b = src.preset.architecture(), p.architecture()
-    a.pop("image_size"), b.pop("image_size")
-    if a != b:
-        diff = sorted(k for k in a if a[k] != b[k])
-        raise EdgesegError(f"init_from {path}: preset {src.preset.name!r} differs from {p.name!r} in {', '.join(diff)} "
-                           "(fine-tuning needs the same network, at any input size)")
-    return src.state_dict()
-
-
 def _taps(net: DermoSegDiff | None, on: bool):
     """`stage_outputs(net)` when feature distillation is on, else an empty dict that stays empty."""
     return stage_outputs(net) if on else contextlib.nullcontext({})
@@ -374,24 +82,6 @@ def _taps(net: DermoSegDiff | None, on: bool):
 # ----------------------------------------------------------------------------------------
 # trainer
 # ----------------------------------------------------------------------------------------
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed() -> torch.device:
-    """Join the torchrun process group if launched by torchrun; pick the device."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 class Trainer:
     """Trains `cfg.preset` (against `teacher` for students) and writes into `out_dir`.
 
@@ -404,7 +94,7 @@ class Trainer:
                  train_ds=None, val_ds=None, device: torch.device | None = None, quiet: bool = False):
         self.cfg, self.out_dir, self.quiet = cfg, Path(out_dir), quiet
         self.device = device or init_distributed()
-        self.rank, self.world = _dist_info()
+        self.rank, self.world = dist_info()
         if cfg.batch_size % self.world:
             raise EdgesegError(f"batch size {cfg.batch_size} is not divisible by {self.world} processes")
         self.p = preset(cfg.preset)
@@ -412,13 +102,11 @@ class Trainer:
             self.p = replace(self.p, prediction_type=cfg.prediction_type)
         if cfg.role == "student" and teacher is None and cfg.kd != "none":
             raise EdgesegError("a student needs a teacher for KD (or use --kd none)")
-        if teacher is None and cfg.w_sampler_kd > 0:
-            raise EdgesegError("sampler distillation (w_sampler_kd > 0) needs a teacher")
         torch.manual_seed(cfg.seed)  # weight init
         self.model = build(self.p).to(self.device)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
         if cfg.init_from is not None:
-            self.model.load_state_dict(_init_weights(cfg.init_from, self.p))
+            self.model.load_state_dict(init_weights(cfg.init_from, self.p))
         self.bf16 = cfg.bf16 and bf16_supported(self.device)
         if cfg.init_from_teacher and self.teacher is not None:
             init_from_teacher(self.model, self.teacher)
@@ -429,12 +117,6 @@ class Trainer:
         )
         self.schedule = self.model.noise_schedule
         self.focus_t = self._sampler_timesteps() if cfg.focus_timesteps > 0 else None
-        # the teacher's sampler at its defaults (edgeseg.defaults): the target of sampler distillation
-        self.teacher_segmenter = None
-        if cfg.w_sampler_kd > 0:
-            from edgeseg.segmenter import Segmenter
-
-            self.teacher_segmenter = Segmenter.from_model(self.teacher)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # timesteps + noise, checkpointed
         self.step, self.epoch = 0, 0
         self.train_seconds = 0.0  # wall time spent in fit(), over resumes (max_seconds)
@@ -510,7 +192,7 @@ class Trainer:
         js, st = self.state_dir / "state.json", self.state_dir / "state.safetensors"
         if not js.exists() or not st.exists():
             raise EdgesegError(f"{self.state_dir}: no resumable state to continue from")
-        meta = _read_state_json(js)
+        meta = read_state_json(js)
         changed = self._resume_changes(meta["config"])
         try:
             with safe_open(str(st), "pt") as f:
@@ -557,17 +239,11 @@ class Trainer:
             self._append_log(rec)
 
     def _resume_changes(self, saved: dict) -> dict[str, list]:
-        """{setting: [run's value, new value]} for the settings that differ from the run's."""
-        defaults = TrainConfig().to_dict()
-        now = json.loads(json.dumps(self.cfg.to_dict()))
-        was = json.loads(json.dumps({k: saved.get(k, defaults.get(k)) for k in now}))
-        diff = {k: [was[k], now[k]] for k in now if was[k] != now[k]}
-        fixed = [k for k in FIXED_ON_RESUME if k in diff]
-        if fixed:
-            what = "; ".join(f"{k} {diff[k][0]!r} -> {diff[k][1]!r}" for k in fixed)
-            raise SettingsError(f"{self.state_dir}: cannot resume with changed settings ({what}); these must stay "
-                                "as the run started, start a new run (--run-name) to change them")
-        return diff
+        """{setting: [run's value, new value]} for the settings that differ from the run's (edgeseg.config.check_resume)."""
+        try:
+            return check_resume(saved, self.cfg.to_dict())
+        except SettingsError as e:
+            raise SettingsError(f"{self.state_dir}: {e}") from None
 
     # ---- one step ---------------------------------------------------------------------
     def _sampler_timesteps(self) -> torch.Tensor:
@@ -608,33 +284,11 @@ class Trainer:
         if feats:
             terms["feat"] = feature_kd_loss(f_s, f_t)
             total = total + self.cfg.w_feat * terms["feat"]
-        if self.cfg.w_seg > 0 or self.cfg.w_sampler_kd > 0:
-            x0, _ = self.schedule.to_x0_eps(pred.float(), x_t, t, self.p.prediction_type, clip=False)
         if self.cfg.w_seg > 0:
+            x0, _ = self.schedule.to_x0_eps(pred.float(), x_t, t, self.p.prediction_type, clip=False)
             terms["seg"] = x0_segmentation_loss(x0, mask)
             total = total + self.cfg.w_seg * terms["seg"]
-        if self.cfg.w_sampler_kd > 0:
-            terms["sampler_kd"] = self._sampler_kd_loss(x0, image, d, t)
-            total = total + self.cfg.w_sampler_kd * terms["sampler_kd"]
         return total, terms
-
-    def _sampler_kd_loss(self, x0: torch.Tensor, image: torch.Tensor, d: torch.Tensor, t: torch.Tensor):
-        """Sampler distillation: where the phone's sampler starts (the rows at its first timestep, x_t
-        all but pure noise), the student's x0 against the teacher's final answer, the mean of its
-        K-step ensemble, weighted edge/body as EFKD (Eq. 3-7). Zero when no row is at that timestep."""
-        rows = t == self.focus_t[0]
-        if not bool(rows.any()):
-            return x0.new_zeros(())
-        with torch.no_grad():
-            target, _ = self.teacher_segmenter.predict(image[rows], generator=self._teacher_noise())
-        c = self.cfg
-        return efkd_loss(x0[rows], target.to(x0.device), d[rows], t[rows], self.schedule.T, c.tau, c.lambda_e,
-                         c.lambda_b)
-
-    def _teacher_noise(self) -> torch.Generator:
-        """The teacher sampler's generator, a function of (seed, step, rank): the shared timestep and
-        noise stream stays the same on every rank, and a resumed run draws the same teacher noise."""
-        return torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + self.step) * 64 + self.rank)
 
     @torch.no_grad()
     def _in_student_terms(self, pred_t: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

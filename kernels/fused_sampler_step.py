@@ -27,12 +27,12 @@ import torch
 
 from ._launch import cdiv, contiguous, device_of, store_dtype
 
-__all__ = ["fused_sampler_step", "PREDICTION_TYPES", "MODES"]
+__all__ = ["fused_sampler_step", "PRED_CODES", "MODES"]
 
-# the core's edgeseg.diffusion.PREDICTION_TYPES, in kernel-code order (tests check they agree)
-PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "sample", "v_prediction")
+# the kernel's code for each of the core's prediction types (edgeseg.diffusion.PREDICTION_TYPES;
+# nothing here imports the core, so tests check the keys agree)
+PRED_CODES: dict[str, int] = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 MODES: tuple[str, ...] = ("ddim", "ddpm")
-_PRED_CODE = {p: i for i, p in enumerate(PREDICTION_TYPES)}  # epsilon 0, sample 1, v_prediction 2
 _MODE_CODE = {m: i for i, m in enumerate(MODES)}  # ddim 0, ddpm 1
 _BLOCK = 1024
 
@@ -100,8 +100,8 @@ def fused_sampler_step(
     `return_x0` is False (one store less). Coefficients as in the module docstring; `std * noise`
     is added when `noise` is given. Output dtype: the promotion of model_output's and x_t's
     dtypes (as the torch step)."""
-    if prediction_type not in _PRED_CODE:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if prediction_type not in PRED_CODES:
+        raise ValueError(f"prediction_type must be one of {tuple(PRED_CODES)}, got {prediction_type!r}")
     if mode not in _MODE_CODE:
         raise ValueError(f"mode must be 'ddim' or 'ddpm', got {mode!r}")
     if model_output.shape != x_t.shape:
@@ -119,7 +119,7 @@ def fused_sampler_step(
             k[(cdiv(n, block),)](
                 o, x, z if z is not None else x, y, x0, n,
                 float(sa), float(s1), float(c_x0), float(c_b), float(std),
-                PRED=_PRED_CODE[prediction_type], MODE=_MODE_CODE[mode], HAS_NOISE=z is not None,
+                PRED=PRED_CODES[prediction_type], MODE=_MODE_CODE[mode], HAS_NOISE=z is not None,
                 WRITE_X0=bool(return_x0), BLOCK=block, num_warps=4,
                 enable_fp_fusion=False,  # no FMA contraction: each op rounds as torch's separate kernels do
             )

@@ -1,6 +1,6 @@
 """ExecuTorch's developer tools for an exported ``.pte``: the ETRecord and the bundled program.
 
-Every ``.pte`` export (:func:`edgeseg.mobile.export.export_executorch`) writes beside ``<out>``
+Every ``.pte`` export (:func:`edgeseg.mobile.executorch_export.export_executorch`) writes beside ``<out>``
 and its sidecar:
 
 * ``<out>.etrecord``: ExecuTorch's ETRecord of this export (the exported, edge and final
@@ -48,7 +48,7 @@ def bundle_tolerance(deviation: list[float]) -> dict:
 
 def make_bundle(program, ref, n: int = BUNDLED_IMAGES):
     """The BundledProgram of `program` (an ExecutorchProgramManager) with the first `n` calls of
-    `ref` (:class:`edgeseg.mobile.export.ParityReference`): inputs (image, noise), expected (mean, std)."""
+    `ref` (:class:`edgeseg.mobile.gate.ParityReference`): inputs (image, noise), expected (mean, std)."""
     from executorch.devtools import BundledProgram
     from executorch.devtools.bundled_program.config import MethodTestCase, MethodTestSuite
 

@@ -16,7 +16,7 @@ conv stay fp32. The exporter's per-node debug metadata (stack traces, FX nodes: 
 file) is dropped; the model carries the sidecar's contract as ``metadata_props`` and its inputs
 and outputs their descriptions.
 
-The gate is the .pte's (:func:`edgeseg.mobile.export.run_parity`): the model runs in ONNX
+The gate is the .pte's (:mod:`edgeseg.mobile.gate`): the model runs in ONNX
 Runtime (CPUExecutionProvider) on the same held-out images with the same noise as eager
 PyTorch; mask Dice 0.99 (fp32) / 0.97 (int8), else the model is kept as ``<out>.failed``.
 """
@@ -33,7 +33,12 @@ import torch
 from torch import nn
 
 from edgeseg.errors import EdgesegError
-from edgeseg.mobile import export as ex
+from edgeseg.mobile import sidecar as sc
+from edgeseg.mobile.gate import (PARITY_THRESHOLDS, ParityReference, ProgramLoadError, checked_parity, dice_problem,
+                                 gate_and_place, run_parity)
+from edgeseg.mobile.job import (CALIBRATION_IMAGES, PARITY_IMAGES, ExportJob, Progress, calibration_info,
+                                export_images, export_program, quiet, say)
+from edgeseg.mobile.placement import write_temp
 from edgeseg.mobile.fold import ExportGroupNorm, prepare_for_export
 
 __all__ = ["export_onnx", "to_onnx", "quantize_onnx", "parity_onnx", "ort_session", "OPSET"]
@@ -75,7 +80,7 @@ def _no_log_warnings():
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        with ex._quiet():
+        with quiet():
             yield
     finally:
         logging.disable(previous)
@@ -166,34 +171,34 @@ def ort_session(path: str | Path, threads: int | None = None):
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph types
         msg = " ".join(str(e).split())[:160]
-        raise ex.ProgramLoadError(f"the exported model does not load in ONNX Runtime ({msg})") from None
+        raise ProgramLoadError(f"the exported model does not load in ONNX Runtime ({msg})") from None
 
 
 def parity_onnx(path: str | Path, model: nn.Module, images: torch.Tensor, steps: int, ensemble: int,
-                batch: int = 1, seed: int = 0) -> tuple[dict, "ex.ParityReference"]:
-    """:func:`edgeseg.mobile.export.run_parity` for an .onnx in ONNX Runtime."""
+                batch: int = 1, seed: int = 0) -> tuple[dict, ParityReference]:
+    """:func:`edgeseg.mobile.gate.run_parity` for an .onnx in ONNX Runtime."""
     sess = ort_session(path)
 
     def run(img, nz):
         mean, std = sess.run(["mean", "std"], {"image": img.numpy(), "noise": nz.numpy()})
         return torch.from_numpy(mean), torch.from_numpy(std)
 
-    return ex.run_parity(run, model, images, steps, ensemble, batch, seed)
+    return run_parity(run, model, images, steps, ensemble, batch, seed)
 
 
 def _build(job, batch: int, quantize: str, calib, prepare, progress, work: Path) -> tuple[Path, dict | None]:
     """The (fp32 or int8) ONNX model, not yet finalised, in `work`; (path, calibration extras or None)."""
     onnx, _ = _import_onnx()
     s = job.model.preset.image_size
-    ep, _ = ex.export_program(job.model, job.steps, job.ensemble, batch, "none", prepare=prepare)
-    ex._say(progress, "torch.onnx.export (dynamo)")
+    ep, _ = export_program(job.model, job.steps, job.ensemble, batch, "none", prepare=prepare)
+    say(progress, "torch.onnx.export (dynamo)")
     example = (torch.rand(batch, 3, s, s), torch.randn(batch * job.ensemble, 1, s, s))
     model = to_onnx(ep, example)
     fp32 = work / "fp32.onnx"
     onnx.save(model, str(fp32))
     if quantize != "int8":
         return fp32, None
-    ex._say(progress, f"int8: ONNX Runtime static QDQ, calibrated on {len(calib)} training images")
+    say(progress, f"int8: ONNX Runtime static QDQ, calibrated on {len(calib)} training images")
     int8 = work / "int8.onnx"
     extras = quantize_onnx(fp32, int8, calib, job.ensemble, batch, _fp32_nodes(model))
     return int8, extras
@@ -209,38 +214,38 @@ def export_onnx(
     batch: int = 1,
     dataset: str | None = None,
     data_dir: str | Path | None = None,
-    n_parity_images: int = ex.PARITY_IMAGES,
-    n_calibration_images: int = ex.CALIBRATION_IMAGES,
+    n_parity_images: int = PARITY_IMAGES,
+    n_calibration_images: int = CALIBRATION_IMAGES,
     parity_threshold: float | None = None,
     seed: int = 0,
-    progress: ex.Progress | None = None,
+    progress: Progress | None = None,
     prepare: Callable[[nn.Module], nn.Module] = prepare_for_export,
     overwrite: bool = True,
 ) -> dict:
     """Export to ``out`` (.onnx) + ``out.json``; returns the sidecar dict (``meta["path"]`` = out).
 
-    Same job, images, gate and placement as :func:`edgeseg.mobile.export.export_executorch`.
+    Same job, images, gate and placement as :func:`edgeseg.mobile.executorch_export.export_executorch`.
     """
     onnx, ort = _import_onnx()
-    job = ex._ExportJob.resolve(model_or_ckpt, out, steps, ensemble, quantize, dataset, data_dir, "ONNX", ".onnx",
+    job = ExportJob.resolve(model_or_ckpt, out, steps, ensemble, quantize, dataset, data_dir, "ONNX", ".onnx",
                                 {"none": "fp32", "int8": "int8"}, overwrite)
-    threshold = ex.PARITY_THRESHOLDS[quantize] if parity_threshold is None else parity_threshold
-    images, calib = ex._export_images(job, n_parity_images, n_calibration_images if quantize == "int8" else 0,
+    threshold = PARITY_THRESHOLDS[quantize] if parity_threshold is None else parity_threshold
+    images, calib = export_images(job, n_parity_images, n_calibration_images if quantize == "int8" else 0,
                                       progress)
-    ex._say(progress, f"exporting {job.model.preset.name}: {job.steps} DDIM steps x ensemble {job.ensemble} unrolled")
-    meta = ex._common_sidecar(job.model, "onnx", job.out, job.steps, job.ensemble, batch, quantize, job.checkpoint,
+    say(progress, f"exporting {job.model.preset.name}: {job.steps} DDIM steps x ensemble {job.ensemble} unrolled")
+    meta = sc.student_sidecar(job.model, "onnx", job.out, job.steps, job.ensemble, batch, quantize, job.checkpoint,
                               job.dataset)
     with tempfile.TemporaryDirectory(prefix=".edgeseg-onnx-", dir=job.out.parent) as d:
         built, cal = _build(job, batch, quantize, calib, prepare, progress, Path(d))
         model = onnx.load(str(built))
         _finalise(model, meta)
-        tmp = ex._write_temp(job.out, lambda f: f.write(model.SerializeToString()))
+        tmp = write_temp(job.out, lambda f: f.write(model.SerializeToString()))
     meta.update(opset=OPSET, execution_provider="CPUExecutionProvider", delegate_calls=None,
-                calibration=ex._calibration_info(job, calib, **(cal or {})))
-    ex._say(progress, f"parity: .onnx (ONNX Runtime) vs eager on {len(images)} held-out images")
-    parity, _ = ex._checked_parity(tmp, job.out, lambda: parity_onnx(tmp, job.model, images, job.steps,
+                calibration=calibration_info(job, calib, **(cal or {})))
+    say(progress, f"parity: .onnx (ONNX Runtime) vs eager on {len(images)} held-out images")
+    parity, _ = checked_parity(tmp, job.out, lambda: parity_onnx(tmp, job.model, images, job.steps,
                                                                       job.ensemble, batch, seed))
     parity.update(dataset=job.dataset, split="test", threshold=threshold,
                   runtime=f"onnxruntime {ort.__version__} (CPUExecutionProvider)")
     meta["parity"] = parity
-    return ex._gate_and_place(tmp, job.out, meta, ex._dice_problem(parity, threshold, quantize), overwrite)
+    return gate_and_place(tmp, job.out, meta, dice_problem(parity, threshold, quantize), overwrite)

@@ -214,7 +214,7 @@ def _xnnpack_conv_quantizer(absmax: dict[str, float] | None = None):
     statistics, softmax, the DDIM arithmetic, and every cat, add and mul with an fp32 input.
     Quantizing all adds and muls of the paper blocks as well cost another 4 points of Dice (0.94).
 
-    ``conv_relu`` is kept for the baseline U-Net (:func:`edgeseg.mobile.export.export_unet_pte`)
+    ``conv_relu`` is kept for the baseline U-Net (:func:`edgeseg.mobile.unet_export.export_unet_pte`)
     and the students with mobile blocks (each block one conv + ReLU after folding): the stock
     ``conv`` annotator skips a conv whose only user is a ReLU, leaving it to ``conv_relu``, so
     without it every such block would stay fp32. Paper blocks (SiLU) match only ``conv``.
@@ -248,7 +248,7 @@ def quantize_int8(
     """Quantize (int8, per-channel symmetric weights) and re-export.
 
     `module` is an nn.Module (exported here) or an ExportedProgram (for instance one whose
-    constant subgraphs were already folded; export.py folds before quantizing, because folding
+    constant subgraphs were already folded; job.export_program folds before quantizing, because folding
     after would turn the int8 weights' dequantize nodes back into float constants).
     `calibration` yields input tuples of the same shapes as `example_inputs`; its first
     :data:`RANGE_BATCHES` also run through the float graph first, to decide which

@@ -36,10 +36,17 @@ import torch
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "sidecar_path", "file_digest", "versions", "preprocessing_for",
     "io_spec", "dice_masks", "read_sidecar", "now_iso", "CONTRACT_FIELDS", "contract_digest", "check_contract",
+    "EXPORT_RECIPE", "student_sidecar", "write_sidecar",
 ]
 
 FORMAT = "edgeseg-mobile-export"
 FORMAT_VERSION = 1
+# Bumped whenever the exported program changes for the same model, K and N (caches compare it).
+# 2: conv-only int8 with per-step weight copies, reshape-free GroupNorm, short constant keys.
+# 3: linear attention with separate q/k/v convs (k/v context first): less program memory.
+# 4: XNNPACK convolutions with transient indirection buffers (workarounds.transient_conv_indirection).
+# 5: int8 joins: adds, multiplies and like-range concatenations of int8 tensors stay int8.
+EXPORT_RECIPE = 5
 
 
 #: The sidecar fields that make up the contract with the app (hashed into ``contract_sha256``).
@@ -206,3 +213,58 @@ def read_sidecar(model_path: str | Path) -> dict:
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def student_sidecar(model, target: str, out: Path, steps: int, ensemble: int, batch: int, quantize: str,
+                    checkpoint: str | None, dataset: str | None) -> dict:
+    """The fields every export of the student shares (all but the file's digest, parity and versions)."""
+    from edgeseg.defaults import SAMPLER_DEFAULTS
+    from edgeseg.sampling import make_scheduler
+
+    p = model.preset
+    scheduler = make_scheduler("ddim", steps, p.prediction_type, "torch", getattr(model, "noise_schedule", None))
+    schedule = scheduler.schedule
+    s = p.image_size
+    inputs, outputs = io_spec(batch, ensemble, s, s)
+    dflt = SAMPLER_DEFAULTS[p.prediction_type]
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "recipe": EXPORT_RECIPE,
+        "target": target,
+        "file": out.name,
+        "status": "ok",
+        "preset": p.name,
+        "preset_config": p.to_dict(),
+        "prediction_type": p.prediction_type,
+        "checkpoint": checkpoint,
+        "image_size": [s, s],
+        "preprocessing": preprocessing_for(s, dataset),
+        "inputs": inputs,
+        "outputs": outputs,
+        "sampler": {"name": "ddim", "eta": 0.0, "timestep_spacing": "trailing",
+                    "num_train_timesteps": schedule.num_train_timesteps, "clip_x0": [-1.0, 1.0]},
+        "noise_schedule": schedule.to_dict(),
+        "steps": steps,
+        "timesteps": scheduler.timesteps.tolist(),
+        "ensemble": ensemble,
+        "batch": batch,
+        "defaults": {"steps": dflt["steps"], "ensemble": dflt["ensemble"], "provisional": dflt["provisional"]},
+        "threshold": 0.0,
+        "output_range": [-1.0, 1.0],
+        "quantize": quantize,
+    }
+
+
+def write_sidecar(out: Path, meta: dict, program: Path | None = None) -> dict:
+    """Complete `meta` with the digest, size and versions of the finished `program` (default: the
+    file at `out`), and the contract's hash; write it atomically to ``<out>.json`` and return it."""
+    from edgeseg.checkpoint import atomic_write_json
+
+    digest, size = file_digest(program or out)
+    meta["sha256"], meta["size_bytes"] = digest, size
+    meta["versions"] = versions()
+    meta["created"] = now_iso()
+    meta["contract_sha256"] = contract_digest(meta)
+    atomic_write_json(sidecar_path(out), meta)
+    return meta

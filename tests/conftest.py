@@ -46,8 +46,34 @@ def tiny_pte_fp32(tmp_path_factory):
     exported once for test_mobile and test_deploy (with its ETRecord and bundled program).
     Read-only: a test that changes a file works on a copy."""
     from edgeseg.checkpoint import load_model
-    from edgeseg.mobile.export import export_executorch
+    from edgeseg.mobile.executorch_export import export_executorch
 
     tiny = load_model(REPO_ROOT / "edgeseg" / "assets" / "tiny-student-synthetic.safetensors").eval()
     out = tmp_path_factory.mktemp("pte") / "tiny.pte"
     return out, export_executorch(tiny, out, 1, 2, "none", n_parity_images=4)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The shipped tiny student (trained on the synthetic set, x0 prediction), in eval mode."""
+    from edgeseg.checkpoint import load_model
+
+    return load_model(REPO_ROOT / "edgeseg" / "assets" / "tiny-student-synthetic.safetensors").eval()
+
+
+@pytest.fixture(scope="module")
+def micro_env(tmp_path_factory):
+    """The micro presets registered, one synthetic cache shared by the session's test files,
+    1 thread, no curve plots (tests/micro.py); a test module opts in with
+    ``pytestmark = pytest.mark.usefixtures("micro_env")``."""
+    from micro import micro_environment
+
+    yield from micro_environment(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def data(micro_env):
+    """(train, val): 32 and 8 micro synthetic images, materialised (tests/micro.py)."""
+    from micro import micro_datasets
+
+    return micro_datasets(32, 8)

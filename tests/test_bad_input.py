@@ -1,11 +1,11 @@
-"""Issue 18: every bad input of the issue's probes through the real `edgeseg` entry point.
+"""Every bad input through the real `edgeseg` entry point.
 
 Each case runs in its own process (tests/cli_driver.py forks one per case after importing the
 CLI once) and must end with exit code 2, exactly one ``error: ...`` line on stderr naming the
 file or setting, no traceback, and its folder exactly as it was (nothing written, nothing lost).
 A few cases must instead work (16-bit images, a newline in a file name). The library-level
-halves of the same fixes (NaN after an update, resume settings, stale locks, export placement,
-sidecar contract) are in tests/test_reliability.py.
+halves (NaN after an update, resume settings, stale locks, export placement, sidecar contract)
+are in tests/test_train_state.py, tests/test_runlock.py and tests/test_export_files.py.
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def state_json(run: Path, role: str, **config) -> Path:
 
 EXPORT = ("export", "--target", "executorch")
 
-# ---------------------------------------------------------------------------------------- item 6, 11
+# ---------------------------------------------------------------------------------------- settings out of range
 for cid, argv, needle in [
     ("epochs-0", ("distill", "--epochs", "0"), "--epochs"),
     ("max-steps-negative", ("distill", "--max-steps", "-5"), "--max-steps"),
@@ -149,7 +149,7 @@ def _(d, c):
     (d / "s.json").write_text("[1, 2]")
 
 
-# ---------------------------------------------------------------------------------------- item 1
+# ---------------------------------------------------------------------------------------- run folders in use
 HOLDERS: list[subprocess.Popen] = []
 
 
@@ -179,7 +179,7 @@ def _(d, c):
     pass
 
 
-# ---------------------------------------------------------------------------------------- item 5
+# ---------------------------------------------------------------------------------------- resume
 @case("resume-without-run-name", "train-teacher", "--resume", "--runs-dir", "runs", needles=("--run-name",))
 def _(d, c):
     pass
@@ -224,7 +224,7 @@ def _(d, c):
     js.write_text(json.dumps({"step": "four"}))
 
 
-# ---------------------------------------------------------------------------------------- item 7, 8
+# ---------------------------------------------------------------------------------------- checkpoints and their JSON
 @case("export-preset-name-escapes", *EXPORT, "--checkpoint", "ck/student.safetensors", needles=("name",))
 def _(d, c):
     edit_json(new_checkpoint(d / "ck"), name="../../../escaped/evil")
@@ -299,7 +299,7 @@ def _(d, c):
     edit_json(legacy_checkpoint(d / "ck", "teacher"), name="tiny-teacher", role="teacher", teacher=None)
 
 
-# ---------------------------------------------------------------------------------------- item 12
+# ---------------------------------------------------------------------------------------- export outputs
 @case("export-out-exists", *EXPORT, "--checkpoint", "ck/student.safetensors", "--out", "x.pte",
       needles=("x.pte", "exists", "--overwrite"))
 def _(d, c):

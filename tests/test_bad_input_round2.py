@@ -175,14 +175,14 @@ def fake_pte(d: Path, steps: int = 1) -> Path:
     """A .pte with a well-formed sidecar (the program itself is not loadable)."""
     from types import SimpleNamespace
 
-    from edgeseg.mobile.export import _common_sidecar, _finish
+    from edgeseg.mobile.sidecar import student_sidecar, write_sidecar
     from edgeseg.models import PRESETS
 
     out = d / "m.pte"
     out.write_bytes(b"not really a program")
-    meta = _common_sidecar(SimpleNamespace(preset=PRESETS["tiny-student"]), "executorch", out, steps, 2, 1, "none",
+    meta = student_sidecar(SimpleNamespace(preset=PRESETS["tiny-student"]), "executorch", out, steps, 2, 1, "none",
                            None, "synthetic")
-    _finish(out, meta)
+    write_sidecar(out, meta)
     return out
 
 
@@ -233,7 +233,7 @@ def results(tmp_path_factory):
             setup(dirs[cid], CASES[cid])
             before[cid] = snapshot(dirs[cid])
         spec = {"preimport": ["edgeseg.cli.main", "edgeseg.cli.segment", "edgeseg.cli.train", "edgeseg.pipeline",
-                              "edgeseg.segmenter", "edgeseg.mobile.export"],
+                              "edgeseg.segmenter", "edgeseg.mobile.export", "edgeseg.mobile.sidecar"],
                 "out": str(root),
                 "cases": [{"id": c.id, "argv": c.argv, "cwd": str(dirs[c.id]), "timeout": c.timeout, "env": c.env}
                           for c in CASES.values()]}
@@ -469,33 +469,34 @@ def _set(tmp_path: Path, name: str, killed_at: str | None, monkeypatch, overwrit
     `killed_at` (the program or the .bpte) lands."""
     from types import SimpleNamespace
 
-    import edgeseg.mobile.export as ex
+    from edgeseg.mobile import gate
+    from edgeseg.mobile.sidecar import student_sidecar
     from edgeseg.models import PRESETS
 
     out = tmp_path / name
     tmp, bpte = tmp_path / f".{name}.1.tmp", tmp_path / f".{name}.2.tmp"
     tmp.write_bytes(b"program " + name.encode())
     bpte.write_bytes(b"bundled")
-    meta = ex._common_sidecar(SimpleNamespace(preset=PRESETS["tiny-student"]), "executorch", out, 1, 2, 1, "none",
-                              None, "synthetic")
-    real = ex._place
+    meta = student_sidecar(SimpleNamespace(preset=PRESETS["tiny-student"]), "executorch", out, 1, 2, 1, "none",
+                           None, "synthetic")
+    real = gate.place
 
     def place(t, target, ow):
         if killed_at and target.name.endswith(killed_at):
             raise KeyboardInterrupt  # the process dies before this file lands
         real(t, target, ow)
 
-    monkeypatch.setattr(ex, "_place", place)
+    monkeypatch.setattr(gate, "place", place)
     try:
-        return ex._gate_and_place(tmp, out, meta, None, overwrite, {".bpte": bpte})
+        return gate.gate_and_place(tmp, out, meta, None, overwrite, {".bpte": bpte})
     finally:
-        monkeypatch.setattr(ex, "_place", real)
+        monkeypatch.setattr(gate, "place", real)
 
 
 @pytest.mark.parametrize("killed_at", [".pte", ".bpte"])
 def test_a_killed_export_never_leaves_a_program_without_its_sidecar(tmp_path, monkeypatch, killed_at):
     from edgeseg.mobile import sidecar as sc
-    from edgeseg.mobile.export import check_output
+    from edgeseg.mobile.placement import check_output
 
     with pytest.raises(KeyboardInterrupt):
         _set(tmp_path, "k.pte", killed_at, monkeypatch)
@@ -509,7 +510,7 @@ def test_a_killed_export_never_leaves_a_program_without_its_sidecar(tmp_path, mo
 
 def test_a_complete_set_still_needs_overwrite(tmp_path, monkeypatch):
     from edgeseg.errors import ExportError
-    from edgeseg.mobile.export import check_output
+    from edgeseg.mobile.placement import check_output
 
     _set(tmp_path, "k.pte", None, monkeypatch)
     with pytest.raises(ExportError, match="--overwrite"):

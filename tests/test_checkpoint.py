@@ -3,6 +3,7 @@ clear errors naming the file, atomic writes."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import struct
 
@@ -144,3 +145,51 @@ def test_interrupted_save_keeps_previous_file(model, tmp_path, monkeypatch):
         save_model(model, p)
     assert p.read_bytes() == before
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a.json", "a.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------- hashes, modes, legacy files
+def test_saved_checkpoint_carries_its_hash_and_preset_and_normal_file_modes(tmp_path):
+    from safetensors import safe_open
+
+    from edgeseg.checkpoint import atomic_write_json, file_sha256, load_model, save_model
+    from edgeseg.models import build
+
+    old = os.umask(0o022)
+    try:
+        w = save_model(build("tiny-student"), tmp_path / "m.safetensors")
+        atomic_write_json(tmp_path / "x.json", {})
+    finally:
+        os.umask(old)
+    for f in (w, w.with_suffix(".json"), tmp_path / "x.json"):
+        assert f.stat().st_mode & 0o777 == 0o644, (f, oct(f.stat().st_mode))
+    meta = json.loads(w.with_suffix(".json").read_text())
+    assert meta["weights_sha256"] == file_sha256(w)
+    with safe_open(str(w), "pt") as f:
+        assert json.loads(f.metadata()["preset_config"]) == meta["preset"]
+    load_model(w)
+
+
+def test_shipped_checkpoints_load_and_a_missing_hash_is_legacy(tmp_path):
+    import shutil
+
+    from edgeseg.checkpoint import load_model
+    from edgeseg.pipeline import shipped_checkpoint
+
+    for name in ("tiny-teacher", "tiny-student"):
+        path = shipped_checkpoint(name, "synthetic")
+        assert load_model(path, expect_preset=name).preset.name == name
+        shutil.copy(path, tmp_path / "legacy.safetensors")
+        meta = json.loads(path.with_suffix(".json").read_text())
+        meta.pop("weights_sha256")
+        (tmp_path / "legacy.json").write_text(json.dumps(meta))
+        load_model(tmp_path / "legacy.safetensors")
+
+
+def test_a_renamed_checkpoint_of_another_architecture_is_not_the_expected_preset(tmp_path):
+    from edgeseg.checkpoint import load_model, save_model
+    from edgeseg.models import Preset, build
+
+    p = Preset.from_dict({**build("tiny-teacher").preset.to_dict(), "heads": 4, "dim_head": 8})
+    w = save_model(build(p), tmp_path / "t.safetensors")
+    with pytest.raises(CheckpointError, match="dim_head, heads differ"):
+        load_model(w, expect_preset="tiny-teacher")

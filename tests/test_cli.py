@@ -11,19 +11,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ddp_worker import MICRO_STUDENT, MICRO_TEACHER, micro_environment, micro_presets
 from edgeseg.checkpoint import save_model
 from edgeseg.cli.main import app
 from edgeseg.models import DermoSegDiff, Preset
+from micro import MICRO_STUDENT, MICRO_TEACHER, micro_presets
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def micro_env(tmp_path_factory):
-    """Micro presets registered, the session's shared synthetic cache, 1 thread, no curve plots."""
-    yield from micro_environment(tmp_path_factory.getbasetemp())
+pytestmark = pytest.mark.usefixtures("micro_env")
 
 
 def invoke(*args: str):

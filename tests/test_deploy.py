@@ -34,12 +34,6 @@ def _one_stage(seed: int = 0):
     return build("tiny-student", dim_x_mults=(1,), dim_g_mults=(1,)).eval()
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from edgeseg.checkpoint import load_model
-
-    return load_model(SHIPPED_STUDENT).eval()
-
 
 def run_cli(argv: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
     """The real entry point (edgeseg.cli.main:main) in this process: (exit code, stdout, stderr)."""
@@ -136,7 +130,7 @@ def test_coreml_spec_metadata_descriptions_compute_units(tmp_path):
     pytest.importorskip("coremltools")
     import coremltools as ct
 
-    from edgeseg.mobile.export import COREML_METADATA_KEYS, coreml_metadata, export_coreml
+    from edgeseg.mobile.coreml_export import COREML_METADATA_KEYS, coreml_metadata, export_coreml
 
     out = tmp_path / "one.mlpackage"
     meta = export_coreml(_one_stage(), out, K, N, "none", compute_units="cpu_and_ne")

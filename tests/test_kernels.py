@@ -165,7 +165,7 @@ def test_public_api():
         assert hasattr(K, name)
     assert K.triton_available() is True
     # the kernels' own copies of core constants agree with the core
-    assert FSS.PREDICTION_TYPES == PREDICTION_TYPES
+    assert tuple(FSS.PRED_CODES) == PREDICTION_TYPES
     assert FDL._EPS_COUNT == core_losses._EPS_COUNT  # the kernels get it as `eps`
 
 

@@ -21,7 +21,8 @@ pytest.importorskip("executorch")
 from edgeseg.diffusion import DDIMScheduler, sample_masks  # noqa: E402
 from edgeseg.errors import EdgesegError  # noqa: E402
 from edgeseg.mobile.fold import ExportGroupNorm, count_modules, fold_upsample_conv, prepare_for_export  # noqa: E402
-from edgeseg.mobile.export import exported_core, lower_executorch, to_program  # noqa: E402
+from edgeseg.mobile.executorch_export import lower_executorch, to_program  # noqa: E402
+from edgeseg.mobile.job import exported_core  # noqa: E402
 from edgeseg.mobile.sidecar import dice_masks, file_digest, sidecar_path  # noqa: E402
 from edgeseg.models import build  # noqa: E402
 
@@ -41,14 +42,6 @@ SHIPPED_STUDENT = Path(__file__).resolve().parents[1] / "edgeseg" / "assets" / "
 def _tiny(seed: int = 0, **overrides):
     torch.manual_seed(seed)
     return build("tiny-student", **overrides).eval()
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    """The shipped tiny student (trained on the synthetic set, x0 prediction)."""
-    from edgeseg.checkpoint import load_model
-
-    return load_model(SHIPPED_STUDENT).eval()
 
 
 # ---------------------------------------------------------------------------------------- fold
@@ -94,7 +87,7 @@ def _calibrated(name: str, s: int = 32, **overrides):
 def test_mobile_blocks_fold_exactly_to_conv_relu():
     """Mobile blocks: BatchNorm and the time scale/shift go into the conv, space-to-depth into a
     stride-2 conv; the folded copy equals the network, and its exported graph has neither."""
-    from edgeseg.mobile.export import export_program
+    from edgeseg.mobile.job import export_program
     from edgeseg.mobile.fold import ExportFoldedBlock
 
     m = _calibrated("tiny-student-mobile")
@@ -122,17 +115,6 @@ def test_mobile_blocks_fold_exactly_to_conv_relu():
     assert len(relu_convs) == blocks  # every block: one conv straight into its ReLU
     # their weights are constants after the export's constant propagation (no mul left before them)
     assert all(w.op == "placeholder" for w in (n.args[1] for n in relu_convs))
-
-
-def test_mobile_blocks_with_low_res_attention_fold_exactly():
-    """A mobile network keeping its deepest stage's attention: folded copy equals the network."""
-    m = _calibrated("tiny-student-mobile", low_res_attention=1)
-    assert count_modules(m)["LinearAttention"] == 1 + 3  # bottleneck, encoder x and g, decoder
-    p = prepare_for_export(m)
-    assert count_modules(p)["LinearAttention"] == 0 and count_modules(p)["ExportLinearAttention"] == 4
-    x, g, t = torch.randn(2, 1, 32, 32), torch.rand(2, 3, 32, 32), torch.tensor([249, 3])
-    with torch.no_grad():
-        torch.testing.assert_close(p(x, g, t), m(x, g, t), atol=1e-5, rtol=1e-5)
 
 
 def test_space_to_depth_fold_exact():
@@ -375,7 +357,7 @@ def _skip_standardisation(model):
 
 
 def test_parity_gate_fails_on_broken_fold(tmp_path):
-    from edgeseg.mobile import export as ex
+    from edgeseg.mobile import executorch_export as ex
 
     # a one-stage tiny student keeps this export quick; the gate is the same code
     m = _tiny(dim_x_mults=(1,), dim_g_mults=(1,))
@@ -395,7 +377,7 @@ def test_cli_parity_failure_exits_nonzero(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from edgeseg.cli.export import export_cmd
-    from edgeseg.mobile import export as ex
+    from edgeseg.mobile import executorch_export as ex
 
     def boom(*a, **k):
         raise EdgesegError("parity check failed: mask Dice of the exported program vs eager PyTorch is 0.5")
@@ -481,7 +463,7 @@ def test_int8_joins_stay_int8_unless_their_ranges_differ(tmp_path):
     convs); a concatenation of ranges 100x apart stays fp32 (one shared scale would erase the
     small input); the int8 concatenation loads in XNNPACK (one scale for its inputs and output)
     and the program computes the calibrated q/dq graph."""
-    from edgeseg.mobile.export import _load_method
+    from edgeseg.mobile.executorch_export import load_method
     from edgeseg.mobile.quantize import quantize_int8
     from edgeseg.mobile.workarounds import _one_scale
 
@@ -509,7 +491,7 @@ def test_int8_joins_stay_int8_unless_their_ranges_differ(tmp_path):
     path = tmp_path / "joins.pte"
     with open(path, "wb") as f:
         to_program(lowered).write_to_file(f)
-    got = _load_method(path).execute((x,))[0]
+    got = load_method(path).execute((x,))[0]
     want = ep.module()(x)
     assert torch.allclose(got, want, atol=0.05 * float(want.abs().max())), float((got - want).abs().max())
     assert torch.allclose(got, model(x), atol=0.1 * float(want.abs().max()))
@@ -518,7 +500,7 @@ def test_int8_joins_stay_int8_unless_their_ranges_differ(tmp_path):
 @pytest.mark.slow
 def test_pte_int8_size_and_parity(tiny, pte_fp32, tmp_path):
     """Issue targets on the trained tiny student: parity >= 0.97 and at most 35% of the fp32 file."""
-    from edgeseg.mobile.export import export_executorch
+    from edgeseg.mobile.executorch_export import export_executorch
     from edgeseg.mobile.runtime import PteSegmenter
 
     out = tmp_path / "tiny-int8.pte"
@@ -543,7 +525,7 @@ def test_coreml_export_structure_and_compression(tiny, tmp_path):
 
     import coremltools as ct
 
-    from edgeseg.mobile.export import _compress_coreml, export_coreml, inspect_mlpackage
+    from edgeseg.mobile.coreml_export import compress_coreml, export_coreml, inspect_mlpackage
 
     out = tmp_path / "tiny.mlpackage"
     export_coreml(tiny, out, K, N, "none")
@@ -567,7 +549,7 @@ def test_coreml_export_structure_and_compression(tiny, tmp_path):
     sizes = {}
     for q, op in (("int8", "constexpr_affine_dequantize"), ("palettize", "constexpr_lut_to_dense")):
         path = tmp_path / f"tiny-{q}.mlpackage"
-        _compress_coreml(fp16, q, 6).save(str(path))
+        compress_coreml(fp16, q, 6).save(str(path))
         info = inspect_mlpackage(path)
         assert info["op_counts"].get(op, 0) > 0 and info["compressed_weight_ops"] > 0
         sizes[q] = file_digest(path)[1]
@@ -581,7 +563,7 @@ def test_pte_int8_two_steps_loads_passes_and_stays_small(tmp_path):
     step's weights were stored in fp32 (the int8 file was larger than the fp32 one). Both are
     about the unrolled steps, not the blocks: mobile blocks keep the graph small (the int8
     lowering of the paper-block graph took most of this test's 4 minutes)."""
-    from edgeseg.mobile.export import export_executorch
+    from edgeseg.mobile.executorch_export import export_executorch
 
     m = _tiny(dim_x_mults=(1,), dim_g_mults=(1,), blocks="mobile")
     meta = export_executorch(m, tmp_path / "k2.pte", 2, 2, "int8", n_parity_images=4, n_calibration_images=8)

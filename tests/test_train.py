@@ -17,38 +17,24 @@ import pytest
 import torch
 from torch import nn
 
-from ddp_worker import (MICRO_STUDENT, MICRO_TEACHER, ddp_config, micro_datasets, micro_teacher,
-                        micro_environment)
 import edgeseg.viz
 from edgeseg.errors import EdgesegError
-from edgeseg.models import Preset, build
+from edgeseg.models import build
 from edgeseg.train import EMA, TrainConfig, Trainer, TrainingDiverged
+from micro import MICRO_STUDENT, MICRO_TEACHER, ddp_config, make_trainer, micro_config, micro_teacher
 
 CPU = torch.device("cpu")
 _REAL_PLOT_CURVES = edgeseg.viz.plot_curves
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def micro_env(tmp_path_factory):
-    """Micro presets registered, one synthetic cache shared by the session's test files, 1 thread."""
-    yield from micro_environment(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def data():
-    return micro_datasets(32, 8)
+pytestmark = pytest.mark.usefixtures("micro_env")
+trainer = make_trainer
 
 
 def cfg(**kw) -> TrainConfig:
-    base = dict(role="student", preset=MICRO_STUDENT, kd="efkd", batch_size=8, epochs=2, lr=1e-3,
-                num_workers=0, save_every_steps=3, ema_start=2, ema_beta=0.9, seed=0, plateau_patience=0)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def trainer(c: TrainConfig, out: Path, data, teacher=None) -> Trainer:
-    return Trainer(c, out, teacher=teacher, train_ds=data[0], val_ds=data[1], device=CPU, quiet=True)
+    """EFKD, a state saved every 3 steps (mid-epoch: the resume tests stop between saves)."""
+    return micro_config(**{"save_every_steps": 3, **kw})
 
 
 # ----------------------------------------------------------------------------------------
@@ -352,7 +338,8 @@ def test_mobile_student_of_the_teachers_depth_starts_from_every_teacher_conv():
     from edgeseg.train import init_from_teacher
 
     torch.manual_seed(0)
-    teacher, student = build("tiny-teacher"), build("tiny-student-mobile-deep")
+    # the teacher's four stages and widths with mobile blocks
+    teacher, student = build("tiny-teacher"), build("tiny-teacher", blocks="mobile")
     init_from_teacher(student, teacher)
     t_mods = dict(teacher.named_modules())
     convs = [(n, m) for n, m in student.named_modules() if isinstance(m, nn.Conv2d)]
@@ -522,39 +509,18 @@ def test_x0_segmentation_loss_term_trains(tmp_path, data):
     assert logs["loss"] == pytest.approx(plain["loss"] + 0.5 * logs["seg"], rel=1e-5)
 
 
-def test_sampler_kd_pulls_the_first_step_x0_toward_the_teachers_sampler_output(tmp_path, data):
+def test_a_removed_setting_loads_at_its_default_and_is_refused_otherwise():
+    """Run states and checkpoints written while sampler distillation existed carry w_sampler_kd: 0.0."""
+    from edgeseg.config import check_resume
     from edgeseg.errors import SettingsError
-    from edgeseg.evaluate import SamplerSettings
-    from edgeseg.losses import efkd_loss
 
-    with pytest.raises(SettingsError, match="w_sampler_kd.*focus_timesteps"):
-        cfg(w_sampler_kd=0.5)  # without focus no row sits at the sampler's timestep
-    with pytest.raises(SettingsError, match="w_sampler_kd"):
-        cfg(role="teacher", preset=MICRO_TEACHER, focus_timesteps=0.5, w_sampler_kd=0.5)
-    with pytest.raises(EdgesegError, match="needs a teacher"):
-        trainer(cfg(kd="none", focus_timesteps=0.5, w_sampler_kd=0.5), tmp_path / "x", data)
-
-    teacher = micro_teacher()
-    c = cfg(kd="none", focus_timesteps=1.0, w_sampler_kd=0.5)
-    tr = trainer(c, tmp_path / "a", data, teacher=teacher)
-    batch = next(iter(tr._loader(0)))
-    image, mask, d = batch
-    t = tr.focus_t[:1].repeat(len(image))
-    x0 = torch.zeros_like(mask, requires_grad=True)
-    loss = tr._sampler_kd_loss(x0, image, d, t)
-    target, _ = SamplerSettings().segmenter(teacher).predict(image, generator=tr._teacher_noise())
-    assert loss.item() == pytest.approx(efkd_loss(torch.zeros_like(mask), target, d, t, tr.schedule.T).item(), rel=1e-6)
-    assert loss.item() > 0 and tr._sampler_kd_loss(target.clone(), image, d, t).item() == pytest.approx(0.0, abs=1e-9)
-    loss.backward()
-    assert torch.sign(x0.grad).eq(-torch.sign(target)).float().mean() > 0.99  # toward the teacher's answer
-    # rows away from the sampler's first timestep carry no term
-    assert tr._sampler_kd_loss(x0, image, d, t - 1).item() == 0.0
-
-    logs = tr.train_step(batch)
-    assert "sampler_kd" in logs and math.isfinite(logs["sampler_kd"]) and logs["sampler_kd"] > 0
-    plain = trainer(cfg(kd="none", focus_timesteps=1.0), tmp_path / "plain", data, teacher=teacher).train_step(batch)
-    assert "sampler_kd" not in plain
-    assert logs["loss"] == pytest.approx(plain["loss"] + 0.5 * logs["sampler_kd"], rel=1e-5)
+    saved = {**cfg().to_dict(), "w_sampler_kd": 0.0}
+    assert TrainConfig.from_dict(saved) == cfg()
+    assert check_resume(saved, cfg().to_dict()) == {}
+    with pytest.raises(SettingsError, match="w_sampler_kd = 0.5 .*sampler distillation.* commit 3a06f44"):
+        TrainConfig.from_dict({**saved, "w_sampler_kd": 0.5})
+    with pytest.raises(SettingsError, match="unknown training settings"):
+        TrainConfig.from_dict({**saved, "w_sampler": 0.0})
 
 
 def test_feature_kd_pairs_stages_by_level_and_adds_its_term(tmp_path, data):

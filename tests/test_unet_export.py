@@ -1,5 +1,5 @@
 """The baseline U-Net (edgeseg.baselines.SmallUNet) as an ExecuTorch program through the student's
-tooling (mobile/export.py: export_unet_pte), and bench/pte_latency.py end to end.
+tooling (mobile/unet_export.py: export_unet_pte), and bench/pte_latency.py end to end.
 
 An untrained tiny SmallUNet (8..48 channels, 64 px): its head bias is shifted so that half the
 pixels are foreground on the parity images (an untrained net is otherwise foreground everywhere
@@ -42,7 +42,7 @@ def unet():
 
 @pytest.fixture(scope="module")
 def exports(unet, tmp_path_factory):
-    from edgeseg.mobile.export import export_unet_pte
+    from edgeseg.mobile.unet_export import export_unet_pte
 
     model, images = unet
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -89,7 +89,7 @@ def test_unet_program_runs_like_eager(exports, unet):
 
 
 def test_unet_export_refuses_bad_arguments(unet, tmp_path):
-    from edgeseg.mobile.export import export_unet_pte
+    from edgeseg.mobile.unet_export import export_unet_pte
 
     model, images = unet
     with pytest.raises(EdgesegError, match="quantize"):
@@ -109,7 +109,7 @@ def test_pte_latency_quick_end_to_end(exports, tmp_path):
     student sidecar (a real one-stage tiny-student's contract and cost, the U-Net's inputs):
     the benchmark's processes, statistics, GFLOP and report are what is tested.
     """
-    from edgeseg.mobile import export as ex
+    from edgeseg.mobile import sidecar as sc
     from edgeseg.models import build
 
     sys.path.insert(0, str(REPO))
@@ -119,9 +119,9 @@ def test_pte_latency_quick_end_to_end(exports, tmp_path):
     student = tmp_path / "student.pte"
     shutil.copy(int8["path"], student)
     tiny = build("tiny-student", dim_x_mults=(1,), dim_g_mults=(1,))
-    meta = ex._common_sidecar(tiny, "executorch", student, 1, 1, 1, "int8", None, "synthetic")
+    meta = sc.student_sidecar(tiny, "executorch", student, 1, 1, 1, "int8", None, "synthetic")
     meta["inputs"] = int8["inputs"]
-    ex._finish(student, meta)
+    sc.write_sidecar(student, meta)
 
     out = tmp_path / "bench"
     rc = pl.main(["--student", str(student), "--unet", int8["path"], "--quick", "--process-repeats", "1",
@@ -143,7 +143,7 @@ def test_pte_latency_quick_end_to_end(exports, tmp_path):
 def test_pte_latency_exports_an_untrained_preset(tmp_path, monkeypatch):
     """--student-preset: an untrained network of the preset goes to the export (parity recorded,
     not enforced) and its row is marked untrained."""
-    from edgeseg.mobile import export as ex
+    from edgeseg.mobile import executorch_export as ex
 
     sys.path.insert(0, str(REPO))
     from bench import pte_latency as pl
