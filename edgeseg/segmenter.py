@@ -133,7 +133,7 @@ class Segmenter:
         source = DEFAULT_MODEL if source is None else source
         kw = dict(steps=steps, ensemble=ensemble, seed=seed, eta=eta)
         if isinstance(source, os.PathLike) and os.fspath(source) in SHIPPED_MODELS and not Path(source).exists():
-            source = os.fspath(source)  # Path("tiny-student-isic2017") names the shipped model, as the str does
+            source = os.fspath(source)  # a Path of a shipped name names that model, as the str does
         if isinstance(source, str) and source in SHIPPED_MODELS:
             return cls.from_model(load_model(shipped_path(source)), source=source, **kw)
         path = Path(source)
