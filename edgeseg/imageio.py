@@ -48,8 +48,9 @@ def _declared_bits(im) -> int | None:
     return None
 
 
-def _to_rgb8(im, label: str) -> np.ndarray:
-    if im.mode == "F" or (im.mode == "I" and _declared_bits(im) != 16):
+def _to_rgb8(im, label: str, bits: int | None) -> np.ndarray:
+    """`bits`: :func:`_declared_bits` of the file (a transposed copy no longer knows its format)."""
+    if im.mode == "F" or (im.mode == "I" and bits != 16):
         raise ImageReadError(f"{label}: 32-bit {'float' if im.mode == 'F' else 'integer'} samples have no fixed "
                              "white level; save the photo with 8 or 16 bits per sample")
     if im.mode.startswith("I"):  # 16-bit grey: scale, do not clip
@@ -63,9 +64,10 @@ def pil_to_rgb(im, label: str = "image") -> np.ndarray:
     """H x W x 3 uint8 RGB of a PIL image as it is displayed (EXIF orientation, 16-bit scaled)."""
     from PIL import ImageOps
 
+    bits = _declared_bits(im)
     if orientation(im) != 1:
         im = ImageOps.exif_transpose(im)
-    return _to_rgb8(im, label)
+    return _to_rgb8(im, label, bits)
 
 
 def _check_header(im, label: str) -> tuple[int, int]:
@@ -77,7 +79,7 @@ def _check_header(im, label: str) -> tuple[int, int]:
     if w < 1 or h < 1:
         raise ImageReadError(f"{label}: image is {w}x{h}, it has no pixels")
     if im.mode == "F" or (im.mode == "I" and _declared_bits(im) != 16):
-        _to_rgb8(im, label)  # raises the one line
+        _to_rgb8(im, label, None)  # raises the one line
     return (h, w) if orientation(im) in _ROTATED else (w, h)
 
 

@@ -381,6 +381,16 @@ def test_16_bit_pil_images_are_scaled_like_16_bit_files(seg, tmp_path):
     assert np.array_equal(from_pil.mask, seg.segment(np.repeat(photo()[..., :1], 3, axis=2)).mask)
 
 
+def test_a_rotated_16_bit_photo_is_read_as_displayed(tmp_path):
+    from edgeseg.imageio import read_rgb
+
+    grey = photo()[..., 0].astype(np.uint16) * 257
+    Image.fromarray(grey).transpose(STORE[6]).save(tmp_path / "g.png", exif=exif_orientation(6))
+    with Image.open(tmp_path / "g.png") as check:
+        assert check.mode.startswith("I")
+    assert np.array_equal(read_rgb(tmp_path / "g.png")[..., 0], photo()[..., 0])
+
+
 def test_32_bit_samples_are_refused_not_darkened(tmp_path):
     from edgeseg.errors import ImageReadError
     from edgeseg.imageio import check_image, read_rgb
