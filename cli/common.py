@@ -7,7 +7,7 @@ itself (``edgeseg.cli.main.main``: unknown options, bad values):
 * an :class:`~edgeseg.errors.EdgesegError` (the library's user errors, each naming the file
   and what is wrong), a usage error, or an ``OSError`` about a file (permission denied, disk
   full) is one ``error: ...`` line on stderr and exit code 2, no traceback;
-* Ctrl-C is one line and exit code 130 (training: the last checkpoint is kept);
+* Ctrl-C is one line and exit code 130 (training: the last checkpoint is kept, where one exists);
 * anything else is a bug in edgeseg and keeps its traceback.
 
 Warnings raised while a command fails (OpenCV, ExecuTorch, deprecations) are dropped, so the
@@ -25,8 +25,22 @@ import typer
 
 from edgeseg.errors import EdgesegError, SettingsError
 
+SEED_MAX = 2**63 - 1  # every --seed: torch and numpy generators take 0 .. 2**63 - 1 alike
 INTERRUPTED = "interrupted"
 INTERRUPTED_TRAINING = "interrupted: the last checkpoint is kept; continue with --resume"
+INTERRUPTED_NO_CHECKPOINT = "interrupted before the first checkpoint: nothing to resume"
+
+
+def training_interrupted() -> str:
+    """The Ctrl-C line of a training command: a checkpoint is promised only where one exists
+    (state/<role>/state.json in a run folder this process holds)."""
+    import sys
+
+    runlock = sys.modules.get("edgeseg.runlock")
+    for run in runlock.claims() if runlock else []:
+        if any((run / "state").glob("*/state.json")):
+            return INTERRUPTED_TRAINING
+    return INTERRUPTED_NO_CHECKPOINT
 
 
 def one_line(msg: str) -> str:
@@ -55,11 +69,13 @@ def report(msg: str) -> None:
     typer.echo(f"error: {one_line(msg)}", err=True)
 
 
-def user_errors(fn: Callable | None = None, *, interrupted: str = INTERRUPTED, hold_warnings: bool = True) -> Callable:
+def user_errors(fn: Callable | None = None, *, interrupted: str | Callable[[], str] = INTERRUPTED,
+                hold_warnings: bool = True) -> Callable:
     """Run a command under the error policy (see the module docstring).
 
     With `hold_warnings` the command's Python warnings are shown when it ends, and dropped if it
     fails with a user error; training commands (hours long) pass False and show them at once.
+    `interrupted` is the Ctrl-C line, or a function that says it when Ctrl-C comes.
     Run folders the command claimed (edgeseg.runlock) are released when it ends, so a command
     that fails before writing anything leaves no folder behind."""
 
@@ -82,7 +98,7 @@ def user_errors(fn: Callable | None = None, *, interrupted: str = INTERRUPTED, h
                             for w in caught:
                                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
             except KeyboardInterrupt:
-                typer.echo(interrupted, err=True)
+                typer.echo(interrupted() if callable(interrupted) else interrupted, err=True)
                 raise typer.Exit(130) from None
             except Exception as e:  # noqa: BLE001 - sorted by error_message; bugs are re-raised
                 msg = error_message(e)
@@ -108,6 +124,32 @@ def check_range(option: str, value, low=None, high=None) -> None:
         rule = (f"from {low} to {high}" if low is not None and high is not None
                 else f">= {low}" if low is not None else f"<= {high}")
         raise SettingsError(f"{option} must be {rule}, got {value}")
+
+
+def given_path(value: str | None, option: str) -> Path | None:
+    """An output option as a Path; an empty one is refused (Path("") would be the current folder)."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise SettingsError(f"{option} is empty; give a path")
+    return Path(value)
+
+
+def check_writable_folder(folder: Path, option: str) -> None:
+    """SettingsError (before any work) unless files can be created in `folder`, or, when it does
+    not exist yet, in its nearest existing parent; a probe file that never gets a name is made."""
+    import tempfile
+
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SettingsError(f"{probe}: {option} needs a folder here, but this is a file")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise SettingsError(f"{probe}: cannot write into this folder for {option} ({e.strerror or e})") from None
 
 
 def read_settings(path: Path | None) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from edgeseg.cli.common import check_range, user_errors
+from edgeseg.cli.common import SEED_MAX, check_range, user_errors
 
 app = typer.Typer(help="Inspect and validate datasets.", no_args_is_help=True)
 
@@ -16,13 +16,13 @@ PREVIEW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 @app.command()
 @user_errors
 def preview(
-    dataset: str = typer.Option(..., "--dataset", help="isic2018 | ham10000 | folder | synthetic"),
+    dataset: str = typer.Option(..., "--dataset", help="isic2017 | isic2018 | ham10000 | ph2 | folder | synthetic"),
     out: Path = typer.Option(..., "--out", help="PNG file to write the grid to"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="dataset folder"),
     split: str = typer.Option("train", "--split", help="train | val | test"),
     n: int = typer.Option(32, "--n", help="number of examples"),
     cols: int = typer.Option(8, "--cols", help="grid columns"),
-    seed: int = typer.Option(0, "--seed", help="synthetic generator seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="synthetic generator seed"),
 ) -> None:
     """Validate the dataset and write a grid of images with their mask outlines."""
     from edgeseg.errors import SettingsError
@@ -63,7 +63,7 @@ def preview(
 def info(
     dataset: str = typer.Option(..., "--dataset", help="isic2017 | isic2018 | ham10000 | ph2 | folder | synthetic"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="dataset folder"),
-    seed: int = typer.Option(0, "--seed", help="synthetic generator seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="synthetic generator seed"),
 ) -> None:
     """Validate the dataset and print split sizes and class balance."""
     import numpy as np

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from edgeseg.cli.common import user_errors
+from edgeseg.cli.common import SEED_MAX, given_path, user_errors
 
 
 def _settings(protocol: str, steps: Optional[int], ensemble: Optional[int], prediction_type: str):
@@ -38,9 +38,9 @@ def evaluate_cmd(
     steps: Optional[int] = typer.Option(None, min=1, max=250, help="DDIM steps (default: the defaults table, 1 for x0 models)"),
     ensemble: Optional[int] = typer.Option(None, min=1, max=64, help="ensemble size (default 3 for ddim, 9 for paper)"),
     max_images: Optional[int] = typer.Option(None, min=1, help="only the first N images"),
-    out: Optional[Path] = typer.Option(None, help="folder for the JSON and overlays (default: the run folder; "
+    out: Optional[str] = typer.Option(None, help="folder for the JSON and overlays (default: the run folder; "
                                        "./evaluations for a shipped model)"),
-    seed: int = typer.Option(0, help="sampling seed"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="sampling seed"),
 ):
     """Score a checkpoint (Table-I metrics + IoU, HD95, boundary F) and draw overlays."""
     from rich.console import Console
@@ -49,16 +49,22 @@ def evaluate_cmd(
     from edgeseg.data import load_dataset
     from edgeseg.evaluate import evaluate, format_table, metrics_summary, write_overlays
     from edgeseg.models import count_params
+    from edgeseg.runlock import LOCK_NAME, claim_run_dir
     from edgeseg.runs import is_shipped, resolve_checkpoint, training_dataset
 
+    out = given_path(out, "--out")
     path = resolve_checkpoint(checkpoint, which, runs_dir)
+    out = out or (Path("evaluations") if is_shipped(path) else path.parent)
+    if (out / LOCK_NAME).exists() or (not is_shipped(path) and out.resolve() == path.parent.resolve()):
+        # a run folder belongs to one process: a training run still writing the student is
+        # refused here, before its checkpoint is read (a stale lock is taken over with a warning)
+        claim_run_dir(out, resume=True)
     model = load_model(path)
     dataset, data_dir, _ = training_dataset(load_preset(path)[1], dataset, data_dir)
     ds = load_dataset(dataset, split, data_dir=data_dir, size=model.preset.image_size)
     settings = _settings(protocol, steps, ensemble, model.preset.prediction_type)
     r = evaluate(model, ds, settings, max_images=max_images, seed=seed, label=model.preset.name)
     r["params"] = count_params(model)
-    out = out or (Path("evaluations") if is_shipped(path) else path.parent)
     tag = f"{path.stem}-{split}-{settings.sampler}{settings.steps}x{settings.ensemble}"
     write_overlays(r["keep"], out / "overlays" / f"{tag}.png", title_prefix=f"{path.stem} ")
     atomic_write_json(out / f"eval-{tag}.json", {"checkpoint": str(path), "dataset": dataset, "split": split,

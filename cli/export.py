@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from edgeseg.cli.common import user_errors
+from edgeseg.cli.common import SEED_MAX, user_errors
 
 
 class Target(str, Enum):
@@ -73,7 +73,7 @@ def export_cmd(
     compute_units: Optional[ComputeUnits] = typer.Option(
         None, "--compute-units", help="CoreML only: the processors the model is converted and meant to be loaded "
                                       "for (default all)"),
-    seed: int = typer.Option(0, help="seed of the parity check's noise"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="seed of the parity check's noise"),
     overwrite: bool = typer.Option(False, help="replace an existing output file and its sidecar (otherwise an "
                                    "existing one is an error, before any work)"),
     webgpu: bool = typer.Option(False, "--webgpu", help="web only: ship ONNX Runtime Web's WebGPU build (WebGPU where "
@@ -99,6 +99,9 @@ def export_cmd(
         raise EdgesegError("--target web writes a folder: pass --out DIR")
     if target != Target.web and webgpu:
         raise EdgesegError("--webgpu is for --target web only")
+    from edgeseg.cli.common import check_writable_folder
+
+    check_writable_folder(out.parent if out is not None else Path("."), "--out")  # before minutes of lowering
     console = Console(stderr=True)
     t0 = time.perf_counter()
 

@@ -21,7 +21,7 @@ def profile_cmd(
     top: int = typer.Option(10, "--top", min=1, max=1000, help="operators in the top table"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=256,
                                           help="ExecuTorch threads (default: the runtime's own choice)"),
-    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="where <model>.profile.json/.md go "
+    out_dir: Optional[str] = typer.Option(None, "--out-dir", help="where <model>.profile.json/.md go "
                                            "(default: next to the model)"),
 ):
     """Run MODEL.pte with ETDump, join it with its ETRecord through ExecuTorch's Inspector and print
@@ -33,6 +33,10 @@ def profile_cmd(
 
     from edgeseg.mobile.profile import profile_pte, write_report
 
+    from edgeseg.cli.common import check_writable_folder, given_path
+
+    out_dir = given_path(out_dir, "--out-dir")
+    check_writable_folder(out_dir if out_dir is not None else model.parent, "--out-dir")  # before minutes of runs
     console = Console(stderr=True)
     with console.status(f"profiling {model.name} ({warmup} + {runs} runs) ...", spinner="dots"):
         r = profile_pte(model, runs=runs, warmup=warmup, top=top, threads=threads)

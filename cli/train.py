@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from edgeseg.cli.common import INTERRUPTED_TRAINING, parse_sets, read_settings, user_errors
+from edgeseg.cli.common import SEED_MAX, parse_sets, read_settings, training_interrupted, user_errors
 from edgeseg.config import same_folder
 
 _KD_HELP = "knowledge distillation: efkd (edge-focused, paper Eq. 3-7), global (Eq. 2) or none"
@@ -85,7 +85,7 @@ def _check_checkpoint_file(path) -> None:
         verify_checkpoint(path)
 
 
-@user_errors(interrupted=INTERRUPTED_TRAINING, hold_warnings=False)
+@user_errors(interrupted=training_interrupted, hold_warnings=False)
 def distill(
     dataset: Optional[str] = typer.Option(None, help="synthetic (built in, the default), isic2017, isic2018, "
                                           "ham10000, ph2 or folder; with --resume: the run's"),
@@ -104,7 +104,7 @@ def distill(
     max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps"),
     batch_size: Optional[int] = typer.Option(None, help="global batch size (paper 16)"),
     lr: Optional[float] = typer.Option(None, help="learning rate (paper 2e-4 for students)"),
-    seed: Optional[int] = typer.Option(None, help="seed for init, data order, noise and timesteps"),
+    seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help="seed for init, data order, noise and timesteps"),
     num_workers: Optional[int] = typer.Option(None, help="data-loader worker processes"),
     config: Optional[Path] = typer.Option(None, help="TOML/YAML/JSON file of training settings"),
     set_: List[str] = typer.Option([], "--set", help="any student training setting as name=value (repeatable)"),
@@ -165,7 +165,7 @@ def distill(
     run_distill(job)
 
 
-@user_errors(interrupted=INTERRUPTED_TRAINING, hold_warnings=False)
+@user_errors(interrupted=training_interrupted, hold_warnings=False)
 def train_teacher(
     dataset: Optional[str] = typer.Option(None, help="synthetic (built in, the default), isic2017, isic2018, "
                                           "ham10000, ph2 or folder; with --resume: the run's"),
@@ -175,7 +175,7 @@ def train_teacher(
     max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps"),
     batch_size: Optional[int] = typer.Option(None, help="global batch size (paper 16)"),
     lr: Optional[float] = typer.Option(None, help="learning rate (paper 1e-4 for the teacher)"),
-    seed: Optional[int] = typer.Option(None, help="seed"),
+    seed: Optional[int] = typer.Option(None, min=0, max=SEED_MAX, help="seed"),
     config: Optional[Path] = typer.Option(None, help="TOML/YAML/JSON file of training settings"),
     set_: List[str] = typer.Option([], "--set", help="any training setting as name=value (repeatable)"),
     run_name: Optional[str] = typer.Option(None, help="run folder name under --runs-dir"),

@@ -181,7 +181,14 @@ def _check_against_header(path: Path, p: Preset, meta: dict) -> None:
                                   f"{', '.join(diff)} {'differs' if len(diff) == 1 else 'differ'} from that "
                                   "preset's (was the JSON edited?)")
     sha = meta.get("weights_sha256")
-    if sha is not None:
+    if sha is None:  # an older file, or a JSON whose digest was removed: loaded, but said so
+        import warnings
+
+        from edgeseg.errors import UnverifiedWeightsWarning
+
+        warnings.warn(f"{path}: {_json_path(path).name} records no weights_sha256, so the weights are not "
+                      "verified (re-save the checkpoint to record one)", UnverifiedWeightsWarning, stacklevel=2)
+    else:
         if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
             raise CheckpointError(f"{_json_path(path)}: weights_sha256 is not a sha256 hex digest ({sha!r})")
         if file_sha256(path) != sha:

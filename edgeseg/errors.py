@@ -29,3 +29,7 @@ class RunFolderError(EdgesegError):
 
 class ExportError(EdgesegError):
     """An export cannot be written (output path taken, bad sidecar) or failed its checks."""
+
+
+class UnverifiedWeightsWarning(UserWarning):
+    """A checkpoint loaded without a recorded sha256 of its weights (nothing to verify them against)."""

@@ -155,6 +155,21 @@ def _train(cfg: TrainConfig, run: Path, teacher, job: DistillJob):
     return model
 
 
+def _check_trainable(cfg: TrainConfig) -> None:
+    """What the settings can only be checked against (dataset and preset names, the train split's
+    size), checked before the run folder is made: a bad value must leave nothing behind."""
+    from edgeseg.data import DATASETS, split_sizes
+    from edgeseg.errors import SettingsError
+
+    if cfg.dataset not in DATASETS:
+        raise SettingsError(f"training setting dataset must be one of {', '.join(DATASETS)}, got {cfg.dataset!r}")
+    preset(cfg.preset)
+    n = split_sizes(cfg.dataset, cfg.data_dir).get("train", 0)
+    if cfg.batch_size > n:
+        raise SettingsError(f"--batch-size must be at most the {cfg.dataset} train split's {n} images "
+                            f"(one batch), got {cfg.batch_size}")
+
+
 def run_train_teacher(job: DistillJob) -> Path:
     """Train a teacher with the same engine (or fine-tune the shipped one, edgeseg.finetune);
     returns the run folder holding teacher.safetensors."""
@@ -162,8 +177,9 @@ def run_train_teacher(job: DistillJob) -> Path:
     start = _start(job)
     t_name = job.teacher_preset or (start["teacher"].preset if start else default_presets(job.dataset)[0])
     preset(t_name)
-    run = _run_dir(job, t_name)
     cfg = _apply(_recipe("teacher", t_name, job, start), job.teacher_overrides)
+    _check_trainable(cfg)
+    run = _run_dir(job, t_name)
     init_distributed()
     ds = _splits(job, preset(t_name).image_size)
     sizes, val_ds = {k: len(v) for k, v in ds.items()}, ds["val"]
@@ -331,10 +347,13 @@ def run_distill(job: DistillJob) -> dict:
     t0 = time.time()
     start = _start(job)
     t_name, s_name, s_preset = _presets(job, start)
-    run = _run_dir(job, s_name)
     # settings first: a typo must fail now, not after the teacher has trained
     cfg_t = _apply(_recipe("teacher", t_name, job, start), job.teacher_overrides)
     cfg_s = _apply(_recipe("student", s_name, job, start), job.overrides)
+    _check_trainable(cfg_s)
+    if job.teacher is None and (start is not None or shipped_teacher(t_name, job.dataset) is None):
+        _check_trainable(cfg_t)  # the teacher trains (or fine-tunes) here
+    run = _run_dir(job, s_name)
     device = init_distributed()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 

@@ -25,6 +25,8 @@ from edgeseg.errors import CheckpointError, EdgesegError
 __all__ = ["Segmentation", "Segmenter", "UNCERTAINTY_MAPS", "uncertainty_map", "postprocess", "clean_mask"]
 
 UNCERTAINTY_MAPS = ("margin", "spread", "combined")
+MAX_STEPS = 250  # DDIM steps: at most the training timesteps (the CLI's cap too)
+MAX_ENSEMBLE = 64  # the CLI's cap: memory grows with the ensemble
 
 
 def uncertainty_map(mean, spread, kind: str):
@@ -104,8 +106,8 @@ class Segmenter:
 
         dk, dn = sampler_defaults(model.preset.prediction_type)
         sampler = str(sampler).lower()
-        k = None if sampler == "ddpm" and steps is None else _positive(steps, dk, "steps")
-        n = _positive(ensemble, dn, "ensemble")
+        k = None if sampler == "ddpm" and steps is None else _positive(steps, dk, "steps", MAX_STEPS)
+        n = _positive(ensemble, dn, "ensemble", MAX_ENSEMBLE)
         try:
             scheduler = make_scheduler(sampler, k, model.preset.prediction_type, backend,
                                        schedule=getattr(model, "noise_schedule", None), eta=eta)
@@ -132,6 +134,8 @@ class Segmenter:
 
         source = DEFAULT_MODEL if source is None else source
         kw = dict(steps=steps, ensemble=ensemble, seed=seed, eta=eta)
+        if isinstance(source, os.PathLike) and os.fspath(source) in SHIPPED_MODELS and not Path(source).exists():
+            source = os.fspath(source)  # a Path of a shipped name names that model, as the str does
         if isinstance(source, str) and source in SHIPPED_MODELS:
             return cls.from_model(load_model(shipped_path(source)), source=source, **kw)
         path = Path(source)
@@ -148,12 +152,17 @@ class Segmenter:
 
     @classmethod
     def _from_pte(cls, path: Path, steps: int | None, ensemble: int | None, seed: int) -> "Segmenter":
+        from edgeseg.mobile import sidecar
         from edgeseg.mobile.runtime import PteSegmenter
 
+        if path.is_file():  # the sidecar says what is baked in: refuse before the runtime loads (and talks)
+            meta = sidecar.read_sidecar(path)
+            for name in ("steps", "ensemble"):
+                asked = {"steps": steps, "ensemble": ensemble}[name]
+                if asked is not None and name in meta and int(asked) != int(meta[name]):
+                    raise EdgesegError(f"{path}: the program has {name}={meta[name]} baked in; re-export for "
+                                       f"{name}={asked}")
         pte = PteSegmenter(path)
-        for name, asked, baked in (("steps", steps, pte.steps), ("ensemble", ensemble, pte.ensemble)):
-            if asked is not None and int(asked) != baked:
-                raise EdgesegError(f"{path}: the program has {name}={baked} baked in; re-export for {name}={asked}")
         if pte.image_size[0] != pte.image_size[1]:
             raise EdgesegError(f"{path}: non-square programs are not supported ({pte.image_size})")
 
@@ -183,17 +192,16 @@ class Segmenter:
         """(1 x 3 x S x S model input, the decoded RGB, the photo's (H, W))."""
         from edgeseg.imageio import resize_rgb
 
-        rgb, full_hw = _load(image, draft_size=2 * self.image_size)
+        rgb = _load(image)
         x = torch.from_numpy(resize_rgb(rgb, self.image_size)).permute(2, 0, 1)[None].float() / 255.0
-        return x, rgb, full_hw
+        return x, rgb, rgb.shape[:2]
 
     def segment(self, image) -> Segmentation:
         """Segment one photo (path, H x W x 3 uint8 RGB array, or PIL image)."""
         return self.segment_photo(image)[0]
 
     def segment_photo(self, image) -> tuple[Segmentation, np.ndarray]:
-        """:meth:`segment`, plus the decoded RGB for drawing (a huge JPEG is decoded at a reduced
-        scale, so it can be smaller than the result)."""
+        """:meth:`segment`, plus the decoded RGB (the photo's size, as displayed) for drawing."""
         x, rgb, hw = self.preprocess(image)
         mean, std = self.predict(x)
         return postprocess(mean[0, 0].cpu().numpy(), hw, std[0, 0].cpu().numpy()), rgb
@@ -241,28 +249,29 @@ def postprocess(mean: np.ndarray, hw: tuple[int, int], spread: np.ndarray | None
     return Segmentation(mask=clean_mask(p > 0.5, cleanup), probability=p, uncertainty=u)
 
 
-def _positive(value: int | None, default: int, name: str) -> int:
+def _positive(value: int | None, default: int, name: str, high: int) -> int:
     v = default if value is None else value
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise EdgesegError(f"{name} must be a whole number >= 1, got {value!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= high:
+        raise EdgesegError(f"{name} must be a whole number from 1 to {high}, got {value!r}")
     return int(v)
 
 
-def _load(image, draft_size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """(RGB uint8, full (H, W)) of a path, an array or a PIL image."""
+def _load(image) -> np.ndarray:
+    """The RGB uint8 of a path, an array or a PIL image, as displayed.
+
+    Paths are decoded at full size (no JPEG draft decoding), so ``segment(path)`` and
+    ``segment(array of the same decoded photo)`` give the same result."""
+    from edgeseg.imageio import pil_to_rgb, read_rgb
+
     if isinstance(image, (str, os.PathLike)):
-        from PIL import Image
-
-        from edgeseg.imageio import read_rgb
-
-        rgb = read_rgb(image, draft_size=draft_size)
-        with Image.open(image) as im:  # header only: the size before draft decoding
-            w, h = im.size
-        return rgb, (h, w)
-    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
-        rgb = np.asarray(image.convert("RGB"))
-        return rgb, rgb.shape[:2]
+        return read_rgb(image)
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL: the same conversion as a file
+        if min(image.size) < 1:
+            raise EdgesegError(f"the PIL image is {image.size[0]}x{image.size[1]}, it has no pixels")
+        return pil_to_rgb(image, "PIL image")
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise EdgesegError(f"expected an H x W x 3 uint8 RGB image, got shape {arr.shape} dtype {arr.dtype}")
-    return arr, arr.shape[:2]
+    if min(arr.shape[:2]) < 1:
+        raise EdgesegError(f"the image is {arr.shape[1]}x{arr.shape[0]}, it has no pixels")
+    return arr

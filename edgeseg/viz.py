@@ -48,7 +48,7 @@ def draw_outlines(image, true_mask=None, pred_mask=None, scale: int = 2) -> np.n
 def heatmap(values, scale: int = 2, vmax: float | None = None) -> np.ndarray:
     """A per-pixel map (e.g. ensemble spread) as an RGB heat map."""
     v = values.detach().cpu().numpy() if hasattr(values, "detach") else np.asarray(values)
-    v = np.squeeze(v).astype(np.float32)
+    v = v.reshape(v.shape[-2:]).astype(np.float32)  # not squeeze: a 1-pixel-wide map stays 2-D
     vmax = float(v.max()) if vmax is None else vmax
     u8 = (np.clip(v / max(vmax, 1e-8), 0, 1) * 255).astype(np.uint8)
     rgb = cv2.cvtColor(cv2.applyColorMap(u8, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)

@@ -252,8 +252,8 @@ def _finish_coreml(tmp, job: ExportJob, overwrite, mlmodel, meta, parity_images,
                           "note": "not measured: running a CoreML model requires macOS; on Linux the "
                                   "conversion, the program structure, its metadata and the weight compression "
                                   "are checked"}
+    meta = sc.write_sidecar(job.out, meta, program=tmp)  # the sidecar first: the package commits the set
     place(tmp, job.out, overwrite)
-    meta = sc.write_sidecar(job.out, meta)
     meta["path"] = str(job.out)
     return meta
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from edgeseg.errors import EdgesegError
 from edgeseg.mobile import sidecar as sc
-from edgeseg.mobile.placement import artefact_path, failed_path, place
+from edgeseg.mobile.placement import artefact_path, failed_path, incomplete_set, place
 
 __all__ = ["PARITY_THRESHOLDS", "ProgramLoadError", "ParityReference", "RunProgram", "run_parity", "checked_parity",
            "dice_problem", "gate_and_place"]
@@ -107,27 +107,31 @@ def gate_and_place(tmp: Path, out: Path, meta: dict, problem: str | None, overwr
                     extras: dict[str, Path] | None = None) -> dict:
     """The end of every file export. With a `problem` the program goes to ``<out>.failed`` (its
     artefacts to ``<out>.failed<suffix>``, sidecar ``"status": "failed"``) and EdgesegError is
-    raised; else the artefacts, then the program are placed (:func:`place`) and the sidecar written.
+    raised; else the sidecar is written, then the artefacts and last the program are placed
+    (:func:`place`): the program commits the set, so a reader (``segment --model``, ``profile``)
+    never finds a program without its sidecar, and an export killed before its program landed
+    leaves an incomplete set that the next export replaces (:func:`incomplete_set`).
     `extras` maps an artefact suffix (``.bpte``) to its temporary file."""
     extras = extras or {}
     try:
         final = failed_path(out) if problem else out
-        for sfx, t in extras.items():
-            if problem:
-                os.replace(t, artefact_path(final, sfx))
-            else:
-                place(t, artefact_path(out, sfx), overwrite)
+        for sfx in extras:
             meta.setdefault(_ARTEFACT_KEYS[sfx], {})["file"] = artefact_path(final, sfx).name
         if problem:
+            for sfx, t in extras.items():
+                os.replace(t, artefact_path(final, sfx))
             os.replace(tmp, final)
             meta.update(status="failed", file=final.name)
             sc.write_sidecar(final, meta)
             raise EdgesegError(f"{problem}; the program was kept as {final} for inspection and {out} was not written")
+        incomplete = incomplete_set(out)
+        meta = sc.write_sidecar(out, meta, program=tmp)
+        for sfx, t in extras.items():
+            place(t, artefact_path(out, sfx), overwrite or incomplete)
         place(tmp, out, overwrite)
     finally:
         for t in (tmp, *extras.values()):
             t.unlink(missing_ok=True)
-    meta = sc.write_sidecar(out, meta)
     meta["path"] = str(out)
     return meta
 

@@ -10,7 +10,7 @@ from typing import Callable
 from edgeseg.errors import ExportError
 from edgeseg.mobile import sidecar as sc
 
-__all__ = ["ARTEFACTS", "artefact_path", "check_output", "place", "temp_path", "write_temp", "failed_path"]
+__all__ = ["ARTEFACTS", "artefact_path", "check_output", "incomplete_set", "place", "temp_path", "write_temp", "failed_path"]
 
 _KINDS = {".pte": "an ExecuTorch program", ".mlpackage": "a CoreML ML program", ".onnx": "an ONNX model"}
 #: Files written beside the model, named by appending the suffix (``m.pte`` -> ``m.pte.bpte``).
@@ -25,17 +25,19 @@ def artefact_path(out: str | Path, suffix: str) -> Path:
 
 def check_output(out: Path, ext: str, overwrite: bool) -> None:
     """ExportError unless `out`, its sidecar ``<out>.json`` and its other artefacts (a .pte's
-    ``.etrecord`` and ``.bpte``) may be written: the right suffix, not taken (unless `overwrite`),
-    and of a kind that can be replaced (a .pte or .onnx is a file, a .mlpackage a folder)."""
+    ``.etrecord`` and ``.bpte``) may be written: the right suffix, not taken (unless `overwrite`;
+    the leftovers of an incomplete set, :func:`incomplete_set`, are replaced), and of a kind that
+    can be replaced (a .pte or .onnx is a file, a .mlpackage a folder)."""
     kind = _KINDS.get(ext, "a model")
     if out.suffix != ext:
         raise ExportError(f"{out}: {kind} must end in {ext}")
     paths = {out: kind, sc.sidecar_path(out): "a sidecar"}
     paths.update({artefact_path(out, sfx): what for sfx, what in ARTEFACTS.get(ext, {}).items()})
+    incomplete = incomplete_set(out)
     for path, what_for in paths.items():
         if not (path.exists() or path.is_symlink()):
             continue
-        if not overwrite:
+        if not overwrite and not incomplete:
             raise ExportError(f"{path} exists; pass --overwrite to replace it (or choose another --out)")
         want_dir = path == out and ext == ".mlpackage"
         if path.is_symlink() or (path.is_dir() != want_dir) or not (path.is_dir() or path.is_file()):
@@ -43,6 +45,21 @@ def check_output(out: Path, ext: str, overwrite: bool) -> None:
             raise ExportError(f"{path} is {what}; it cannot be replaced by {what_for}")
     if out.parent.exists() and not out.parent.is_dir():
         raise ExportError(f"{out.parent} is not a folder")
+
+
+def incomplete_set(out: Path) -> bool:
+    """True for what an export killed before its program landed leaves (the program is placed
+    last): no program, and a sidecar that an edgeseg export wrote for this very file. Any other
+    file in the way is kept unless --overwrite."""
+    from edgeseg.errors import EdgesegError
+
+    if out.exists() or out.is_symlink() or not sc.sidecar_path(out).is_file():
+        return False
+    try:
+        meta = sc.read_sidecar(out)
+    except EdgesegError:
+        return False
+    return meta.get("file") == out.name and "contract_sha256" in meta
 
 
 def place(tmp: Path, out: Path, overwrite: bool) -> None:

@@ -282,12 +282,12 @@ def postprocessing_contract() -> dict:
                                    "largest-filled": "keep the largest 8-connected lesion, fill its holes"}[MASK_CLEANUP]}
 
 
-def write_sidecar(out: Path, meta: dict) -> dict:
-    """Complete `meta` with the digest, size and versions of the file at `out`, and the contract's
-    hash; write it atomically to ``<out>.json`` and return it."""
+def write_sidecar(out: Path, meta: dict, program: Path | None = None) -> dict:
+    """Complete `meta` with the digest, size and versions of the finished `program` (default: the
+    file at `out`), and the contract's hash; write it atomically to ``<out>.json`` and return it."""
     from edgeseg.checkpoint import atomic_write_json
 
-    digest, size = file_digest(out)
+    digest, size = file_digest(program or out)
     meta["sha256"], meta["size_bytes"] = digest, size
     meta["versions"] = versions()
     meta["created"] = now_iso()

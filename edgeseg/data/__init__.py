@@ -22,7 +22,7 @@ import numpy as np
 
 from edgeseg.errors import DatasetError
 
-__all__ = ["DATASETS", "SPLITS", "load_dataset", "load_arrays", "SegDataset", "worker_init_fn",
+__all__ = ["DATASETS", "SPLITS", "load_dataset", "load_arrays", "split_sizes", "SegDataset", "worker_init_fn",
            "cache_root"]
 
 DATASETS = ("isic2017", "isic2018", "ham10000", "ph2", "folder", "synthetic")
@@ -149,6 +149,27 @@ def load_arrays(name: str, data_dir=None, size: int = 128, seed: int = 0):
         return out
 
     return cache.load_or_build(name, size, key, build)
+
+
+def split_sizes(name: str, data_dir=None) -> dict[str, int]:
+    """{split: number of images} from the folder listing alone (nothing decoded): what settings
+    such as the batch size are checked against before any work."""
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    if name == "synthetic":
+        from edgeseg.data import synthetic
+
+        return dict(synthetic.SPLITS)
+    from edgeseg.data import layouts
+
+    if data_dir is None:
+        raise DatasetError(f"dataset {name!r} needs --data-dir (a folder laid out as "
+                           f"{layouts.LAYOUT_HELP[name]})")
+    root = Path(data_dir).expanduser().resolve()
+    pairs = layouts.discover(name, root)
+    split_files = layouts.read_split_files(root) if name == "folder" else None
+    splits = layouts.fixed_splits(pairs) or layouts.split_ids([p.id for p in pairs], name, split_files)
+    return {split: len(ids) for split, ids in splits.items()}
 
 
 def load_dataset(name: str, split: str, data_dir=None, size: int = 128, augment: bool = False,

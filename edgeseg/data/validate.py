@@ -14,7 +14,7 @@ import numpy as np
 
 from edgeseg.errors import DatasetError
 from edgeseg.files import check_regular_file
-from edgeseg.imageio import read_rgb, resize_rgb
+from edgeseg.imageio import check_image, read_rgb, resize_rgb
 
 __all__ = ["read_pair", "read_all", "validate_dataset"]
 
@@ -23,7 +23,7 @@ def _open(path: Path, root: Path, what: str):
     """Open a mask: a regular file (a named pipe would block), at most MAX_PIXELS pixels."""
     from PIL import Image, UnidentifiedImageError
 
-    from edgeseg.imageio import MAX_PIXELS
+    from edgeseg.imageio import MAX_PIXELS, orientation
 
     label = _rel(path, root)
     check_regular_file(path, what, DatasetError, label)
@@ -38,14 +38,17 @@ def _open(path: Path, root: Path, what: str):
         im.close()
         raise DatasetError(f"{label}: {what} is {orig[0]}x{orig[1]} = {orig[0] * orig[1] / 1e6:.0f} megapixels, "
                            f"more than the {MAX_PIXELS / 1e6:.0f} allowed")
+    if orientation(im) != 1:  # masks are read as displayed, like their photos
+        from PIL import ImageOps
+
+        try:
+            with im:
+                im.load()
+                im = ImageOps.exif_transpose(im)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DatasetError(f"{label}: truncated or unreadable {what} ({_short(e)})") from None
+        orig = im.size
     return im, orig
-
-
-def _full_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(path) as im:  # the header only: the size before any draft decoding
-        return im.size
 
 
 def _rel(p: Path, root: Path) -> str:
@@ -62,7 +65,7 @@ def _short(e: Exception) -> str:
 def read_pair(image: Path, mask: Path, size: int, root: Path) -> tuple[np.ndarray, np.ndarray]:
     """Decode, check and resize one pair: (size x size x 3 uint8 RGB, size x size uint8 {0,1})."""
     rgb = read_rgb(image, draft_size=2 * size, label=_rel(image, root))
-    isz = _full_size(image)
+    isz = check_image(image, _rel(image, root))  # the displayed size, before any draft decoding
     mk, msz = _open(mask, root, "mask")
     try:
         m = np.asarray(mk.convert("L") if mk.mode not in ("L", "1", "P", "I", "I;16") else mk)
