@@ -119,7 +119,7 @@ def _student_config(v: Variant, seed: int, budget: Budget, job: dict):
     return replace(cfg, max_steps=budget.steps, ema_start=min(100, budget.steps // 2))
 
 
-def _teacher_path(v: Variant, job: dict) -> str:
+def teacher_path(v: Variant, job: dict) -> str:
     """The variant's teacher checkpoint: its own (repository-relative) or the run's --teacher."""
     return str(REPO / v.teacher) if v.teacher else job["teacher"]
 
@@ -134,7 +134,7 @@ def run_one(v: Variant, seed: int, budget: Budget, job: dict) -> dict:
     from edgeseg.train import Trainer
 
     t0 = time.time()
-    teacher = load_model(_teacher_path(v, job))
+    teacher = load_model(teacher_path(v, job))
     size = teacher.preset.image_size
     test_ds = load_dataset(job["dataset"], "test", data_dir=job["data_dir"], size=size)
     work = Path(job["work"])

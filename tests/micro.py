@@ -84,16 +84,18 @@ def micro_teacher():
 def ddp_config():
     from edgeseg.config import TrainConfig
 
+    # fp32: one process and two must agree to 1e-5 (bf16 autocast, where the CPU has it, rounds apart)
     return TrainConfig(role="student", preset=MICRO_STUDENT, kd="efkd", batch_size=8, epochs=1, lr=1e-3,
-                       num_workers=0, ema_start=2, ema_beta=0.9, seed=0, kernel_backend="torch")
+                       num_workers=0, ema_start=2, ema_beta=0.9, seed=0, kernel_backend="torch", bf16=False)
 
 
 def micro_config(**kw):
-    """A micro student's training settings (one epoch is 4 steps of batch 8); `kw` overrides."""
+    """A micro student's training settings (one epoch is 4 steps of batch 8); `kw` overrides. fp32:
+    the tests compare the trainer's arithmetic exactly (bf16 autocast has its own test)."""
     from edgeseg.config import TrainConfig
 
     base = dict(role="student", preset=MICRO_STUDENT, kd="efkd", batch_size=8, epochs=2, lr=1e-3, num_workers=0,
-                save_every_steps=0, ema_start=2, ema_beta=0.9, seed=0, plateau_patience=0)
+                save_every_steps=0, ema_start=2, ema_beta=0.9, seed=0, plateau_patience=0, bf16=False)
     return TrainConfig(**{**base, **kw})
 
 

@@ -110,19 +110,21 @@ def test_isic2017_table_sizes_the_unet_and_samples_the_student_at_the_given_ense
 def test_a_variant_with_its_own_teacher_is_taught_and_scored_by_it(tmp_path, isic, monkeypatch, capsys):
     sys.path.insert(0, str(REPO))
     import bench.ablation as ab
+    import bench.ablation_common as abc
+    import bench.ablation_real as abr
 
     other = REPO / "edgeseg" / "assets" / "tiny-teacher-synthetic.safetensors"
     job = {"teacher": str(TEACHER), "dataset": "isic2017", "data_dir": str(isic), "work": str(tmp_path),
            "threads": 1, "student_preset": "tiny-student"}
-    monkeypatch.setattr(ab, "LONGER_TEACHER", str(other))
-    vs = {v.name: v for v in ab.real_variants()}
-    assert ab._teacher_path(vs["teacher-longer"], job) == str(other)
-    assert ab._teacher_path(vs["teacher"], job) == str(TEACHER)
-    budget = ab.replace(ab.REAL_QUICK, eval_images=6, per_image=True)
-    own, shipped = (ab.run_one(vs[n], 0, budget, job)["metrics"]["per_image"]["dsc"] for n in ("teacher-longer", "teacher"))
+    monkeypatch.setattr(abr, "LONGER_TEACHER", str(other))
+    vs = {v.name: v for v in abr.real_variants()}
+    assert abc.teacher_path(vs["teacher-longer"], job) == str(other)
+    assert abc.teacher_path(vs["teacher"], job) == str(TEACHER)
+    budget = abc.replace(abr.REAL_QUICK, eval_images=6, per_image=True)
+    own, shipped = (abc.run_one(vs[n], 0, budget, job)["metrics"]["per_image"]["dsc"] for n in ("teacher-longer", "teacher"))
     assert own != shipped  # another network scored the same images
     # a variant whose teacher is missing stops before any work, naming the file
-    monkeypatch.setattr(ab, "LONGER_TEACHER", str(tmp_path / "missing.safetensors"))
+    monkeypatch.setattr(abr, "LONGER_TEACHER", str(tmp_path / "missing.safetensors"))
     rc = ab.main(["--dataset", "isic2017", "--data-dir", str(isic), "--teacher", str(TEACHER),
                   "--only", "teacher-longer", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")])
     out = "".join(capsys.readouterr().out.split())  # rich folds long paths at the console's width
