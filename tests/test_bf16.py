@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddp_worker import MICRO_STUDENT, micro_datasets, micro_environment, micro_teacher
+from micro import MICRO_STUDENT, micro_datasets, micro_environment, micro_teacher
 from edgeseg.train import TrainConfig, Trainer, bf16_supported
 
 CPU = torch.device("cpu")
@@ -64,9 +64,9 @@ def test_the_checkpoint_records_whether_bf16_autocast_ran(tmp_path):
 
 
 def test_bf16_bench_child_times_a_training_step():
-    code = ("import sys; sys.path.insert(0, %r); import ddp_worker; ddp_worker.register_micro(); "
+    code = ("import sys; sys.path.insert(0, %r); import micro; micro.register_micro(); "
             "sys.path.insert(0, %r); import bench.bf16 as b; "
-            "r = b.child(ddp_worker.MICRO_STUDENT, True, 1, 1, 4); print(r['bf16'], r['s_per_step'] > 0)"
+            "r = b.child(micro.MICRO_STUDENT, True, 1, 1, 4); print(r['bf16'], r['s_per_step'] > 0)"
             % (str(REPO / "tests"), str(REPO)))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
