@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from data_fixtures import write_pair
-from ddp_worker import micro_environment
+from micro import micro_environment
 from edgeseg.cli.main import app
 from edgeseg.errors import SettingsError
 
