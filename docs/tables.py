@@ -53,6 +53,7 @@ CARD_METRICS: dict[str, list[tuple[str, str]]] = {
 
 RUNTIMES = "bench/results/runtimes/runtimes.json"
 REAL_LESIONS = "bench/results/isic2017/results.json"
+REAL_LESIONS_128 = "bench/results/isic2017-128/results.json"
 MARKDOWN = ["README.md", "docs"]  # files and folders whose tables are generated
 
 METRICS = ("dsc", "iou", "se", "sp", "acc", "hd95", "bf")
@@ -65,7 +66,11 @@ def _load(path: str) -> dict:
 
 
 def source(spec: str) -> dict:
-    """The JSON object that "FILE#KEY" names (see the comment on HEADLINE)."""
+    """The JSON object that "FILE#KEY" names (see the comment on HEADLINE); "FILE#KEY@photo" is a
+    bench/isic2017.py row scored at each photo's own size (its "photo_metrics")."""
+    if spec.endswith("@photo"):
+        row = source(spec.removesuffix("@photo"))
+        return {**row, "metrics": row["photo_metrics"]}
     path, _, key = spec.partition("#")
     data = _load(path)
     if key in data.get("rows", {}):
@@ -139,10 +144,14 @@ def headline_table() -> str:
     return _table(head, "lrrrrrrrr", rows)
 
 
-def real_lesions_table() -> str:
-    """Every row of the ISIC 2017 test evaluation with all seven metrics and its eager cost."""
+def real_lesions_table(path: str = REAL_LESIONS, key: str = "metrics") -> str:
+    """Every row of an ISIC 2017 test evaluation (bench/isic2017.py) with all seven metrics (`key`:
+    at the models' input size, or "photo_metrics" at each photo's own size) and its eager cost."""
     rows = []
-    for label, q in _load(REAL_LESIONS)["rows"].items():
+    for label, q in _load(path)["rows"].items():
+        if key not in q:
+            continue
+        q = {**q, "metrics": q[key]}
         cost = q.get("cost", {})
         rows.append([label, _params(cost.get("params")), q.get("sampler", "-"), _num(cost.get("gflop"), ".2f"),
                      _num(cost.get("ms"), ".1f"), *[_pct(metric(q, m)) if m != "hd95" else
@@ -152,21 +161,21 @@ def real_lesions_table() -> str:
     return _table(head, "lrlrrrrrrrrr", rows)
 
 
-def real_lesions_uncertainty_table() -> str:
+def real_lesions_uncertainty_table(path: str = REAL_LESIONS) -> str:
     """The margin map as an error detector, per model of the ISIC 2017 evaluation."""
     rows = [[label, f"{u['auroc']:.3f}", f"{u['corr_1_minus_dice']:.2f}", f"{u['ece']:.3f}"]
-            for label, q in _load(REAL_LESIONS)["rows"].items() if (u := q.get("uncertainty"))]
+            for label, q in _load(path)["rows"].items() if (u := q.get("uncertainty"))]
     return _table(["model", "pixel AUROC vs errors", "r with 1 - Dice", "ECE"], "lrrr", rows)
 
 
-def real_lesions_paired_table() -> str:
+def real_lesions_paired_table(path: str = REAL_LESIONS, key: str = "paired") -> str:
     """Paired per-image differences of the ISIC 2017 evaluation, in points, with 95% intervals."""
     def cell(d: dict) -> str:
         lo, hi = d["ci95"]
         return f"{100 * d['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
 
     rows = [[pair, cell(p["dsc"]), f"{p['dsc']['wins']} / {p['dsc']['losses']}", cell(p["bf"])]
-            for pair, p in _load(REAL_LESIONS)["paired"].items()]
+            for pair, p in _load(path)[key].items()]
     return _table(["A - B", "DSC [95% CI]", "images won / lost", "BF [95% CI]"], "lrrr", rows)
 
 
@@ -206,6 +215,10 @@ TABLES = {
     "real-lesions-uncertainty": real_lesions_uncertainty_table,
     "real-lesions-paired": real_lesions_paired_table,
     "runtimes": runtimes_table,
+    "real-lesions-128": functools.partial(real_lesions_table, REAL_LESIONS_128, "photo_metrics"),
+    "real-lesions-128-input": functools.partial(real_lesions_table, REAL_LESIONS_128, "metrics"),
+    "real-lesions-128-paired": functools.partial(real_lesions_paired_table, REAL_LESIONS_128, "paired_photo_size"),
+    "real-lesions-128-uncertainty": functools.partial(real_lesions_uncertainty_table, REAL_LESIONS_128),
 }
 
 

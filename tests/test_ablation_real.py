@@ -63,9 +63,14 @@ def test_real_suite_quick_trains_for_equal_time_and_pairs_by_seed(tmp_path, isic
     assert json.loads((out / "ablation-isic2017.json").read_text())["aggregate"] == doc["aggregate"]
 
 
+# the 64-px shipped pair keeps these end-to-end runs fast; the table code is the same at any size
+SHIPPED_64 = ["--teacher", "tiny-teacher-isic2017", "--student", "tiny-student-isic2017"]
+
+
 def test_isic2017_table_trains_both_unets_and_pairs_them(tmp_path, isic):
     out = tmp_path / "t1"
     _run([str(REPO / "bench" / "isic2017.py"), "--data-dir", str(isic), "--unet-seconds", "2", "--threads", "1",
+          *SHIPPED_64,
           "--out", str(out)], tmp_path)
     doc = json.loads((out / "results.json").read_text())
     own = json.loads((out / "unet-train.json").read_text())
@@ -96,6 +101,7 @@ def test_isic2017_table_sizes_the_unet_and_samples_the_student_at_the_given_ense
 
     out = tmp_path / "n1"
     _run([str(REPO / "bench" / "isic2017.py"), "--data-dir", str(isic), "--unet-seconds", "2", "--threads", "1",
+          *SHIPPED_64,
           "--unets", "same-gflop", "--ensemble", "1", "--out", str(out)], tmp_path)
     same = json.loads((out / "unet-same-gflop-train.json").read_text())
     assert same["channels"] == list(unet_channels_like("tiny-student", 64, ensemble=1))

@@ -13,7 +13,6 @@ REPO = Path(__file__).resolve().parents[1]
 PRODUCT = ("edgeseg", "mobile", "cli", "kernels")
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80
-DEFAULT_MODEL_LITERAL = "tiny-student-isic2017"
 BUILD_OUTPUT = (".pte", ".bpte", ".etrecord", ".onnx", ".mlpackage", ".safetensors")
 # where built files belong in git: the shipped models and the tests' own fixtures
 BUILD_OUTPUT_HOMES = ("edgeseg/assets/", "tests/golden/", "tests/fixtures/")
@@ -87,8 +86,12 @@ def test_no_module_reaches_into_another_modules_private_names():
 
 
 def test_the_default_models_name_is_written_in_one_module():
-    holders = [str(p.relative_to(REPO)) for p in _modules() if DEFAULT_MODEL_LITERAL in p.read_text()]
-    assert holders == ["edgeseg/defaults.py"], holders
+    from edgeseg.defaults import DEFAULT_MODEL, SHIPPED_MODELS
+
+    assert DEFAULT_MODEL in SHIPPED_MODELS
+    for name in SHIPPED_MODELS:  # every shipped model's name, the default's included
+        holders = [str(p.relative_to(REPO)) for p in _modules() if f'"{name}"' in p.read_text()]
+        assert holders == ["edgeseg/defaults.py"], (name, holders)
 
 
 def test_no_build_output_is_tracked():
