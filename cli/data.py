@@ -23,6 +23,7 @@ def preview(
     n: int = typer.Option(32, "--n", help="number of examples"),
     cols: int = typer.Option(8, "--cols", help="grid columns"),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="synthetic generator seed"),
+    overwrite: bool = typer.Option(False, help="replace --out if it exists"),
 ) -> None:
     """Validate the dataset and write a grid of images with their mask outlines."""
     from edgeseg.errors import SettingsError
@@ -31,6 +32,8 @@ def preview(
         raise SettingsError(f"{out}: --out must be an image file ending in {', '.join(PREVIEW_SUFFIXES)}")
     if out.is_dir():
         raise SettingsError(f"{out}: --out is a folder; give an image file name")
+    if out.exists() and not overwrite:
+        raise SettingsError(f"{out}: exists; pass --overwrite to replace it")
     check_range("--n", n, 1)
     check_range("--cols", cols, 1)
 

@@ -156,7 +156,7 @@ def _segment_one(seg, path: Path, out: Path, stem: str, written: list[Path]) -> 
 
     result, rgb = seg.segment_photo(path)
     hw = result.mask.shape
-    pictures = (result.mask.astype(np.uint8) * 255, outline_overlay(rgb, result.probability),
+    pictures = (result.mask.astype(np.uint8) * 255, outline_overlay(rgb, result.mask),
                 uncertainty_heatmap(result.uncertainty))
     for suffix, picture in zip(SUFFIXES, pictures):
         written.append(write_image(out / f"{stem}{suffix}", picture))

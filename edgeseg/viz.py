@@ -61,8 +61,9 @@ def _display_size(h: int, w: int) -> tuple[int, int]:
 
 
 def outline_overlay(rgb: np.ndarray, probability: np.ndarray) -> np.ndarray:
-    """A photo (H x W x 3 uint8, any size) with the predicted outline (probability 0.5) in
-    magenta, drawn at display size (at most DISPLAY_MAX_SIDE pixels a side)."""
+    """A photo (H x W x 3 uint8, any size) with the predicted outline in magenta (where
+    `probability`, a map or a boolean mask, crosses 0.5), drawn at display size (at most
+    DISPLAY_MAX_SIDE pixels a side). `segment` passes the cleaned mask, so the outline is the mask's."""
     h, w = _display_size(*rgb.shape[:2])
     img = np.ascontiguousarray(cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)) if (h, w) != rgb.shape[:2] \
         else rgb.copy()

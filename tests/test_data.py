@@ -259,5 +259,10 @@ def test_cli_preview_and_info(tmp_path):
     g = np.asarray(Image.open(out))
     assert g.shape[0] == 130 and g.shape[1] == 130 * 8
     assert ((g[..., 1] == 255) & (g[..., 0] == 80)).any()  # green outline drawn
+    before = out.read_bytes()  # an existing grid is kept unless --overwrite
+    r = _cli("preview", "--dataset", "ham10000", "--data-dir", str(root), "--out", str(out), "--n", "2")
+    assert r.exit_code == 2 and "--overwrite" in r.output and out.read_bytes() == before
+    r = _cli("preview", "--dataset", "ham10000", "--data-dir", str(root), "--out", str(out), "--n", "2", "--overwrite")
+    assert r.exit_code == 0 and out.read_bytes() != before
     r = _cli("info", "--dataset", "ham10000", "--data-dir", str(root))
     assert r.exit_code == 0 and "train" in r.stdout and "7" in r.stdout
