@@ -155,19 +155,18 @@ def _train(cfg: TrainConfig, run: Path, teacher, job: DistillJob):
     return model
 
 
-def _check_trainable(cfg: TrainConfig) -> None:
+def _check_trainable(cfg: TrainConfig, overrides: dict) -> None:
     """What the settings can only be checked against (dataset and preset names, the train split's
-    size), checked before the run folder is made: a bad value must leave nothing behind."""
+    size for the small-split batch rule, edgeseg.finetune.fit_batch), checked before the run folder
+    is made: a bad value must leave nothing behind."""
     from edgeseg.data import DATASETS, split_sizes
     from edgeseg.errors import SettingsError
+    from edgeseg.finetune import fit_batch
 
     if cfg.dataset not in DATASETS:
         raise SettingsError(f"training setting dataset must be one of {', '.join(DATASETS)}, got {cfg.dataset!r}")
     preset(cfg.preset)
-    n = split_sizes(cfg.dataset, cfg.data_dir).get("train", 0)
-    if cfg.batch_size > n:
-        raise SettingsError(f"--batch-size must be at most the {cfg.dataset} train split's {n} images "
-                            f"(one batch), got {cfg.batch_size}")
+    fit_batch(cfg, overrides, split_sizes(cfg.dataset, cfg.data_dir).get("train", 0), cfg.dataset)
 
 
 def run_train_teacher(job: DistillJob) -> Path:
@@ -178,7 +177,7 @@ def run_train_teacher(job: DistillJob) -> Path:
     t_name = job.teacher_preset or (start["teacher"].preset if start else default_presets(job.dataset)[0])
     preset(t_name)
     cfg = _apply(_recipe("teacher", t_name, job, start), job.teacher_overrides)
-    _check_trainable(cfg)
+    _check_trainable(cfg, job.teacher_overrides)
     run = _run_dir(job, t_name)
     init_distributed()
     ds = _splits(job, preset(t_name).image_size)
@@ -350,9 +349,9 @@ def run_distill(job: DistillJob) -> dict:
     # settings first: a typo must fail now, not after the teacher has trained
     cfg_t = _apply(_recipe("teacher", t_name, job, start), job.teacher_overrides)
     cfg_s = _apply(_recipe("student", s_name, job, start), job.overrides)
-    _check_trainable(cfg_s)
+    _check_trainable(cfg_s, job.overrides)
     if job.teacher is None and (start is not None or shipped_teacher(t_name, job.dataset) is None):
-        _check_trainable(cfg_t)  # the teacher trains (or fine-tunes) here
+        _check_trainable(cfg_t, job.teacher_overrides)  # the teacher trains (or fine-tunes) here
     run = _run_dir(job, s_name)
     device = init_distributed()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
