@@ -424,7 +424,9 @@ class Trainer:
         return min(frac, 1.0)
 
     def _time_up(self) -> bool:
-        return self.cfg.max_seconds is not None and self._seconds_now() >= self.cfg.max_seconds
+        # a run takes at least one step, however slow the machine: a budget spent loading data
+        # must not leave an untrained model that looks trained
+        return self.cfg.max_seconds is not None and self.step > 0 and self._seconds_now() >= self.cfg.max_seconds
 
     def _fit_epoch(self, bar: "_FitProgress", stop: int, on_epoch_end) -> bool:
         """Train the rest of the current epoch (after a mid-epoch resume, only the rest).
