@@ -52,8 +52,8 @@ class Segmentation:
     """One photo's result, at the photo's own resolution.
 
     ``probability``: lesion probability in [0, 1] (the sampler's mean mapped from [-1, 1]);
-    ``mask``: ``probability > 0.5`` after :func:`clean_mask` (by default the largest lesion, holes
-    filled); ``uncertainty``: the map chosen by measurement
+    ``mask``: ``probability > 0.5`` after :func:`clean_mask` (the defaults table's cleanup: none,
+    chosen on validation); ``uncertainty``: the map chosen by measurement
     (:data:`edgeseg.defaults.UNCERTAINTY_MAP`, see :func:`uncertainty_map`), in [0, 1], larger =
     less sure.
     """

@@ -215,7 +215,7 @@ def test_postprocess_cleans_the_mask_but_not_the_probability():
     mean[8:24, 8:24] = 1.0
     mean[14:18, 14:18] = -1.0      # hole
     mean[0:2, 28:30] = 1.0         # speck
-    out = postprocess(mean, (64, 64))
+    out = postprocess(mean, (64, 64), cleanup="largest-filled")
     assert out.mask[32, 32] and not out.mask[0:4, 56:60].any()
     assert out.probability[32, 32] < 0.5 and out.probability[1, 58] > 0.5  # the model's own map
     raw = postprocess(mean, (64, 64), cleanup="none")
