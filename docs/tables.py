@@ -208,14 +208,37 @@ def card_table(name: str) -> str:
     return _table(["measured on", "sampler", "DSC", "IoU", "HD95 px", "boundary F"], "llrrrr", rows)
 
 
+#: validation runs (bench/isic2017.py --split val) behind the default model and the mask cleanup
+VALIDATION = {"64 px": "bench/results/isic2017/val/results.json",
+              "128 px": "bench/results/isic2017-128/val/results.json"}
+
+
+def validation_choice_table() -> str:
+    """Validation Dice of each real-lesion pair at input size and at photo size, with and without the
+    mask cleanup: the rows behind DEFAULT_MODEL and MASK_CLEANUP."""
+    rows = []
+    for size, path in VALIDATION.items():
+        doc = _load(path)
+        for label, q in doc["rows"].items():
+            if "photo_metrics" not in q:
+                continue
+            name = doc["teacher" if label == "teacher" else "student"]
+            photo, raw = q["photo_metrics"], q["photo_metrics_no_cleanup"]
+            rows.append([f"{label.split()[0]} {size} (`{name}`)", _pct(q["metrics"]["dsc"]["mean"]), _pct(raw["dsc"]["mean"]),
+                         _pct(photo["dsc"]["mean"]), _num(raw["hd95"]["mean"], ".2f"), _num(photo["hd95"]["mean"], ".2f")])
+    head = ["model", "DSC at input size", "DSC at photo size", "DSC, largest-filled", "HD95 px", "HD95, largest-filled"]
+    return _table(head, "lrrrrr", rows)
+
+
 TABLES = {
+    "validation-choice": validation_choice_table,
     "presets": presets_table,
     "headline": headline_table,
     "real-lesions": real_lesions_table,
     "real-lesions-uncertainty": real_lesions_uncertainty_table,
     "real-lesions-paired": real_lesions_paired_table,
     "runtimes": runtimes_table,
-    "real-lesions-128": functools.partial(real_lesions_table, REAL_LESIONS_128, "photo_metrics"),
+    "real-lesions-128": functools.partial(real_lesions_table, REAL_LESIONS_128, "photo_metrics_no_cleanup"),
     "real-lesions-128-input": functools.partial(real_lesions_table, REAL_LESIONS_128, "metrics"),
     "real-lesions-128-paired": functools.partial(real_lesions_paired_table, REAL_LESIONS_128, "paired_photo_size"),
     "real-lesions-128-uncertainty": functools.partial(real_lesions_uncertainty_table, REAL_LESIONS_128),
