@@ -230,7 +230,20 @@ def validation_choice_table() -> str:
     return _table(head, "lrrrrr", rows)
 
 
+def bf16_table() -> str:
+    """bench/bf16.py: training steps per second, fp32 against bf16 autocast, per preset and threads."""
+    import statistics
+
+    rows = []
+    for r in _load("bench/results/bf16/bf16.json")["rows"]:
+        sp = r["speedup"]
+        rows.append([f"`{r['preset']}`", str(r["threads"]), f"{r['fp32_steps_per_s']:.2f}", f"{r['bf16_steps_per_s']:.2f}",
+                     f"{statistics.median(sp):.2f}x [{min(sp):.2f}, {max(sp):.2f}]"])
+    return _table(["preset", "threads", "fp32 steps/s", "bf16 steps/s", "speed-up [range]"], "lrrrr", rows)
+
+
 TABLES = {
+    "bf16": bf16_table,
     "validation-choice": validation_choice_table,
     "presets": presets_table,
     "headline": headline_table,
