@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_deploy import run_cli  # the real entry point in this process
+
 REPO = Path(__file__).resolve().parents[1]
 STUDENT = REPO / "edgeseg" / "assets" / "tiny-student-isic2017.safetensors"
 # ../shared beside the repository (a worktree under wt/ looks one level further up)
@@ -27,19 +29,6 @@ K, N = 1, 2
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def run_cli(argv: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    """The real entry point in this process: (exit code, stdout, stderr)."""
-    from edgeseg.cli.main import main
-
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["edgeseg", *map(str, argv)])
-    monkeypatch.setenv("COLUMNS", "200")
-    with pytest.raises(SystemExit) as e:
-        main()
-    cap = capsys.readouterr()
-    return int(e.value.code or 0), cap.out, cap.err
 
 
 def _photo() -> Path:

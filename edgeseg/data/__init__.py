@@ -126,12 +126,7 @@ def load_arrays(name: str, data_dir=None, size: int = 128, seed: int = 0):
 
     from edgeseg.data import layouts, validate
 
-    if data_dir is None:
-        raise DatasetError(f"dataset {name!r} needs --data-dir (a folder laid out as "
-                           f"{layouts.LAYOUT_HELP[name]})")
-    root = Path(data_dir).expanduser().resolve()
-    pairs = layouts.discover(name, root)
-    split_files = layouts.read_split_files(root) if name == "folder" else None
+    root, pairs, split_files = _discover(name, data_dir)
     extra = []
     if split_files:
         extra = cache.file_key([root / f"{k}.txt" for k in split_files], root)
@@ -142,8 +137,7 @@ def load_arrays(name: str, data_dir=None, size: int = 128, seed: int = 0):
         images, masks = validate.read_all(pairs, size, root)
         index = {p.id: i for i, p in enumerate(pairs)}
         out = {}
-        splits = layouts.fixed_splits(pairs) or layouts.split_ids([p.id for p in pairs], name, split_files)
-        for split, ids in splits.items():
+        for split, ids in _split_ids(name, pairs, split_files).items():
             sel = np.array([index[i] for i in ids], np.int64)
             out[split] = (images[sel], masks[sel], ids)
         return out
@@ -160,6 +154,12 @@ def split_sizes(name: str, data_dir=None) -> dict[str, int]:
         from edgeseg.data import synthetic
 
         return dict(synthetic.SPLITS)
+    _, pairs, split_files = _discover(name, data_dir)
+    return {split: len(ids) for split, ids in _split_ids(name, pairs, split_files).items()}
+
+
+def _discover(name: str, data_dir):
+    """(root, image/mask pairs, split files or None) of a dataset folder, from its listing."""
     from edgeseg.data import layouts
 
     if data_dir is None:
@@ -167,9 +167,14 @@ def split_sizes(name: str, data_dir=None) -> dict[str, int]:
                            f"{layouts.LAYOUT_HELP[name]})")
     root = Path(data_dir).expanduser().resolve()
     pairs = layouts.discover(name, root)
-    split_files = layouts.read_split_files(root) if name == "folder" else None
-    splits = layouts.fixed_splits(pairs) or layouts.split_ids([p.id for p in pairs], name, split_files)
-    return {split: len(ids) for split, ids in splits.items()}
+    return root, pairs, layouts.read_split_files(root) if name == "folder" else None
+
+
+def _split_ids(name: str, pairs, split_files) -> dict[str, list[str]]:
+    """{split: ids}: the release's own splits, else the split files, else the seeded fractions."""
+    from edgeseg.data import layouts
+
+    return layouts.fixed_splits(pairs) or layouts.split_ids([p.id for p in pairs], name, split_files)
 
 
 def load_dataset(name: str, split: str, data_dir=None, size: int = 128, augment: bool = False,
