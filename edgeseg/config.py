@@ -63,7 +63,7 @@ class TrainConfig:
     # share of each batch's timesteps drawn at the shipped sampler's timesteps (edgeseg.defaults K
     # for the prediction type) instead of uniformly: a phone runs those few only
     focus_timesteps: float = 0.0
-    w_seg: float = 0.0  # students: weight of Dice + BCE on the predicted x0 (losses.x0_segmentation_loss)
+    w_seg: float = 0.0  # weight of Dice + BCE on the predicted x0 (losses.x0_segmentation_loss)
     # students: weight of feature distillation on every stage the teacher shares (losses.feature_kd_loss),
     # for a student whose blocks differ from the teacher's (mobile blocks)
     w_feat: float = 0.0

@@ -272,15 +272,18 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16), \
                 _taps(self.model, feats) as f_s, _taps(self.teacher, feats) as f_t:
             pred = model(x_t, image, t)
-            if self.cfg.role == "teacher":
-                return teacher_objective(pred, target, d, t, self.schedule.T, self.cfg.w_l2, self.cfg.w_boundary)
-            kd = self.teacher is not None and self.cfg.kd != "none"
-            if kd or feats:
-                with torch.no_grad():
-                    out_t = self.teacher(x_t, image, t)  # also fills f_t
-            # no KD: a teacher given anyway initialises the student (and teaches features) only
-            pred_t = self._in_student_terms(out_t, x_t, t) if kd else torch.zeros_like(pred)
-        total, terms = distill_loss(pred.float(), pred_t.float(), target, d, t, self.schedule.T, self.cfg)
+            if self.cfg.role != "teacher":
+                kd = self.teacher is not None and self.cfg.kd != "none"
+                if kd or feats:
+                    with torch.no_grad():
+                        out_t = self.teacher(x_t, image, t)  # also fills f_t
+                # no KD: a teacher given anyway initialises the student (and teaches features) only
+                pred_t = self._in_student_terms(out_t, x_t, t) if kd else torch.zeros_like(pred)
+        if self.cfg.role == "teacher":
+            total, terms = teacher_objective(pred.float(), target, d, t, self.schedule.T, self.cfg.w_l2,
+                                             self.cfg.w_boundary)
+        else:
+            total, terms = distill_loss(pred.float(), pred_t.float(), target, d, t, self.schedule.T, self.cfg)
         if feats:
             terms["feat"] = feature_kd_loss(f_s, f_t)
             total = total + self.cfg.w_feat * terms["feat"]

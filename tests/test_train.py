@@ -507,6 +507,11 @@ def test_x0_segmentation_loss_term_trains(tmp_path, data):
     plain = trainer(cfg(kd="none"), tmp_path / "plain", data).train_step(next(iter(t._loader(0))))
     assert "seg" not in plain
     assert logs["loss"] == pytest.approx(plain["loss"] + 0.5 * logs["seg"], rel=1e-5)
+    # a teacher takes the same term (its K = 1 prediction is the mask a phone shows)
+    tt = trainer(cfg(role="teacher", w_seg=0.5), tmp_path / "teacher", data)
+    t_logs = tt.train_step(next(iter(tt._loader(0))))
+    t_plain = trainer(cfg(role="teacher"), tmp_path / "tplain", data).train_step(next(iter(tt._loader(0))))
+    assert "seg" not in t_plain and t_logs["loss"] == pytest.approx(t_plain["loss"] + 0.5 * t_logs["seg"], rel=1e-5)
 
 
 def test_a_removed_setting_loads_at_its_default_and_is_refused_otherwise():
