@@ -73,6 +73,18 @@ def measure(presets: list[str], threads: list[int], repeats: int, steps: int, ba
     return rows
 
 
+def merged(path: Path, rows: list[dict], args) -> list[dict]:
+    """`rows` plus the rows of an earlier run in `path` measured alike (batch, steps) for other
+    (preset, threads) pairs, so a table can be completed one measurement at a time."""
+    if not path.exists():
+        return rows
+    old = json.loads(path.read_text())
+    if (old.get("batch"), old.get("steps")) != (args.batch, args.steps):
+        return rows
+    new = {(r["preset"], r["threads"]) for r in rows}
+    return [r for r in old["rows"] if (r["preset"], r["threads"]) not in new] + rows
+
+
 def markdown(doc: dict) -> str:
     lines = [f"Training steps per second at batch {doc['batch']} (median of {doc['repeats']} processes, "
              "[min, max] of the per-pair speed-up):", "",
@@ -104,7 +116,7 @@ def main(argv=None) -> int:
     threads = [int(t) for t in args.threads.split(",")]
     rows = measure(args.presets.split(","), threads, args.repeats, args.steps, args.batch)
     doc = {"machine": machine_info(max(threads)), "batch": args.batch, "repeats": args.repeats, "steps": args.steps,
-           "rows": rows}
+           "rows": merged(args.out / "bf16.json", rows, args)}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "bf16.json", doc)
     (args.out / "bf16.md").write_text(markdown(doc))
