@@ -352,14 +352,21 @@ def _score_unet_rows(args, test_ds, rows: dict, preds: dict) -> None:
 
 
 def _score_at_photo_size(rows: dict, preds: dict, truth) -> dict:
-    """Every row at the photos' own size (upsampled and cleaned as `segment` does it), the same
-    without the cleanup; returns per-image photo-size scores for the paired intervals."""
+    """Every row at the photos' own size, upsampled and cleaned as `segment` does it ("photo_metrics"),
+    and with each mask cleanup ("photo_metrics_by_cleanup", where the default is chosen); returns
+    per-image photo-size scores (the default cleanup) for the paired intervals."""
+    from edgeseg.defaults import MASK_CLEANUP, MASK_CLEANUPS
+
     per_image = {}
     for name, (mean, _) in preds.items():
-        rows[name]["photo_metrics"], per_image[name] = score_at_photo_size(mean, truth)
-        rows[name]["photo_metrics_no_cleanup"] = score_at_photo_size(mean, truth, cleanup="none")[0]
-        print(f"{name}: DSC at photo size {rows[name]['photo_metrics']['dsc']['mean']:.4f} "
-              f"(no cleanup {rows[name]['photo_metrics_no_cleanup']['dsc']['mean']:.4f})", flush=True)
+        by_cleanup = {}
+        for how in MASK_CLEANUPS:
+            by_cleanup[how], scores = score_at_photo_size(mean, truth, cleanup=how)
+            if how == MASK_CLEANUP:
+                per_image[name] = scores
+        rows[name]["photo_metrics"], rows[name]["photo_metrics_by_cleanup"] = by_cleanup[MASK_CLEANUP], by_cleanup
+        print(f"{name}: DSC at photo size " + ", ".join(f"{how} {m['dsc']['mean']:.4f}" for how, m in by_cleanup.items()),
+              flush=True)
     return per_image
 
 

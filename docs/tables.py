@@ -223,7 +223,7 @@ def validation_choice_table() -> str:
             if "photo_metrics" not in q:
                 continue
             name = doc["teacher" if label == "teacher" else "student"]
-            photo, raw = q["photo_metrics"], q["photo_metrics_no_cleanup"]
+            raw, photo = q["photo_metrics_by_cleanup"]["none"], q["photo_metrics_by_cleanup"]["largest-filled"]
             rows.append([f"{label.split()[0]} {size} (`{name}`)", _pct(q["metrics"]["dsc"]["mean"]), _pct(raw["dsc"]["mean"]),
                          _pct(photo["dsc"]["mean"]), _num(raw["hd95"]["mean"], ".2f"), _num(photo["hd95"]["mean"], ".2f")])
     head = ["model", "DSC at input size", "DSC at photo size", "DSC, largest-filled", "HD95 px", "HD95, largest-filled"]
@@ -242,8 +242,23 @@ def bf16_table() -> str:
     return _table(["preset", "threads", "fp32 steps/s", "bf16 steps/s", "speed-up [range]"], "lrrrr", rows)
 
 
+def bf16_quality_table() -> str:
+    """bench/bf16_quality.py: validation Dice at equal steps, fp32 against bf16 autocast, per seed."""
+    doc = _load("bench/results/bf16/quality.json")
+    by = {(r["seed"], r["bf16"]): r for r in doc["runs"]}
+    rows = []
+    for seed in doc["seeds"]:
+        f, b = by[(seed, False)], by[(seed, True)]
+        rows.append([str(seed), _pct(f["val_dsc_last"]), _pct(b["val_dsc_last"]),
+                     f"{100 * (b['val_dsc_last'] - f['val_dsc_last']):+.2f}", f"{f['train_seconds']:.0f}",
+                     f"{b['train_seconds']:.0f}"])
+    head = ["seed", "fp32 DSC", "bf16 DSC", "bf16 - fp32", "fp32 s", "bf16 s"]
+    return _table(head, "rrrrrr", rows)
+
+
 TABLES = {
     "bf16": bf16_table,
+    "bf16-quality": bf16_quality_table,
     "validation-choice": validation_choice_table,
     "presets": presets_table,
     "headline": headline_table,
@@ -251,10 +266,8 @@ TABLES = {
     "real-lesions-uncertainty": real_lesions_uncertainty_table,
     "real-lesions-paired": real_lesions_paired_table,
     "runtimes": runtimes_table,
-    "real-lesions-128": functools.partial(real_lesions_table, REAL_LESIONS_128, "photo_metrics_no_cleanup"),
-    "real-lesions-128-input": functools.partial(real_lesions_table, REAL_LESIONS_128, "metrics"),
+    "real-lesions-128": functools.partial(real_lesions_table, REAL_LESIONS_128, "photo_metrics"),
     "real-lesions-128-paired": functools.partial(real_lesions_paired_table, REAL_LESIONS_128, "paired_photo_size"),
-    "real-lesions-128-uncertainty": functools.partial(real_lesions_uncertainty_table, REAL_LESIONS_128),
 }
 
 

@@ -281,6 +281,12 @@ def _presets(job: DistillJob, start: dict | None = None):
 def _get_teacher(job: DistillJob, cfg_t: TrainConfig, t_name: str, run: Path, rank: int):
     """The teacher: --teacher or the shipped one (copied into the run folder), else trained
     now. Returns (model, training seconds or None)."""
+    own = run / "teacher.safetensors"
+    if job.resume and job.teacher is None and own.exists() and not (run / "state" / "teacher").exists():
+        # the run was distilled from a given or shipped teacher (copied here): keep distilling from it
+        teacher = load_model(own, expect_preset=t_name)
+        _say(job, f"teacher: {t_name} from {own} (the run's teacher)")
+        return teacher, None
     teacher_src = job.teacher or shipped_teacher(t_name, job.dataset)
     if teacher_src is None:
         _say(job, f"teacher: training {t_name} on {job.dataset} (no --teacher given)")

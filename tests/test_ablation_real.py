@@ -85,8 +85,12 @@ def test_isic2017_table_trains_both_unets_and_pairs_them(tmp_path, isic):
     # the same rows at each photo's own size (upsampled and cleaned as `segment` does it), paired too
     assert set(doc["paired_photo_size"]) == set(doc["paired"]) | {"teacher - student"}
     for name in ("teacher", "student (EFKD)", "U-Net, own size (Dice+BCE)"):
-        photo, raw = rows[name]["photo_metrics"], rows[name]["photo_metrics_no_cleanup"]
-        assert 0 <= photo["dsc"]["mean"] <= 1 and 0 <= raw["dsc"]["mean"] <= 1
+        from edgeseg.defaults import MASK_CLEANUP, MASK_CLEANUPS
+
+        by_cleanup = rows[name]["photo_metrics_by_cleanup"]
+        assert set(by_cleanup) == set(MASK_CLEANUPS) and rows[name]["photo_metrics"] == by_cleanup[MASK_CLEANUP]
+        assert all(0 <= m["dsc"]["mean"] <= 1 for m in by_cleanup.values())
+        photo = rows[name]["photo_metrics"]
         assert abs(photo["dsc"]["mean"] - rows[name]["metrics"]["dsc"]["mean"]) < 0.2
     for name in ("teacher", "student (EFKD)", "U-Net, own size (Dice+BCE)"):  # the same uncertainty measure for all
         u = rows[name]["uncertainty"]

@@ -239,6 +239,25 @@ def test_distill_resume_of_a_finished_run_reuses_it(distill_run):
         run_distill(replace(job, resume=False))
 
 
+def test_distill_resume_keeps_the_given_teacher(distill_run, tmp_path):
+    """A run distilled from --teacher resumes from the run's copy of it: it does not train a new teacher."""
+    from edgeseg.pipeline import DistillJob, run_distill
+
+    _, micro, _ = distill_run
+    small = dict(max_steps=2, num_workers=0, val_max_batches=1, batch_size=8)
+    job = DistillJob(dataset="synthetic", teacher=str(micro / "teacher.safetensors"), teacher_preset=MICRO_TEACHER,
+                     student_preset=MICRO_STUDENT, runs_dir=str(tmp_path / "runs"), run_name="given", overrides=small,
+                     eval_images=2, val_dsc_images=0, quiet=True)
+    run_distill(job)
+    run = tmp_path / "runs" / "given"
+    copied = (run / "teacher.safetensors").read_bytes()
+    metrics = run_distill(DistillJob(**{**job.__dict__, "teacher": None, "resume": True,
+                                        "overrides": {**small, "max_steps": 4}}))
+    assert (run / "teacher.safetensors").read_bytes() == copied and not (run / "state" / "teacher").exists()
+    assert metrics["seconds"]["teacher_training"] is None
+    assert json.loads((run / "student.json").read_text())["steps"] == 4
+
+
 def test_train_teacher_ships_the_best_epoch_and_keeps_the_final_weights(tmp_path, monkeypatch):
     """When an earlier epoch validated better than the final weights, <role>.safetensors is that
     epoch's and <role>-final.safetensors keeps the final ones (a longer run stays inspectable)."""
