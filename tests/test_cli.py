@@ -241,6 +241,8 @@ def test_distill_resume_of_a_finished_run_reuses_it(distill_run):
 
 def test_distill_resume_keeps_the_given_teacher(distill_run, tmp_path):
     """A run distilled from --teacher resumes from the run's copy of it: it does not train a new teacher."""
+    from dataclasses import replace
+
     from edgeseg.pipeline import DistillJob, run_distill
 
     _, micro, _ = distill_run
@@ -251,8 +253,7 @@ def test_distill_resume_keeps_the_given_teacher(distill_run, tmp_path):
     run_distill(job)
     run = tmp_path / "runs" / "given"
     copied = (run / "teacher.safetensors").read_bytes()
-    metrics = run_distill(DistillJob(**{**job.__dict__, "teacher": None, "resume": True,
-                                        "overrides": {**small, "max_steps": 4}}))
+    metrics = run_distill(replace(job, teacher=None, resume=True, overrides={**small, "max_steps": 4}))
     assert (run / "teacher.safetensors").read_bytes() == copied and not (run / "state" / "teacher").exists()
     assert metrics["seconds"]["teacher_training"] is None
     assert json.loads((run / "student.json").read_text())["steps"] == 4
