@@ -238,7 +238,8 @@ def _fit_batches(job: DistillJob, n_train: int, **cfgs) -> tuple:
     return (*out, notes)
 
 
-def _plan(job: DistillJob, start: dict | None, t_name: str, cfg_t, cfg_s, sizes: dict, t0: float, notes: list):
+def _plan(job: DistillJob, start: dict | None, t_name: str, cfg_t, cfg_s, sizes: dict, t0: float, notes: list,
+          given: Path | None = None):
     """The job's plan (edgeseg.finetune.plan_job), said in one line before any training."""
     from edgeseg.finetune import FINETUNE_MINUTES, plan_job
 
@@ -250,7 +251,7 @@ def _plan(job: DistillJob, start: dict | None, t_name: str, cfg_t, cfg_s, sizes:
         why = ("GPU present" if torch.cuda.is_available() else "chosen") if job.dataset == "folder" else job.dataset
         text = f"train from the presets ({why})"
     if cfg_t is None:
-        text += f"; teacher {job.teacher or shipped_teacher(t_name, job.dataset)} as it is"
+        text += f"; teacher {given} as it is"
     minutes = job.minutes if job.minutes is not None else (FINETUNE_MINUTES if start else None)
     settings = job.eval.resolved(preset(cfg_s.preset).prediction_type) if cfg_s is not None else job.eval
     plan = plan_job(start_text=text, t_name=t_name, cfg_t=cfg_t, cfg_s=cfg_s, sizes=sizes, minutes=minutes,
@@ -278,16 +279,20 @@ def _presets(job: DistillJob, start: dict | None = None):
     return t_name, s_name, s_preset
 
 
-def _get_teacher(job: DistillJob, cfg_t: TrainConfig, t_name: str, run: Path, rank: int):
-    """The teacher: --teacher or the shipped one (copied into the run folder), else trained
-    now. Returns (model, training seconds or None)."""
+def _given_teacher(job: DistillJob, t_name: str, run: Path) -> Path | None:
+    """The teacher used as it is: on --resume the run's copy of the teacher it was given (unless the
+    run is training its own), else --teacher, else the shipped one; None: the teacher trains here."""
     own = run / "teacher.safetensors"
     if job.resume and job.teacher is None and own.exists() and not (run / "state" / "teacher").exists():
-        # the run was distilled from a given or shipped teacher (copied here): keep distilling from it
-        teacher = load_model(own, expect_preset=t_name)
-        _say(job, f"teacher: {t_name} from {own} (the run's teacher)")
-        return teacher, None
-    teacher_src = job.teacher or shipped_teacher(t_name, job.dataset)
+        return own
+    src = job.teacher or shipped_teacher(t_name, job.dataset)
+    return None if src is None else Path(src)
+
+
+def _get_teacher(job: DistillJob, cfg_t: TrainConfig, t_name: str, run: Path, rank: int):
+    """The teacher: a given one (_given_teacher, copied into the run folder), else trained now.
+    Returns (model, training seconds or None)."""
+    teacher_src = _given_teacher(job, t_name, run)
     if teacher_src is None:
         _say(job, f"teacher: training {t_name} on {job.dataset} (no --teacher given)")
         tt = time.time()
@@ -295,7 +300,7 @@ def _get_teacher(job: DistillJob, cfg_t: TrainConfig, t_name: str, run: Path, ra
         return teacher, time.time() - tt
     teacher = load_model(teacher_src, expect_preset=t_name)
     _say(job, f"teacher: {t_name} from {teacher_src}")
-    if rank == 0:
+    if rank == 0 and teacher_src != run / "teacher.safetensors":
         run.mkdir(parents=True, exist_ok=True)
         save_model(teacher, run / "teacher.safetensors", extra={"source": str(teacher_src)})
     return teacher, None
@@ -366,8 +371,9 @@ def run_distill(job: DistillJob) -> dict:
     ds = _splits(job, size)
     sizes, val_ds, test_ds = {k: len(v) for k, v in ds.items()}, ds["val"], ds["test"]
     cfg_t, cfg_s, notes = _fit_batches(job, sizes["train"], cfg_t=cfg_t, cfg_s=cfg_s)
-    trains_teacher = start is not None or (job.teacher or shipped_teacher(t_name, job.dataset)) is None
-    plan = _plan(job, start, t_name, cfg_t if trains_teacher else None, cfg_s, sizes, t0, notes)
+    given = None if start is not None else _given_teacher(job, t_name, run)
+    plan = _plan(job, start, t_name, cfg_t if start is not None or given is None else None, cfg_s, sizes, t0,
+                 notes, given)
     kept: dict = {}
     if start:
         cfg_t = _with_budget(cfg_t, plan.teacher_seconds, job.teacher_overrides)
