@@ -79,6 +79,12 @@ def main(argv=None) -> int:
     ap.add_argument("--runs-dir", type=Path, default=Path("runs") / "bf16-quality")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "bf16")
     args = ap.parse_args(argv)
+    import torch
+
+    from edgeseg.devices import bf16_supported
+
+    if not bf16_supported(torch.device("cpu")):
+        raise SystemExit("bf16 autocast is not applied on this machine (no native bf16): nothing to compare")
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
     for seed in seeds:
@@ -87,8 +93,6 @@ def main(argv=None) -> int:
             r = rows[-1]
             print(f"seed {seed} {'bf16' if bf16 else 'fp32'}: val Dice {100 * r['val_dsc_last']:.2f} after "
                   f"{r['steps']} steps ({r['train_seconds']:.0f} s)", flush=True)
-    if not all(r["bf16"] for r in rows[1::2]):
-        raise SystemExit("bf16 autocast was not applied on this machine (no native bf16): nothing to compare")
     doc = {"machine": machine_info(args.threads), "preset": args.preset, "steps": args.steps, "lr": args.lr,
            "threads": args.threads, "seeds": seeds, "runs": rows, "summary": summary(rows)}
     args.out.mkdir(parents=True, exist_ok=True)

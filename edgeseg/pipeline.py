@@ -289,10 +289,9 @@ def _given_teacher(job: DistillJob, t_name: str, run: Path) -> Path | None:
     return None if src is None else Path(src)
 
 
-def _get_teacher(job: DistillJob, cfg_t: TrainConfig, t_name: str, run: Path, rank: int):
-    """The teacher: a given one (_given_teacher, copied into the run folder), else trained now.
+def _get_teacher(job: DistillJob, cfg_t: TrainConfig, t_name: str, run: Path, rank: int, teacher_src: Path | None):
+    """The teacher: `teacher_src` (_given_teacher, copied into the run folder), else trained now.
     Returns (model, training seconds or None)."""
-    teacher_src = _given_teacher(job, t_name, run)
     if teacher_src is None:
         _say(job, f"teacher: training {t_name} on {job.dataset} (no --teacher given)")
         tt = time.time()
@@ -382,7 +381,7 @@ def run_distill(job: DistillJob) -> dict:
         teacher_seconds = time.time() - tt
     else:
         teacher, teacher_seconds = _get_teacher(job, _with_budget(cfg_t, plan.teacher_seconds, job.teacher_overrides),
-                                                t_name, run, rank)
+                                                t_name, run, rank, given)
     if teacher.preset.image_size != size:
         raise EdgesegError(f"teacher {t_name} works at {teacher.preset.image_size}px, student {s_name} at {size}px")
 
