@@ -153,12 +153,15 @@ def _reserve(total: float) -> float:
     return 10.0 + 0.08 * total
 
 
-def _steps(cfg, n_train: int, n_val: int, step_s: float, val_s: float, seconds: float | None) -> int:
-    """Steps a run will take: its epochs and max_steps, or what `seconds` allows at the measured cost."""
+def _steps(cfg, n_train: int, step_cost: float, seconds: float | None, done: tuple[int, float]) -> int:
+    """Steps a run has left: its epochs and max_steps, or what `seconds` (its max_seconds, counted over
+    resumes like the trainer does) allows at `step_cost`; `done`: (steps, training seconds) already
+    behind a resumed run."""
     per_epoch = max(n_train // cfg.batch_size, 1)
     steps = per_epoch * cfg.epochs if cfg.max_steps is None else min(per_epoch * cfg.epochs, cfg.max_steps)
-    if seconds is not None:  # each epoch also scores the validation split (loss and Dice)
-        steps = min(steps, int(seconds / (step_s + 2 * n_val * val_s / per_epoch)))
+    steps -= done[0]
+    if seconds is not None:
+        steps = min(steps, int(max(seconds - done[1], 0.0) / step_cost))
     return max(steps, 0)
 
 
@@ -185,10 +188,11 @@ def _fmt_s(s: float) -> str:
 
 
 def plan_job(*, start_text: str, t_name: str, cfg_t, cfg_s, sizes: dict, minutes: float | None, started: float,
-             eval_forwards: int, eval_models: int, notes: list[str]) -> Plan:
+             eval_forwards: int, eval_models: int, notes: list[str], done: dict | None = None) -> Plan:
     """The plan of a job and its one-line summary. `cfg_t` None: the teacher is not trained here;
     `cfg_s` None: no student (train-teacher); `sizes`: images per split; `eval_models`: how many
-    student-sized models the test split evaluates besides the teacher."""
+    student-sized models the test split evaluates besides the teacher; `done`: role -> (steps,
+    training seconds) of a resumed run."""
     from edgeseg.models import build, preset
 
     torch.manual_seed(0)  # timing nets only; the trainers seed their own
@@ -204,11 +208,16 @@ def plan_job(*, start_text: str, t_name: str, cfg_t, cfg_s, sizes: dict, minutes
     for role, cfg, net, teacher, sec in (("teacher", cfg_t, t_net, None, t_sec), ("student", cfg_s, s_net, t_net, s_sec)):
         if cfg is None:
             continue
-        step_s = _step_seconds(net, teacher, size, cfg.batch_size)
-        steps = _steps(cfg, sizes["train"], sizes["val"], step_s, val_s, sec)
-        run_s = sec if sec is not None else steps * (step_s + 2 * sizes["val"] * val_s / max(sizes["train"] // cfg.batch_size, 1))
+        # a step's cost includes its share of each epoch's validation (loss and Dice)
+        cost = (_step_seconds(net, teacher, size, cfg.batch_size)
+                + 2 * sizes["val"] * val_s / max(sizes["train"] // cfg.batch_size, 1))
+        did = (done or {}).get(role, (0, 0.0))
+        steps = _steps(cfg, sizes["train"], cost, sec if sec is not None else cfg.max_seconds, did)
+        run_s = steps * cost if sec is None else sec
         est += run_s
-        parts.append(f"{role} {cfg.preset}: ~{steps} steps of batch {cfg.batch_size}, lr {cfg.lr:g} ({_fmt_s(run_s)})")
+        resumed = f", resumed at step {did[0]}" if did[0] else ""
+        parts.append(f"{role} {cfg.preset}: ~{steps} steps of batch {cfg.batch_size}, lr {cfg.lr:g} "
+                     f"({_fmt_s(run_s)}{resumed})")
     if cfg_s is not None:
         parts.append(f"evaluation of {1 + eval_models} models on {sizes['test']} test images ~{_fmt_s(eval_s)}")
     budget = f" of a {minutes:g}-min budget (--minutes)" if total is not None else ""

@@ -183,7 +183,7 @@ def run_train_teacher(job: DistillJob) -> Path:
     ds = _splits(job, preset(t_name).image_size)
     sizes, val_ds = {k: len(v) for k, v in ds.items()}, ds["val"]
     cfg, notes = _fit_batches(job, sizes["train"], cfg=cfg)
-    plan = _plan(job, start, t_name, cfg, None, sizes, t0, notes)
+    plan = _plan(job, start, t_name, cfg, None, sizes, t0, notes, run)
     cfg = _with_budget(cfg, plan.teacher_seconds, job.teacher_overrides)
     teacher = _train(cfg, run, None, job)
     if start and int(os.environ.get("RANK", "0")) == 0:
@@ -238,8 +238,21 @@ def _fit_batches(job: DistillJob, n_train: int, **cfgs) -> tuple:
     return (*out, notes)
 
 
+def _resumed(job: DistillJob, run: Path) -> dict:
+    """role -> (steps, training seconds) already behind a run that --resume continues."""
+    from edgeseg.config import read_state_json
+
+    out = {}
+    for role in ("teacher", "student"):
+        js = run / "state" / role / "state.json"
+        if job.resume and js.exists():
+            meta = read_state_json(js)
+            out[role] = (meta["step"], float(meta.get("train_seconds", 0.0)))
+    return out
+
+
 def _plan(job: DistillJob, start: dict | None, t_name: str, cfg_t, cfg_s, sizes: dict, t0: float, notes: list,
-          given: Path | None = None):
+          run: Path, given: Path | None = None):
     """The job's plan (edgeseg.finetune.plan_job), said in one line before any training."""
     from edgeseg.finetune import FINETUNE_MINUTES, plan_job
 
@@ -256,7 +269,7 @@ def _plan(job: DistillJob, start: dict | None, t_name: str, cfg_t, cfg_s, sizes:
     settings = job.eval.resolved(preset(cfg_s.preset).prediction_type) if cfg_s is not None else job.eval
     plan = plan_job(start_text=text, t_name=t_name, cfg_t=cfg_t, cfg_s=cfg_s, sizes=sizes, minutes=minutes,
                     started=t0, eval_forwards=(settings.steps or 1) * (settings.ensemble or 1),
-                    eval_models=2 if start else 1, notes=notes)
+                    eval_models=2 if start else 1, notes=notes, done=_resumed(job, run))
     _say(job, plan.line)
     return plan
 
@@ -372,7 +385,7 @@ def run_distill(job: DistillJob) -> dict:
     cfg_t, cfg_s, notes = _fit_batches(job, sizes["train"], cfg_t=cfg_t, cfg_s=cfg_s)
     given = None if start is not None else _given_teacher(job, t_name, run)
     plan = _plan(job, start, t_name, cfg_t if start is not None or given is None else None, cfg_s, sizes, t0,
-                 notes, given)
+                 notes, run, given)
     kept: dict = {}
     if start:
         cfg_t = _with_budget(cfg_t, plan.teacher_seconds, job.teacher_overrides)

@@ -257,6 +257,7 @@ def test_distill_resume_keeps_the_given_teacher(distill_run, tmp_path):
     assert (run / "teacher.safetensors").read_bytes() == copied and not (run / "state" / "teacher").exists()
     assert metrics["seconds"]["teacher_training"] is None
     assert json.loads((run / "student.json").read_text())["steps"] == 4
+    assert "~2 steps" in metrics["plan"] and "resumed at step 2" in metrics["plan"], metrics["plan"]
 
 
 def test_train_teacher_ships_the_best_epoch_and_keeps_the_final_weights(tmp_path, monkeypatch):

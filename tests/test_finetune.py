@@ -144,3 +144,17 @@ def test_an_explicit_batch_too_large_for_the_folder_is_one_line_and_writes_nothi
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
     r = invoke("distill", "--dataset", "folder", "--data-dir", folder, "--minutes", 0, "--runs-dir", tmp_path / "runs")
     assert r.exit_code == 2 and r.stderr.strip() == "error: --minutes must be a number > 0, got 0.0"
+
+
+def test_plan_steps_follow_max_seconds_and_a_resumed_run():
+    """The plan's step count: max_seconds (counted over resumes, as the trainer does) caps the epochs,
+    and a resumed run's steps and seconds are already behind it."""
+    from edgeseg.config import TrainConfig
+    from edgeseg.finetune import _steps
+
+    cfg = TrainConfig(preset="tiny-student", epochs=100, batch_size=16)
+    assert _steps(cfg, 2000, 2.0, None, (0, 0.0)) == 12500
+    assert _steps(cfg, 2000, 2.0, 7200.0, (0, 0.0)) == 3600
+    assert _steps(cfg, 2000, 2.0, 7200.0, (375, 2000.0)) == 2600
+    assert _steps(cfg, 2000, 2.0, None, (12400, 0.0)) == 100
+    assert _steps(cfg, 2000, 2.0, 1800.0, (375, 2000.0)) == 0
