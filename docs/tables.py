@@ -27,18 +27,25 @@ REPO = Path(__file__).resolve().parents[1]
 # (bench/pte_latency.py). Headline columns: quality from the first source, int8 program size and
 # latency from the second (None: not measured).
 HEADLINE: list[tuple[str, str, str | None]] = [
-    ("teacher `tiny-teacher-isic2017`", "bench/results/isic2017/results.json#teacher", None),
-    ("student `tiny-student-isic2017`", "bench/results/isic2017/results.json#student (EFKD)", None),
-    ("student, int8 `.pte`", "bench/results/isic2017/results.json#student tiny-student-k1n3-int8.pte",
-     "bench/results/pte-latency/pte-latency.json#student"),
-    ("U-Net, same GFLOP as the student", "bench/results/isic2017/results.json#U-Net, same GFLOP as the student "
-     "(Dice+BCE)", "bench/results/pte-latency/pte-latency.json#unet"),
-    ("U-Net, 0.12 M", "bench/results/isic2017/results.json#U-Net, own size (Dice+BCE)", None),
-    ("Otsu on CIELAB L", "bench/results/isic2017/results.json#Otsu (CIELAB L)", None),
+    ("teacher `tiny-teacher-128-isic2017`", "bench/results/isic2017-128/results.json#teacher@photo", None),
+    ("student `tiny-student-128-isic2017` (default)", "bench/results/isic2017-128/results.json#student (EFKD)@photo",
+     None),
+    ("student, int8 `.pte`", "bench/results/isic2017-128/results.json#student tiny-student-128-k1n3-int8.pte@photo",
+     "bench/results/pte-latency-128/pte-latency.json#student"),
+    ("U-Net, same GFLOP as the student", "bench/results/isic2017-128/results.json#U-Net, same GFLOP as the student "
+     "(Dice+BCE)@photo", "bench/results/pte-latency-128/pte-latency.json#unet"),
+    ("U-Net, 0.12 M", "bench/results/isic2017-128/results.json#U-Net, own size (Dice+BCE)@photo", None),
 ]
 
 # Model cards: the rows of each card's metrics table (label, quality source).
 CARD_METRICS: dict[str, list[tuple[str, str]]] = {
+    "tiny-teacher-128-isic2017": [("ISIC 2017 test, 600 images, at photo size",
+                                   "bench/results/isic2017-128/results.json#teacher@photo")],
+    "tiny-student-128-isic2017": [
+        ("ISIC 2017 test, 600 images, at photo size", "bench/results/isic2017-128/results.json#student (EFKD)@photo"),
+        ("the same, int8 `.pte`",
+         "bench/results/isic2017-128/results.json#student tiny-student-128-k1n3-int8.pte@photo"),
+    ],
     "tiny-teacher-isic2017": [("ISIC 2017 test, 600 images", "bench/results/isic2017/results.json#teacher")],
     "tiny-student-isic2017": [
         ("ISIC 2017 test, 600 images", "bench/results/isic2017/results.json#student (EFKD)"),

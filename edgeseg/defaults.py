@@ -34,6 +34,8 @@ MASK_CLEANUP = "none"
 #: The models shipped in the package, edgeseg/assets/<name>.safetensors + .json: name -> (preset,
 #: dataset it was trained on). Adding a shipped model is one line here (and its files in assets/).
 SHIPPED_MODELS: dict[str, tuple[str, str]] = {
+    "tiny-student-128-isic2017": ("tiny-student-128", "isic2017"),
+    "tiny-teacher-128-isic2017": ("tiny-teacher-128", "isic2017"),
     "tiny-student-isic2017": ("tiny-student", "isic2017"),
     "tiny-teacher-isic2017": ("tiny-teacher", "isic2017"),
     "tiny-student-synthetic": ("tiny-student", "synthetic"),
@@ -41,12 +43,12 @@ SHIPPED_MODELS: dict[str, tuple[str, str]] = {
 }
 
 #: The shipped model used when no checkpoint is given and no run exists under ./runs.
-DEFAULT_MODEL = "tiny-student-isic2017"
+DEFAULT_MODEL = "tiny-student-128-isic2017"
 
-#: (teacher preset, student preset) the main job trains per dataset; isic2017 and ph2 use the tiny
-#: CPU presets of the models shipped for real lesions.
+#: (teacher preset, student preset) the main job trains per dataset; isic2017 uses the tiny 128-px
+#: CPU presets of the default model, ph2 the 64-px ones.
 DATASET_PRESETS: dict[str, tuple[str, str]] = {
-    "isic2017": ("tiny-teacher", "tiny-student"),
+    "isic2017": ("tiny-teacher-128", "tiny-student-128"),
     "ph2": ("tiny-teacher", "tiny-student"),
     "isic2018": ("teacher-isic2018", "student-isic2018"),
     "ham10000": ("teacher-ham10000", "student-ham10000"),

@@ -148,8 +148,8 @@ def test_without_runs_the_shipped_real_lesion_student_is_used(tmp_path, monkeypa
     assert_user_error(invoke("segment", tmp_path / "img.png"), "img.png", "no such image file")
     r = invoke("evaluate", "--dataset", "synthetic", "--max-images", "2")
     assert r.exit_code == 0, r.output
-    report = json.loads((tmp_path / "evaluations" / "eval-tiny-student-isic2017-test-ddim1x3.json").read_text())
-    assert report["checkpoint"].endswith("tiny-student-isic2017.safetensors") and report["n_images"] == 2
+    report = json.loads((tmp_path / "evaluations" / "eval-tiny-student-128-isic2017-test-ddim1x3.json").read_text())
+    assert report["checkpoint"].endswith("tiny-student-128-isic2017.safetensors") and report["n_images"] == 2
 
 
 # ----------------------------------------------------------------------------------------

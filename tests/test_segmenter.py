@@ -79,7 +79,8 @@ def test_sources_run_folder_checkpoint_and_errors(tmp_path):
     x = torch.rand(2, 3, 64, 64)
     torch.testing.assert_close(a.predict(x)[0], b.predict(x)[0])
     assert (a.steps, a.ensemble, a.image_size) == (1, 1, 64)
-    with pytest.raises(CheckpointError, match="shipped: tiny-student-isic2017"):
+    with pytest.raises(CheckpointError, match="shipped: tiny-student-128-isic2017, tiny-teacher-128-isic2017, "
+                                              "tiny-student-isic2017"):
         Segmenter.from_pretrained("no-such-model")
     with pytest.raises(EdgesegError, match="steps must be a whole number"):
         Segmenter.from_pretrained(SYNTH, steps=0)
@@ -89,8 +90,8 @@ def test_sources_run_folder_checkpoint_and_errors(tmp_path):
 
 def test_default_is_the_shipped_real_lesion_student():
     seg = edgeseg.Segmenter.from_pretrained()
-    assert seg.source == "tiny-student-isic2017"
-    assert (seg.steps, seg.ensemble) == (1, 3)  # the defaults table for x0 students
+    assert seg.source == "tiny-student-128-isic2017"
+    assert (seg.steps, seg.ensemble, seg.image_size) == (1, 3, 128)  # the defaults table for x0 students
 
 
 # ---------------- one image reader ----------------
