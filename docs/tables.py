@@ -275,6 +275,7 @@ TABLES = {
     "runtimes": runtimes_table,
     "real-lesions-128": functools.partial(real_lesions_table, REAL_LESIONS_128, "photo_metrics"),
     "real-lesions-128-paired": functools.partial(real_lesions_paired_table, REAL_LESIONS_128, "paired_photo_size"),
+    "real-lesions-128-uncertainty": functools.partial(real_lesions_uncertainty_table, REAL_LESIONS_128),
 }
 
 

@@ -32,7 +32,9 @@ def test_a_folder_without_a_gpu_starts_from_the_default_model_and_its_teacher(mo
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert use_shipped_start("folder", None, None, None, None)
-    assert use_shipped_start("folder", None, None, "tiny-teacher", "tiny-student")  # a resumed run names them
+    start = start_models()
+    named = (start["teacher"].preset, start["student"].preset)
+    assert use_shipped_start("folder", None, None, *named)  # a resumed run names them
     assert not use_shipped_start("folder", None, None, "teacher-isic2018", None)  # scratch: one choice away
     assert not use_shipped_start("folder", None, "t.safetensors", None, None)
     assert not use_shipped_start("folder", False, None, None, None)
@@ -99,13 +101,13 @@ def test_folder_run_plans_first_and_reports_shipped_and_fine_tuned_side_by_side(
     start = start_models()
     assert out.startswith("plan: start from the shipped"), out[:200]
     for needle in (start["teacher"].name, start["student"].name, "images train 6 / val 2 / test 2",
-                   "teacher tiny-teacher: ~1 steps of batch 6", "student tiny-student: ~1 steps of batch 6",
+                   f"teacher {start['teacher'].preset}: ~", f"student {start['student'].preset}: ~", "steps of batch 6",
                    "evaluation of 3 models on 2 test images", "of a 1-min budget", "teacher batch 6 (the train split"):
         assert needle in out, (needle, out[:800])
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["plan"].startswith("plan: start from the shipped")
     shipped, tuned = metrics["shipped_student"], metrics["student"]
-    assert shipped["n_images"] == tuned["n_images"] == 2 and shipped["preset"] == tuned["preset"] == "tiny-student"
+    assert shipped["n_images"] == tuned["n_images"] == 2 and shipped["preset"] == tuned["preset"] == start["student"].preset
     ft = metrics["finetune"]
     assert ft["test_dsc_gain"] == pytest.approx(tuned["dsc"] - shipped["dsc"])
     for role in ("teacher", "student"):
