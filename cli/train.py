@@ -30,7 +30,9 @@ def _run_settings(role: str, overrides: dict, runs_dir: Path, run_name: Optional
         raise SettingsError("--resume needs --run-name (the folder under --runs-dir to continue)")
     if not resume:
         return None
-    return read_state_config(Path(runs_dir) / run_name / "state" / role)
+    from edgeseg.train import run_state_dir
+
+    return read_state_config(run_state_dir(Path(runs_dir) / run_name, role))
 
 
 def _checked(role: str, overrides: dict, saved: dict | None, job: dict, label: str | None = None) -> dict:

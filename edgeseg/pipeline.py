@@ -241,10 +241,11 @@ def _fit_batches(job: DistillJob, n_train: int, **cfgs) -> tuple:
 def _resumed(job: DistillJob, run: Path) -> dict:
     """role -> (steps, training seconds) already behind a run that --resume continues."""
     from edgeseg.config import read_state_json
+    from edgeseg.train import run_state_dir
 
     out = {}
     for role in ("teacher", "student"):
-        js = run / "state" / role / "state.json"
+        js = run_state_dir(run, role) / "state.json"
         if job.resume and js.exists():
             meta = read_state_json(js)
             out[role] = (meta["step"], float(meta.get("train_seconds", 0.0)))
@@ -295,8 +296,10 @@ def _presets(job: DistillJob, start: dict | None = None):
 def _given_teacher(job: DistillJob, t_name: str, run: Path) -> Path | None:
     """The teacher used as it is: on --resume the run's copy of the teacher it was given (unless the
     run is training its own), else --teacher, else the shipped one; None: the teacher trains here."""
+    from edgeseg.train import run_state_dir
+
     own = run / "teacher.safetensors"
-    if job.resume and job.teacher is None and own.exists() and not (run / "state" / "teacher").exists():
+    if job.resume and job.teacher is None and own.exists() and not run_state_dir(run, "teacher").exists():
         return own
     src = job.teacher or shipped_teacher(t_name, job.dataset)
     return None if src is None else Path(src)

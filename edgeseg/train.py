@@ -38,7 +38,7 @@ from edgeseg.warmstart import init_from_teacher, init_weights
 
 # TrainConfig, the recipes and the resume rule live in edgeseg.config, EMA in edgeseg.ema, the device and
 # DDP set-up in edgeseg.devices, warm starts in edgeseg.warmstart; they stay importable from here.
-__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "distill_loss", "EMA", "paper_recipe", "tiny_recipe",
+__all__ = ["TrainConfig", "Trainer", "run_state_dir", "TrainingDiverged", "distill_loss", "EMA", "paper_recipe", "tiny_recipe",
            "validate_settings", "read_state_config", "FIXED_ON_RESUME", "LR_FLOOR", "cosine_lr_factor",
            "init_from_teacher", "bf16_supported", "init_distributed"]
 
@@ -82,6 +82,12 @@ def _taps(net: DermoSegDiff | None, on: bool):
 # ----------------------------------------------------------------------------------------
 # trainer
 # ----------------------------------------------------------------------------------------
+
+def run_state_dir(run: Path, role: str) -> Path:
+    """Where a run folder keeps `role`'s resume state (state.json + state.safetensors)."""
+    return Path(run) / "state" / role
+
+
 class Trainer:
     """Trains `cfg.preset` (against `teacher` for students) and writes into `out_dir`.
 
@@ -140,7 +146,7 @@ class Trainer:
     # ---- state ------------------------------------------------------------------------
     @property
     def state_dir(self) -> Path:
-        return self.out_dir / "state" / self.cfg.role
+        return run_state_dir(self.out_dir, self.cfg.role)
 
     def _non_finite(self) -> list[str]:
         """Names of model / EMA tensors holding NaN or inf (empty when all are finite)."""
