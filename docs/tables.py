@@ -26,41 +26,43 @@ REPO = Path(__file__).resolve().parents[1]
 # results), a top-level entry (a run's metrics.json) or the "role" of an entry in its "results" list
 # (bench/pte_latency.py). Headline columns: quality from the first source, int8 program size and
 # latency from the second (None: not measured).
+RUNTIMES = "bench/results/runtimes/runtimes.json"
+REAL_LESIONS = "bench/results/isic2017/results.json"
+REAL_LESIONS_128 = "bench/results/isic2017-128/results.json"
+PTE_LATENCY_128 = "bench/results/pte-latency-128/pte-latency.json"
+# the default pair and its int8 program, scored at each photo's own size
+TEACHER_128 = f"{REAL_LESIONS_128}#teacher@photo"
+STUDENT_128 = f"{REAL_LESIONS_128}#student (EFKD)@photo"
+STUDENT_128_PTE = f"{REAL_LESIONS_128}#student tiny-student-128-k1n3-int8.pte@photo"
+
 HEADLINE: list[tuple[str, str, str | None]] = [
-    ("teacher `tiny-teacher-128-isic2017`", "bench/results/isic2017-128/results.json#teacher@photo", None),
-    ("student `tiny-student-128-isic2017` (default)", "bench/results/isic2017-128/results.json#student (EFKD)@photo",
-     None),
-    ("student, int8 `.pte`", "bench/results/isic2017-128/results.json#student tiny-student-128-k1n3-int8.pte@photo",
-     "bench/results/pte-latency-128/pte-latency.json#student"),
-    ("U-Net, same GFLOP as the student", "bench/results/isic2017-128/results.json#U-Net, same GFLOP as the student "
-     "(Dice+BCE)@photo", "bench/results/pte-latency-128/pte-latency.json#unet"),
-    ("U-Net, 0.12 M", "bench/results/isic2017-128/results.json#U-Net, own size (Dice+BCE)@photo", None),
+    ("teacher `tiny-teacher-128-isic2017`", TEACHER_128, None),
+    ("student `tiny-student-128-isic2017` (default)", STUDENT_128, None),
+    ("student, int8 `.pte`", STUDENT_128_PTE, f"{PTE_LATENCY_128}#student"),
+    ("U-Net, same GFLOP as the student", f"{REAL_LESIONS_128}#U-Net, same GFLOP as the student (Dice+BCE)@photo",
+     f"{PTE_LATENCY_128}#unet"),
+    ("U-Net, 0.12 M", f"{REAL_LESIONS_128}#U-Net, own size (Dice+BCE)@photo", None),
 ]
 
 # Model cards: the rows of each card's metrics table (label, quality source).
 CARD_METRICS: dict[str, list[tuple[str, str]]] = {
-    "tiny-teacher-128-isic2017": [("ISIC 2017 test, 600 images, at photo size",
-                                   "bench/results/isic2017-128/results.json#teacher@photo")],
+    "tiny-teacher-128-isic2017": [("ISIC 2017 test, 600 images, at photo size", TEACHER_128)],
     "tiny-student-128-isic2017": [
-        ("ISIC 2017 test, 600 images, at photo size", "bench/results/isic2017-128/results.json#student (EFKD)@photo"),
-        ("the same, int8 `.pte`",
-         "bench/results/isic2017-128/results.json#student tiny-student-128-k1n3-int8.pte@photo"),
+        ("ISIC 2017 test, 600 images, at photo size", STUDENT_128),
+        ("the same, int8 `.pte`", STUDENT_128_PTE),
     ],
-    "tiny-teacher-isic2017": [("ISIC 2017 test, 600 images", "bench/results/isic2017/results.json#teacher")],
+    "tiny-teacher-isic2017": [("ISIC 2017 test, 600 images", f"{REAL_LESIONS}#teacher")],
     "tiny-student-isic2017": [
-        ("ISIC 2017 test, 600 images", "bench/results/isic2017/results.json#student (EFKD)"),
-        ("the same, int8 `.pte`", "bench/results/isic2017/results.json#student tiny-student-k1n3-int8.pte"),
+        ("ISIC 2017 test, 600 images", f"{REAL_LESIONS}#student (EFKD)"),
+        ("the same, int8 `.pte`", f"{REAL_LESIONS}#student tiny-student-k1n3-int8.pte"),
     ],
     "tiny-teacher-synthetic": [("synthetic test, 500 images", "docs/main-job/metrics.json#teacher")],
     "tiny-student-synthetic": [
-        ("synthetic test, 32 images (eager)", "bench/results/runtimes/runtimes.json#tiny-student/eager"),
-        ("the same, int8 `.pte`", "bench/results/runtimes/runtimes.json#tiny-student/pte-int8"),
+        ("synthetic test, 32 images (eager)", f"{RUNTIMES}#tiny-student/eager"),
+        ("the same, int8 `.pte`", f"{RUNTIMES}#tiny-student/pte-int8"),
     ],
 }
 
-RUNTIMES = "bench/results/runtimes/runtimes.json"
-REAL_LESIONS = "bench/results/isic2017/results.json"
-REAL_LESIONS_128 = "bench/results/isic2017-128/results.json"
 MARKDOWN = ["README.md", "docs"]  # files and folders whose tables are generated
 
 METRICS = ("dsc", "iou", "se", "sp", "acc", "hd95", "bf")
