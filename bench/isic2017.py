@@ -7,7 +7,8 @@ the shipped real-lesion models. The U-Nets (edgeseg.baselines.SmallUNet, Dice + 
 its own 0.12 M size and/or the width whose one pass costs the student's GFLOP per image) are
 trained here on the same train split at the same resolution for ``--unet-seconds`` of wall time
 (give them the student's distillation time; ``--stage unet`` trains them alone, e.g. beside the
-student on the same number of threads). Every model is scored with the same code (edgeseg.metrics, per image at
+student on the same number of threads; each keeps a resumable state, ``--resume`` continues it, and
+``--unet-dirs`` adds U-Nets trained elsewhere, e.g. for longer, as extra rows). Every model is scored with the same code (edgeseg.metrics, per image at
 the models' input size, then averaged) on the whole test split (600 images). Cost per image:
 parameters, GFLOP at the shipped sampler setting (K x N network calls) and median latency at
 batch 1. Writes ``results.json``, ``table.md`` and ``overlays.png`` under ``--out``.
@@ -115,15 +116,24 @@ def unet_channels(kind: str, student_preset: str, size: int, ensemble: int | Non
     return UNET_CHANNELS if kind == "own" else unet_channels_like(student_preset, size, ensemble=ensemble)
 
 
-def train_unet_once(train_ds, seconds: float, threads: int, seed: int, out: Path, kind: str, channels):
-    """Train a U-Net for `seconds` of wall time; weights and training info saved under `out`."""
+def train_unet_once(train_ds, seconds: float, threads: int, seed: int, out: Path, kind: str, channels,
+                    resume: bool = False):
+    """Train a U-Net for `seconds` of wall time; weights and training info saved under `out`, its
+    resumable state in `out/<stem>-state.pt` (continued with `resume`)."""
     from safetensors.torch import save_file
 
     from edgeseg.baselines import train_unet
 
     stem = UNETS[kind][0]
-    model, info = train_unet(train_ds, None, minutes=seconds / 60.0, seed=seed, threads=threads, channels=channels,
-                             log=lambda m: print(f"  {stem} {m}", flush=True))
+    state = out / f"{stem}-state.pt"
+    if state.exists() and not resume:
+        raise SystemExit(f"{state} holds a U-Net training in progress: pass --resume to continue it, "
+                         "or delete it to train afresh")
+    try:
+        model, info = train_unet(train_ds, None, minutes=seconds / 60.0, seed=seed, threads=threads, channels=channels,
+                                 log=lambda m: print(f"  {stem} {m}", flush=True), state_path=state)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"{stem}.safetensors"))
     write_json(out / f"{stem}-train.json", {**info, "budget_seconds": seconds, "threads": threads, "seed": seed})
     return model, info
@@ -284,6 +294,11 @@ def _args(argv):
     ap.add_argument("--student", default=DEFAULT_MODEL, help="checkpoint or shipped model name (default: the default model)")
     ap.add_argument("--unet-seconds", type=float, default=None,
                     help="U-Net training wall time (give it the student's distillation time)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue each U-Net from its training state in --out (a finished one is kept as it is)")
+    ap.add_argument("--unet-dirs", default="",
+                    help="comma-separated folders with more trained U-Nets (e.g. longer budgets, --stage unet "
+                         "--out DIR): scored as extra rows named with their training time")
     ap.add_argument("--unets", default="own,same-gflop",
                     help="U-Nets to train (--stage unet/all): own (0.12 M) and/or same-gflop (the width at which "
                          "one pass costs what the student's default sampler setting costs)")
@@ -320,7 +335,7 @@ def _train_unets(args, student_preset: str) -> None:
             raise SystemExit(f"--unets: unknown U-Net {kind!r}; known: {', '.join(UNETS)}")
         channels = unet_channels(kind, student_preset, args.size, args.ensemble)
         print(f"training the U-Net ({kind}, widths {channels}) for {args.unet_seconds:.0f} s ...", flush=True)
-        train_unet_once(train_ds, args.unet_seconds, args.threads, args.seed, args.out, kind, channels)
+        train_unet_once(train_ds, args.unet_seconds, args.threads, args.seed, args.out, kind, channels, args.resume)
 
 
 def _score_diffusion_rows(args, teacher, student, test_ds) -> tuple[dict, dict]:
@@ -340,11 +355,24 @@ def _score_diffusion_rows(args, teacher, student, test_ds) -> tuple[dict, dict]:
     return rows, preds
 
 
+def _unet_label(kind: str, info: dict, extra: bool) -> str:
+    """The table label of a U-Net; one from --unet-dirs also names its training time."""
+    label = UNETS[kind][1]
+    return f"{label}, {info['budget_seconds']:.0f} s" if extra else label
+
+
+def _is_extra_unet(label: str) -> bool:
+    """A row from --unet-dirs (kept out of the overlay figure, which shows the main rows)."""
+    return any(label.startswith(f"{lab}, ") for _, lab in UNETS.values())
+
+
 def _score_unet_rows(args, test_ds, rows: dict, preds: dict) -> None:
-    for kind, (_, label) in UNETS.items():
-        unet, unet_info = load_unet(args.out, kind)
+    dirs = [args.out] + [Path(d) for d in args.unet_dirs.split(",") if d]
+    for folder, kind in ((d, k) for d in dirs for k in UNETS):
+        unet, unet_info = load_unet(folder, kind)
         if unet is None:
             continue
+        label = _unet_label(kind, unet_info, folder != args.out)
         unet_mean = predict_unet(unet, test_ds)
         rows[label] = {"metrics": score_masks(unet_mean > 0, test_ds), "sampler": "single pass",
                        "cost": cost_unet(unet, args.size), "train": unet_info}
@@ -373,6 +401,9 @@ def _score_at_photo_size(rows: dict, preds: dict, truth) -> dict:
 def _short(label: str) -> str:
     """A row's short name in the paired tables: student, teacher, unet, unet-same-gflop, or the program's file."""
     names = {STUDENT: "student", **{lab: stem for stem, lab in UNETS.values()}}
+    for stem, lab in UNETS.values():
+        if _is_extra_unet(label) and label.startswith(lab):  # a --unet-dirs row: its training time
+            return f"{stem}-{label.removeprefix(f'{lab}, ').removesuffix(' s')}s"
     return names.get(label, label.removeprefix("student ").strip())
 
 
@@ -428,7 +459,7 @@ def main(argv=None) -> int:
     (args.out / "table.md").write_text(markdown(doc))
     student_scores = preds[STUDENT][1]
     short = {STUDENT: "student", UNETS["own"][1]: "U-Net", UNETS["same-gflop"][1]: "U-Net L"}
-    draw(test_ds, {short.get(k, k): (p, sc["dsc"]) for k, (p, sc) in preds.items()},
+    draw(test_ds, {short.get(k, k): (p, sc["dsc"]) for k, (p, sc) in preds.items() if not _is_extra_unet(k)},
          student_scores["dsc"], args.out / "overlays.png")
     print(markdown(doc))
     return 0

@@ -141,9 +141,14 @@ def _to_tensors(dataset):
 
 def train_unet(train_ds, val_ds=None, minutes: float | None = 4.0, steps: int | None = None,
                seed: int = 0, batch_size: int = 16, lr: float = 3e-3, threads: int | None = None,
-               log=None, channels=UNET_CHANNELS):
+               log=None, channels=UNET_CHANNELS, state_path=None, save_every: float = 300.0):
     """Train :func:`SmallUNet` with Dice + BCE (Adam, cosine LR, flips) for ``minutes`` of wall
-    time or ``steps`` steps, whichever comes first. Returns (model, info dict)."""
+    time or ``steps`` steps, whichever comes first. Returns (model, info dict).
+
+    With ``state_path`` the run is resumable: weights, optimizer, sampling generator, step and
+    training seconds are written there (atomically) every ``save_every`` seconds and at the end,
+    and a run started with an existing state continues from it (the cosine schedule goes on at
+    the training seconds it had reached; a finished run returns at once)."""
     from edgeseg.train import cosine_lr_factor
 
     torch, nn, F = _torch()
@@ -158,8 +163,13 @@ def train_unet(train_ds, val_ds=None, minutes: float | None = 4.0, steps: int | 
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     budget = None if minutes is None else minutes * 60.0
     max_steps = steps if steps is not None else 10**9
-    t0 = time.perf_counter()
-    step = 0
+    recipe = {"channels": list(channels), "seed": seed, "batch_size": batch_size, "lr": lr,
+              "budget_seconds": budget, "steps": steps}
+    step, done_seconds = _load_unet_state(state_path, recipe, model, opt, g) if state_path else (0, 0.0)
+    if step and log:
+        log(f"resumed at step {step} ({done_seconds:.0f}s trained)")
+    t0 = time.perf_counter() - done_seconds
+    last_save = time.perf_counter()
     model.train()
     while step < max_steps:
         elapsed = time.perf_counter() - t0
@@ -168,31 +178,80 @@ def train_unet(train_ds, val_ds=None, minutes: float | None = 4.0, steps: int | 
         frac = (step / max_steps) if steps is not None else elapsed / budget
         for pg in opt.param_groups:
             pg["lr"] = lr * cosine_lr_factor(frac)
-        idx = torch.randint(0, n, (batch_size,), generator=g)
-        x = (x_all[idx].float() / 255.0).contiguous(memory_format=torch.channels_last)
-        y = y_all[idx].float()
-        if torch.rand(1, generator=g).item() < 0.5:
-            x, y = x.flip(-1), y.flip(-1)
-        if torch.rand(1, generator=g).item() < 0.5:
-            x, y = x.flip(-2), y.flip(-2)
-        logits = model(x)
-        p = torch.sigmoid(logits)
-        inter = (p * y).sum((1, 2, 3))
-        dl = 1 - (2 * inter + 1) / (p.sum((1, 2, 3)) + y.sum((1, 2, 3)) + 1)
-        loss = F.binary_cross_entropy_with_logits(logits, y) + dl.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = _unet_step(model, opt, x_all, y_all, g, batch_size)
         step += 1
         if log and step % 100 == 0:
-            log(f"step {step} loss {loss.item():.4f} {time.perf_counter() - t0:.0f}s")
+            log(f"step {step} loss {loss:.4f} {time.perf_counter() - t0:.0f}s")
+        if state_path and time.perf_counter() - last_save >= save_every:
+            _save_unet_state(state_path, recipe, model, opt, g, step, time.perf_counter() - t0)
+            last_save = time.perf_counter()
+    train_seconds = time.perf_counter() - t0
+    if state_path:
+        _save_unet_state(state_path, recipe, model, opt, g, step, train_seconds)
     from edgeseg.models import count_params
 
-    info = {"steps": step, "train_seconds": time.perf_counter() - t0,
+    info = {"steps": step, "train_seconds": train_seconds,
             "params": count_params(model), "batch_size": batch_size, "channels": list(channels)}
     if val_ds is not None:
         info["val_dice"] = eval_dice(model, val_ds)
     return model, info
+
+
+def _unet_step(model, opt, x_all, y_all, g, batch_size: int) -> float:
+    """One Dice + BCE step on a random batch with random flips; returns the loss."""
+    torch, _, F = _torch()
+    idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=g)
+    x = (x_all[idx].float() / 255.0).contiguous(memory_format=torch.channels_last)
+    y = y_all[idx].float()
+    if torch.rand(1, generator=g).item() < 0.5:
+        x, y = x.flip(-1), y.flip(-1)
+    if torch.rand(1, generator=g).item() < 0.5:
+        x, y = x.flip(-2), y.flip(-2)
+    logits = model(x)
+    p = torch.sigmoid(logits)
+    inter = (p * y).sum((1, 2, 3))
+    dl = 1 - (2 * inter + 1) / (p.sum((1, 2, 3)) + y.sum((1, 2, 3)) + 1)
+    loss = F.binary_cross_entropy_with_logits(logits, y) + dl.mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def _save_unet_state(path, recipe: dict, model, opt, g, step: int, train_seconds: float) -> None:
+    import io
+
+    from edgeseg.checkpoint import atomic_write_bytes
+
+    torch, _, _ = _torch()
+    buf = io.BytesIO()
+    torch.save({"recipe": recipe, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "generator": g.get_state(), "step": step, "train_seconds": train_seconds}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_unet_state(path, recipe: dict, model, opt, g) -> tuple[int, float]:
+    """(step, training seconds) of the state at `path` loaded into model/opt/g; (0, 0.0) when there
+    is none. A state written for another recipe is refused: its schedule would not continue."""
+    from pathlib import Path
+
+    torch, _, _ = _torch()
+    path = Path(path)
+    if not path.exists():
+        return 0, 0.0
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable U-Net training state ({type(e).__name__}: {e})") from None
+    if state.get("recipe") != recipe:
+        theirs, ours = state.get("recipe", {}), recipe
+        diff = ", ".join(f"{k} {theirs.get(k)!r} there, {ours[k]!r} now" for k in ours if theirs.get(k) != ours[k])
+        raise ValueError(f"{path}: this U-Net state was trained with another recipe ({diff}); "
+                         "delete it to start again")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    g.set_state(state["generator"])
+    return int(state["step"]), float(state["train_seconds"])
 
 
 def eval_dice(model, dataset, batch_size: int = 64) -> float:

@@ -68,11 +68,24 @@ SHIPPED_64 = ["--teacher", "tiny-teacher-isic2017", "--student", "tiny-student-i
 
 
 def test_isic2017_table_trains_both_unets_and_pairs_them(tmp_path, isic):
-    out = tmp_path / "t1"
+    out, longer = tmp_path / "t1", tmp_path / "t1-longer"
+    unet_only = [str(REPO / "bench" / "isic2017.py"), "--data-dir", str(isic), "--threads", "1", *SHIPPED_64,
+                 "--stage", "unet", "--unets", "own", "--unet-seconds", "3", "--out", str(longer)]
+    _run(unet_only, tmp_path)
+    # a second start would overwrite the run's state: refused by name; --resume keeps the finished run
+    r = subprocess.run([sys.executable, *unet_only], capture_output=True, text=True, cwd=tmp_path, env=ENV)
+    assert r.returncode != 0 and "unet-state.pt" in r.stderr and "--resume" in r.stderr and "Traceback" not in r.stderr
+    weights = (longer / "unet.safetensors").read_bytes()
+    assert "resumed at step" in _run([*unet_only, "--resume"], tmp_path).stdout
+    assert (longer / "unet.safetensors").read_bytes() == weights
     _run([str(REPO / "bench" / "isic2017.py"), "--data-dir", str(isic), "--unet-seconds", "2", "--threads", "1",
-          *SHIPPED_64,
+          *SHIPPED_64, "--unet-dirs", str(longer),
           "--out", str(out)], tmp_path)
     doc = json.loads((out / "results.json").read_text())
+    assert "U-Net, own size (Dice+BCE), 3 s" in doc["rows"]  # the --unet-dirs row, named with its time
+    assert set(doc["paired"]) == {"student - teacher", "student - unet", "student - unet-same-gflop",
+                                  "student - unet-3s"}
+    del doc["paired"]["student - unet-3s"], doc["paired_photo_size"]["student - unet-3s"]
     own = json.loads((out / "unet-train.json").read_text())
     same = json.loads((out / "unet-same-gflop-train.json").read_text())
     assert own["channels"] == [8, 16, 24, 32, 48] and same["channels"][0] > 8
