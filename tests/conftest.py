@@ -11,6 +11,29 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_NAME = "efkd_reference.npz"
 
 
+# test files that share a session fixture (the exported .pte: tiny_pte_fp32) run on one worker
+SHARED_WORKER = {"test_mobile.py": "pte", "test_deploy.py": "pte"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (--dist loadgroup) each test file is one group, so its module fixtures are
+    built once, and the .pte files share one; that group, the longest, is scheduled first."""
+    if not hasattr(config, "workerinput") and not config.getoption("dist", "no") == "loadgroup":
+        return
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(item.path.name, item.path.name)))
+    items.sort(key=lambda item: item.path.name not in SHARED_WORKER)  # stable: file order kept otherwise
+
+
+def pytest_configure(config):
+    """Each xdist worker uses its share of the cores, so two workers on two cores do not fight."""
+    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if count:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(count)))
+
+
 def _golden_candidates() -> list[Path]:
     out = []
     env = os.environ.get("EDGESEG_GOLDEN")
