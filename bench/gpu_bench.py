@@ -438,7 +438,8 @@ def part_kernel_tests(part: Part, args) -> None:
         env.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter
         env["EDGESEG_TEST_DEVICE"] = "cuda"
         where = "CUDA, compiled"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-p", "no:xdist",
+    # one process (no xdist workers: `-o addopts=` drops pyproject's `-n auto`), so the report is this run's
+    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=",
            str(REPO / "tests" / "test_kernels.py"), f"--junitxml={xml}", "-o", "junit_family=xunit1"]
     if args.dry_run:  # the sm_90 compile check costs ~8 s of CPU here; the test suite runs it
         cmd += ["-k", "not compile_for_sm90"]

@@ -238,8 +238,14 @@ def _fit_batches(job: DistillJob, n_train: int, **cfgs) -> tuple:
     return (*out, notes)
 
 
-def _resumed(job: DistillJob, run: Path) -> dict:
-    """role -> (steps, training seconds) already behind a run that --resume continues."""
+#: the limits a cosine schedule's progress is measured against (Trainer.run_fraction)
+RUN_LIMITS = ("epochs", "max_steps", "max_seconds")
+
+
+def _resumed(job: DistillJob, run: Path, cfgs: dict, notes: list) -> dict:
+    """role -> (steps, training seconds) already behind a run that --resume continues. A resume
+    that moves a cosine schedule's limits is said in `notes`: the schedule is stretched to them, so
+    the learning rate rises again from where it ended."""
     from edgeseg.config import read_state_json
     from edgeseg.train import run_state_dir
 
@@ -249,6 +255,12 @@ def _resumed(job: DistillJob, run: Path) -> dict:
         if job.resume and js.exists():
             meta = read_state_json(js)
             out[role] = (meta["step"], float(meta.get("train_seconds", 0.0)))
+            old, new = meta.get("config", {}), cfgs.get(role)
+            moved = [f"{k} {old.get(k)} -> {getattr(new, k)}" for k in RUN_LIMITS
+                     if new is not None and k in old and old[k] != getattr(new, k)]
+            if moved and new.lr_schedule == "cosine":
+                notes.append(f"the {role}'s cosine schedule is stretched to its new limits ({', '.join(moved)}): "
+                             "its learning rate rises again")
     return out
 
 
@@ -270,7 +282,8 @@ def _plan(job: DistillJob, start: dict | None, t_name: str, cfg_t, cfg_s, sizes:
     settings = job.eval.resolved(preset(cfg_s.preset).prediction_type) if cfg_s is not None else job.eval
     plan = plan_job(start_text=text, t_name=t_name, cfg_t=cfg_t, cfg_s=cfg_s, sizes=sizes, minutes=minutes,
                     started=t0, eval_forwards=(settings.steps or 1) * (settings.ensemble or 1),
-                    eval_models=2 if start else 1, notes=notes, done=_resumed(job, run))
+                    eval_models=2 if start else 1, notes=notes,
+                    done=_resumed(job, run, {"teacher": cfg_t, "student": cfg_s}, notes))
     _say(job, plan.line)
     return plan
 

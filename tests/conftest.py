@@ -11,18 +11,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_NAME = "efkd_reference.npz"
 
 
-# test files that share a session fixture (the exported .pte: tiny_pte_fp32) run on one worker
-SHARED_WORKER = {"test_mobile.py": "pte", "test_deploy.py": "pte"}
+# the longest test file starts first, so the other worker is not left waiting at the end
+FIRST = "test_mobile.py"
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (--dist loadgroup) each test file is one group, so its module fixtures are
-    built once, and the .pte files share one; that group, the longest, is scheduled first."""
-    if not hasattr(config, "workerinput") and not config.getoption("dist", "no") == "loadgroup":
-        return
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(item.path.name, item.path.name)))
-    items.sort(key=lambda item: item.path.name not in SHARED_WORKER)  # stable: file order kept otherwise
+    """Under pytest-xdist (--dist loadfile: each test file on one worker, its module fixtures built
+    once) the longest file is scheduled first; the file order is kept otherwise."""
+    items.sort(key=lambda item: item.path.name != FIRST)
 
 
 def pytest_configure(config):
@@ -68,12 +64,24 @@ def tiny_pte_fp32(tmp_path_factory):
     """(path, sidecar) of the shipped tiny student's fp32 .pte at K = 1, N = 2 (4 parity images),
     exported once for test_mobile and test_deploy (with its ETRecord and bundled program).
     Read-only: a test that changes a file works on a copy."""
+    import json
+
+    from filelock import FileLock
+
     from edgeseg.checkpoint import load_model
     from edgeseg.mobile.executorch_export import export_executorch
+    from edgeseg.mobile.sidecar import sidecar_path
 
-    tiny = load_model(REPO_ROOT / "edgeseg" / "assets" / "tiny-student-synthetic.safetensors").eval()
-    out = tmp_path_factory.mktemp("pte") / "tiny.pte"
-    return out, export_executorch(tiny, out, 1, 2, "none", n_parity_images=4)
+    # under pytest-xdist the workers share one export: the first makes it, the others read it
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    out = root / "shared-pte" / "tiny.pte"
+    out.parent.mkdir(exist_ok=True)
+    with FileLock(str(out.parent / "export.lock")):
+        if sidecar_path(out).is_file():
+            return out, json.loads(sidecar_path(out).read_text())
+        tiny = load_model(REPO_ROOT / "edgeseg" / "assets" / "tiny-student-synthetic.safetensors").eval()
+        return out, export_executorch(tiny, out, 1, 2, "none", n_parity_images=4)
 
 
 @pytest.fixture(scope="session")

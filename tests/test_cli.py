@@ -246,7 +246,7 @@ def test_distill_resume_keeps_the_given_teacher(distill_run, tmp_path):
     from edgeseg.pipeline import DistillJob, run_distill
 
     _, micro, _ = distill_run
-    small = dict(max_steps=2, num_workers=0, val_max_batches=1, batch_size=8)
+    small = dict(max_steps=2, num_workers=0, val_max_batches=1, batch_size=8, lr_schedule="cosine")
     job = DistillJob(dataset="synthetic", teacher=str(micro / "teacher.safetensors"), teacher_preset=MICRO_TEACHER,
                      student_preset=MICRO_STUDENT, runs_dir=str(tmp_path / "runs"), run_name="given", overrides=small,
                      eval_images=2, val_dsc_images=0, quiet=True)
@@ -258,6 +258,7 @@ def test_distill_resume_keeps_the_given_teacher(distill_run, tmp_path):
     assert metrics["seconds"]["teacher_training"] is None
     assert json.loads((run / "student.json").read_text())["steps"] == 4
     assert "~2 steps" in metrics["plan"] and "resumed at step 2" in metrics["plan"], metrics["plan"]
+    assert "student's cosine schedule is stretched to its new limits (max_steps 2 -> 4)" in metrics["plan"]
 
 
 def test_train_teacher_ships_the_best_epoch_and_keeps_the_final_weights(tmp_path, monkeypatch):
