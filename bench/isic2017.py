@@ -8,8 +8,9 @@ its own 0.12 M size and/or the width whose one pass costs the student's GFLOP pe
 trained here on the same train split at the same resolution for ``--unet-seconds`` of wall time
 (give them the student's distillation time; ``--stage unet`` trains them alone, e.g. beside the
 student on the same number of threads; each keeps a resumable state, ``--resume`` continues it, and
-``--unet-dirs`` adds U-Nets trained elsewhere, e.g. for longer, as extra rows). Every model is scored with the same code (edgeseg.metrics, per image at
-the models' input size, then averaged) on the whole test split (600 images). Cost per image:
+``--unet-dirs`` adds U-Nets trained elsewhere, e.g. for longer, as extra rows). Every model is
+scored with the same code (edgeseg.metrics, per image at the models' input size, then averaged)
+on the whole test split (600 images). Cost per image:
 parameters, GFLOP at the shipped sampler setting (K x N network calls) and median latency at
 batch 1. Writes ``results.json``, ``table.md`` and ``overlays.png`` under ``--out``.
 """
@@ -402,7 +403,7 @@ def _short(label: str) -> str:
     """A row's short name in the paired tables: student, teacher, unet, unet-same-gflop, or the program's file."""
     names = {STUDENT: "student", **{lab: stem for stem, lab in UNETS.values()}}
     for stem, lab in UNETS.values():
-        if _is_extra_unet(label) and label.startswith(lab):  # a --unet-dirs row: its training time
+        if label.startswith(f"{lab}, "):  # a --unet-dirs row: its training time
             return f"{stem}-{label.removeprefix(f'{lab}, ').removesuffix(' s')}s"
     return names.get(label, label.removeprefix("student ").strip())
 
