@@ -246,7 +246,7 @@ def _resumed(job: DistillJob, run: Path, cfgs: dict, notes: list) -> dict:
     """role -> (steps, training seconds) already behind a run that --resume continues. A resume
     that moves a cosine schedule's limits is said in `notes`: the schedule is stretched to them, so
     the learning rate rises again from where it ended."""
-    from edgeseg.config import read_state_json
+    from edgeseg.config import changed_settings, read_state_json
     from edgeseg.train import run_state_dir
 
     out = {}
@@ -255,10 +255,12 @@ def _resumed(job: DistillJob, run: Path, cfgs: dict, notes: list) -> dict:
         if job.resume and js.exists():
             meta = read_state_json(js)
             out[role] = (meta["step"], float(meta.get("train_seconds", 0.0)))
-            old, new = meta.get("config", {}), cfgs.get(role)
-            moved = [f"{k} {old.get(k)} -> {getattr(new, k)}" for k in RUN_LIMITS
-                     if new is not None and k in old and old[k] != getattr(new, k)]
-            if moved and new.lr_schedule == "cosine":
+            new = cfgs.get(role)
+            if new is None or new.lr_schedule != "cosine":
+                continue
+            changed = changed_settings(meta["config"], {k: getattr(new, k) for k in RUN_LIMITS})
+            moved = [f"{k} {was} -> {now}" for k, (was, now) in changed.items()]
+            if moved:
                 notes.append(f"the {role}'s cosine schedule is stretched to its new limits ({', '.join(moved)}): "
                              "its learning rate rises again")
     return out
