@@ -1,9 +1,9 @@
 """Sampler settings and uncertainty maps of the student, measured: what (K, N, eta, map) to ship.
 
     python bench/uncertainty.py --dataset synthetic
-    python bench/uncertainty.py --dataset isic2017 --data-dir DIR [--max-images 200]
+    python bench/uncertainty.py --dataset isic2017 --data-dir DIR [--split val] [--max-images 200] [--steps 1,2]
 
-For K DDIM steps in {1, 2, 4}, eta in {0, 1} and an ensemble of N in {1, 3, 9}, every test image
+For K DDIM steps in {1, 2, 4} (or those of ``--steps``), eta in {0, 1} and an ensemble of N in {1, 3, 9}, every test image
 is segmented through :class:`edgeseg.Segmenter` (the one inference path). The 9 members of each
 (K, eta) run are kept, and N = 1 / 3 / 9 are the first 1 / 3 / 9 of them (members are
 independent samples, so this is exactly an ensemble of N). At K = 1 eta changes nothing (the
@@ -37,20 +37,21 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from bench.common import machine_info, write_json  # noqa: E402
+from edgeseg.defaults import DEFAULT_MODEL  # noqa: E402
 
 STEPS = (1, 2, 4)
 ENSEMBLES = (1, 3, 9)
 ETAS = (0.0, 1.0)
 MAPS = ("margin", "spread", "combined")
 ECE_BINS = 15
-DEFAULT_MODELS = {"synthetic": "tiny-student-synthetic", "isic2017": "tiny-student-isic2017"}
+DEFAULT_MODELS = {"synthetic": "tiny-student-synthetic", "isic2017": DEFAULT_MODEL}
 # the default rule: the cheapest setting within these margins of the best Dice and best AUROC
 DICE_MARGIN, AUROC_MARGIN = 0.005, 0.01
 
 
-def settings() -> list[tuple[int, float]]:
+def settings(steps: tuple[int, ...] = STEPS) -> list[tuple[int, float]]:
     """(K, eta) runs: eta = 1 only where it changes something (K > 1)."""
-    return [(k, eta) for eta in ETAS for k in STEPS if not (eta > 0 and k == 1)]
+    return [(k, eta) for eta in ETAS for k in steps if not (eta > 0 and k == 1)]
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -278,7 +279,7 @@ def run(args) -> dict:
                "n_images": len(images), "seed": args.seed, "timing_repeats": args.timing_repeats,
                "machine": machine_info(args.threads), "settings": {}}
     with Progress() as prog:
-        for steps, eta in settings():
+        for steps, eta in settings(args.steps):
             task = prog.add_task(f"K={steps} eta={eta:g}: {n_max} members", total=len(images))
             x0 = cached_members(out / "cache", model, images, steps, eta, n_max, args.seed, args.batch,
                                 progress=lambda k, t=task: prog.advance(t, k))
@@ -312,8 +313,16 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--timing-repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", default=",".join(map(str, STEPS)),
+                    help="comma-separated K values to run (default: %(default)s)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    try:
+        args.steps = tuple(sorted({int(k) for k in args.steps.split(",")}))
+    except ValueError:
+        ap.error(f"--steps takes comma-separated whole numbers, got {args.steps!r}")
+    if min(args.steps) < 1:
+        ap.error(f"--steps must be >= 1, got {args.steps}")
     r = run(args)
     print(Path(args.out or REPO / "bench" / "results" / "uncertainty" / args.dataset, "table.md").read_text())
     d = r["default"]

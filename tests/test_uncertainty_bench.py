@@ -44,6 +44,7 @@ def test_default_rule_takes_the_cheapest_near_best():
             {"dice": 0.70, "auroc": 0.905, "ms": 10}]
     assert ub.choose_default(rows)["ms"] == 30
     assert ub.settings() == [(1, 0.0), (2, 0.0), (4, 0.0), (2, 1.0), (4, 1.0)]
+    assert ub.settings((1, 2)) == [(1, 0.0), (2, 0.0), (2, 1.0)]  # --steps 1,2
 
 
 def test_end_to_end_small(tmp_path):
