@@ -1,8 +1,8 @@
-"""The web target measured in headless Chromium: the shipped student's page, fp32 and int8, on
-ONNX Runtime Web's WebAssembly backend with 1 and 2 threads, beside native ONNX Runtime (same
-model file, same thread count, same run).
+"""The web target measured in headless Chromium: a student's page (default: the default model),
+fp32 and int8, on ONNX Runtime Web's WebAssembly backend with 1 and 2 threads, beside native ONNX
+Runtime (same model file, same thread count, same run).
 
-    python bench/web.py --data-dir DIR/isic2017 [--repeats 10] [--photos 4] [--out bench/results/web]
+    python bench/web.py --data-dir DIR/isic2017 [--model M] [--repeats 10] [--photos 4] [--out bench/results/web]
 
 Per row: the page's load time (navigation to a ready session: scripts, WebAssembly, model),
 the median ms of ``--repeats`` model runs inside the page (``window.edgeseg.bench``, after the
@@ -31,7 +31,6 @@ from bench.common import shown_path  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-STUDENT = "tiny-student-isic2017"
 
 
 def _mask_of(page) -> np.ndarray:
@@ -79,13 +78,13 @@ def native_ms(model: Path, feeds: dict, threads: int, repeats: int) -> float:
     return round(statistics.median(times), 2)
 
 
-def export_sites(root: Path, data_dir: Path, steps: int, ensemble: int) -> dict[str, dict]:
+def export_sites(model: str, root: Path, data_dir: Path, steps: int, ensemble: int) -> dict[str, dict]:
     from edgeseg.mobile.web import export_web
 
     metas = {}
     for q in ("none", "int8"):
         out = root / q
-        metas[q] = export_web(STUDENT, out, steps, ensemble, q, dataset="isic2017", data_dir=data_dir, overwrite=True)
+        metas[q] = export_web(model, out, steps, ensemble, q, dataset="isic2017", data_dir=data_dir, overwrite=True)
     return metas
 
 
@@ -99,7 +98,10 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
+    from edgeseg.defaults import DEFAULT_MODEL
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="shipped model or checkpoint (default: %(default)s)")
     ap.add_argument("--data-dir", type=Path, required=True, help="the ISIC 2017 folder (test photos, calibration)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "web")
     ap.add_argument("--repeats", type=int, default=10)
@@ -117,12 +119,12 @@ def main(argv=None) -> None:
     from edgeseg.segmenter import Segmenter
 
     photos = sorted((a.data_dir / "ISIC-2017_Test_v2_Data").glob("*.jpg"))[: a.photos]
-    seg = Segmenter.from_pretrained(STUDENT, steps=a.steps, ensemble=a.ensemble)
+    seg = Segmenter.from_pretrained(a.model, steps=a.steps, ensemble=a.ensemble)
     eager = [seg.segment(p).mask for p in photos]
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgeseg-web-bench-") as d:
         root = Path(d) / "sites"
-        metas = export_sites(root, a.data_dir, seg.steps, seg.ensemble)
+        metas = export_sites(a.model, root, a.data_dir, seg.steps, seg.ensemble)
         x = seg.preprocess(photos[-1])[0].numpy()
         feeds = {"image": x, "noise": noise_for_page(seg.ensemble, seg.image_size, seg.seed).numpy()}
         with serve(root) as base, sync_playwright() as pw:
@@ -131,7 +133,7 @@ def main(argv=None) -> None:
             for q, meta in metas.items():
                 for threads in (1, 2):
                     r = page_row(ctx, f"{base}/{q}/index.html?threads={threads}", photos, eager, a.repeats)
-                    r.update(model=f"{STUDENT} (K={seg.steps}, N={seg.ensemble})",
+                    r.update(model=f"{a.model} (K={seg.steps}, N={seg.ensemble})",
                              precision="int8" if q == "int8" else "fp32", threads=threads,
                              native_ms=native_ms(root / q / "model.onnx", feeds, threads, a.repeats),
                              model_bytes=meta["size_bytes"], folder_bytes=folder_bytes(root / q),
@@ -146,7 +148,8 @@ def main(argv=None) -> None:
 
     result = {"rows": rows, "photos": [p.name for p in photos], "repeats": a.repeats, "chromium": version,
               "onnxruntime": onnxruntime.__version__, "data_dir": shown_path(a.data_dir),
-              "command": f"python bench/web.py --data-dir {shown_path(a.data_dir)} --repeats {a.repeats} --photos {a.photos}"}
+              "command": f"python bench/web.py --data-dir {shown_path(a.data_dir)} --model {a.model} "
+                         f"--repeats {a.repeats} --photos {a.photos}"}
     (a.out / "web.json").write_text(json.dumps(result, indent=2) + "\n")
     (a.out / "web.md").write_text(markdown(rows))
     print(markdown(rows))
