@@ -145,14 +145,28 @@ def test_page_mask_matches_segment(browser, segment_mask, precision, gate):
     page.close()
 
 
-def test_page_input_is_segmenters_preprocessing(browser):
-    """The tensor the page feeds the model is Segmenter.preprocess's, to one 8-bit level."""
+def _large_jpeg(folder: Path) -> Path:
+    """The test photo at 5x its size (1280 x 960) as a JPEG: many times the model's input, where a
+    reduced-scale decode would change the input."""
+    from PIL import Image
+
+    path = folder / "large.jpg"
+    with Image.open(_photo()) as im:
+        im.convert("RGB").resize((im.width * 5, im.height * 5), Image.BICUBIC).save(path, quality=95)
+    return path
+
+
+@pytest.mark.parametrize("which", ["dataset photo", "large JPEG"])
+def test_page_input_is_segmenters_preprocessing(browser, which, tmp_path):
+    """The tensor the page feeds the model is Segmenter.preprocess's, to one 8-bit level, for the
+    dataset's 256 x 192 photo and a photo many times the model's input (both decode at full size)."""
     from edgeseg.segmenter import Segmenter
 
+    photo = _photo() if which == "dataset photo" else _large_jpeg(tmp_path)
     page, _ = open_page(browser, "fp32/index.html")
-    assert segment_in_page(page, _photo()) == "done"
+    assert segment_in_page(page, photo) == "done"
     x = np.asarray(page.evaluate("Array.from(window.edgeseg.input)"), dtype=np.float32)
-    ref = Segmenter.from_pretrained(STUDENT, steps=K, ensemble=N).preprocess(_photo())[0].numpy().ravel()
+    ref = Segmenter.from_pretrained(STUDENT, steps=K, ensemble=N).preprocess(photo)[0].numpy().ravel()
     assert x.shape == ref.shape
     assert np.abs(x - ref).max() <= 1.5 / 255, np.abs(x - ref).max()
     page.close()

@@ -1,6 +1,6 @@
 // The page of `edgeseg export --target web`: one photo -> lesion outline, uncertainty map, mask PNG,
 // computed here with ONNX Runtime Web. Pre- and postprocessing follow edgeseg.Segmenter:
-// (a JPEG decoded at PIL's draft scale) -> bilinear (OpenCV INTER_LINEAR geometry) to S x S -> RGB / 255;
+// (decoded at full size) -> bilinear (OpenCV INTER_LINEAR geometry) to S x S -> RGB / 255;
 // the soft mean upsampled bilinearly to the photo's size, clipped to [-1, 1], thresholded at the sidecar's
 // threshold. The initial noise is the file the export drew with Segmenter's own generator and seed.
 // Contract for automated checks: input#photo, img#mask, #latency-ms, body[data-state] = done | error, #error.
@@ -62,26 +62,7 @@ async function decode(file) {
   const c = new OffscreenCanvas(bmp.width, bmp.height);
   const g = c.getContext('2d');
   g.drawImage(bmp, 0, 0);
-  const head = new Uint8Array(await file.slice(0, 3).arrayBuffer());
-  const jpeg = head[0] === 0xff && head[1] === 0xd8 && head[2] === 0xff;
-  return { bmp, w: bmp.width, h: bmp.height, rgba: g.getImageData(0, 0, bmp.width, bmp.height).data, jpeg };
-}
-
-// PIL's JPEG draft (Segmenter decodes at 1/2, 1/4 or 1/8 scale while both sides stay >= 2 S): a box average.
-function draft(img, size) {
-  const ratio = Math.min(Math.floor(img.w / size), Math.floor(img.h / size));
-  const k = [8, 4, 2, 1].find((v) => ratio >= v) || 1;
-  if (!img.jpeg || k === 1) return img;
-  const w = Math.ceil(img.w / k), h = Math.ceil(img.h / k), out = new Uint8ClampedArray(w * h * 4);
-  for (let y = 0; y < h; y++) for (let x = 0; x < w; x++) {
-    const sum = [0, 0, 0]; let cnt = 0;
-    for (let yy = y * k; yy < Math.min(img.h, y * k + k); yy++) for (let xx = x * k; xx < Math.min(img.w, x * k + k); xx++) {
-      const i = (yy * img.w + xx) * 4; sum[0] += img.rgba[i]; sum[1] += img.rgba[i + 1]; sum[2] += img.rgba[i + 2]; cnt++;
-    }
-    const o = (y * w + x) * 4;
-    out[o] = Math.round(sum[0] / cnt); out[o + 1] = Math.round(sum[1] / cnt); out[o + 2] = Math.round(sum[2] / cnt); out[o + 3] = 255;
-  }
-  return { ...img, w, h, rgba: out };
+  return { bmp, w: bmp.width, h: bmp.height, rgba: g.getImageData(0, 0, bmp.width, bmp.height).data };
 }
 
 // OpenCV INTER_LINEAR's source index and weight for output index d (half-pixel centres, edges clamped).
@@ -228,7 +209,7 @@ async function segment(file) {
   try {
     const img = await decode(file);
     const s = st.side.image_size[0];
-    const x = toInput(draft(img, 2 * s), s);
+    const x = toInput(img, s);
     const { mean, ms } = await runModel(x);
     const m = upsample(mean, s, img.w, img.h);
     const { area, mg } = draw(img, m, st.side.threshold, (st.side.postprocessing || {}).mask_cleanup || 'none');
