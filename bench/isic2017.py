@@ -277,6 +277,9 @@ def markdown(doc: dict) -> str:
         lines += ["", f"Paired differences at photo size on the {n} images (points; normal 95% interval over images):",
                   "", *_paired_rows(doc["paired_photo_size"])]
     lines += ["", f"Paired differences at input size on the {n} images:", "", *_paired_rows(doc.get("paired", {}))]
+    if doc.get("by_lesion_size"):
+        lines += ["", "Dice at photo size by the lesion's share of the photo (true mask; images per bin in brackets):",
+                  "", *_size_rows(doc["by_lesion_size"])]
     return "\n".join(lines) + "\n"
 
 
@@ -401,6 +404,28 @@ def _score_at_photo_size(rows: dict, preds: dict, truth) -> dict:
     return per_image
 
 
+#: Lesion size bins for the breakdown: the lesion's share of the photo (true mask), [low, high).
+LESION_SIZE_BINS = (("small (< 10%)", 0.0, 0.1), ("medium (10-30%)", 0.1, 0.3), ("large (>= 30%)", 0.3, 1.01))
+
+
+def by_lesion_size(per_image: dict, truth: list[np.ndarray]) -> dict:
+    """Each row's mean photo-size Dice within each lesion size bin, with the bins' image counts."""
+    frac = np.array([gt.mean() for gt in truth])
+    bins = {name: (frac >= lo) & (frac < hi) for name, lo, hi in LESION_SIZE_BINS}
+    return {"images": {name: int(m.sum()) for name, m in bins.items()},
+            "dsc": {row: {name: float(np.mean(sc["dsc"][m])) if m.any() else None for name, m in bins.items()}
+                    for row, sc in per_image.items()}}
+
+
+def _size_rows(sizes: dict) -> list[str]:
+    names = list(sizes["images"])
+    lines = ["| model | " + " | ".join(f"{n} ({sizes['images'][n]})" for n in names) + " |",
+             "|---|" + "---:|" * len(names)]
+    for row, d in sizes["dsc"].items():
+        lines.append(f"| {row} | " + " | ".join("-" if d[n] is None else f"{100 * d[n]:.2f}" for n in names) + " |")
+    return lines
+
+
 def _short(label: str) -> str:
     """A row's short name in the paired tables: student, teacher, unet, unet-same-gflop, or the program's file."""
     names = {STUDENT: "student", **{lab: stem for stem, lab in UNETS.values()}}
@@ -447,7 +472,8 @@ def main(argv=None) -> int:
         label = f"student {args.pte.name}"
         rows[label], pte_mean = score_program(args.pte, test_ds, rows[STUDENT]["cost"])
         preds[label] = (pte_mean, _per_image_scores(list(pte_mean), test_ds))
-    photo = _score_at_photo_size(rows, preds, photo_masks(args.data_dir, test_ds))
+    truth = photo_masks(args.data_dir, test_ds)
+    photo = _score_at_photo_size(rows, preds, truth)
     otsu = otsu_masks(test_ds)
     rows["Otsu (CIELAB L)"] = {"metrics": score_masks(otsu, test_ds), "sampler": "-", "cost": {}}
 
@@ -457,6 +483,7 @@ def main(argv=None) -> int:
         "rows": rows,
         "paired": _paired_table({k: v[1] for k, v in preds.items()}, STUDENT),
         "paired_photo_size": _paired_table(photo, STUDENT),
+        "by_lesion_size": by_lesion_size(photo, truth),
     }
     doc["paired_photo_size"].update(_paired_table({k: photo[k] for k in ("teacher", STUDENT)}, "teacher"))
     write_json(args.out / "results.json", doc)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from data_fixtures import make_isic2017
@@ -108,9 +109,28 @@ def test_isic2017_table_trains_both_unets_and_pairs_them(tmp_path, isic):
     for name in ("teacher", "student (EFKD)", "U-Net, own size (Dice+BCE)"):  # the same uncertainty measure for all
         u = rows[name]["uncertainty"]
         assert 0 <= u["ece"] <= 1 and (u["auroc"] != u["auroc"] or 0 <= u["auroc"] <= 1), name
+    sizes = doc["by_lesion_size"]  # the bins partition the images; their weighted means give the photo-size Dice
+    assert sum(sizes["images"].values()) == doc["n_images"] and set(sizes["dsc"]) == set(rows) - {"Otsu (CIELAB L)"}
+    for name, per_bin in sizes["dsc"].items():
+        weighted = sum(sizes["images"][b] * d for b, d in per_bin.items() if d is not None) / doc["n_images"]
+        assert abs(weighted - rows[name]["photo_metrics"]["dsc"]["mean"]) < 1e-9, name
     md = (out / "table.md").read_text()
-    assert "Paired differences" in md and "AUROC" in md
+    assert "Paired differences" in md and "AUROC" in md and "by the lesion's share of the photo" in md
     assert (out / "overlays.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lesion_size_bins_split_the_images_by_true_lesion_share():
+    sys.path.insert(0, str(REPO))
+    from bench.isic2017 import LESION_SIZE_BINS, by_lesion_size
+
+    truth = [np.zeros((10, 10), bool) for _ in range(4)]
+    truth[1][:2] = True  # 20%
+    truth[2][:5] = True  # 50%
+    truth[3][:] = True   # 100%
+    sizes = by_lesion_size({"m": {"dsc": np.array([0.1, 0.2, 0.3, 0.5])}}, truth)
+    small, medium, large = (name for name, _, _ in LESION_SIZE_BINS)
+    assert sizes["images"] == {small: 1, medium: 1, large: 2}
+    assert sizes["dsc"]["m"] == {small: 0.1, medium: 0.2, large: 0.4}
 
 
 def test_isic2017_table_sizes_the_unet_and_samples_the_student_at_the_given_ensemble(tmp_path, isic):
