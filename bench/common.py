@@ -251,6 +251,12 @@ def shown_path(path: str | Path | None, resolve: bool = True) -> str | None:
     return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else f"{p.parent.name}/{p.name}"
 
 
+def results_name(name: str, size: int, split: str = "test") -> str:
+    """A results folder's name for a model of input `size` scored on `split`: `name` for the 64-px
+    models on test (the first records), else with the size and a non-test split appended."""
+    return name + ("" if size == 64 else f"-{size}") + ("" if split == "test" else f"-{split}")
+
+
 def write_json(path: str | Path, obj) -> Path:
     from edgeseg.checkpoint import atomic_write_json
 

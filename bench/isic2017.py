@@ -26,10 +26,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from bench.common import machine_info, median_ms, paired, shown_path, write_json  # noqa: E402
+from bench.common import machine_info, median_ms, paired, results_name, shown_path, write_json  # noqa: E402
 
 METRICS = ("dsc", "iou", "se", "sp", "acc", "hd95", "bf")
 
@@ -323,7 +322,7 @@ def _args(argv):
                     help="unet: only train the U-Net (e.g. beside the student's training, same threads); "
                          "eval: score with the U-Net already trained in --out; all: both")
     ap.add_argument("--out", type=Path, default=None,
-                    help="results folder (default: bench/results/isic2017-<size>, isic2017 for 64 px)")
+                    help="results folder (default: bench/results/isic2017-<size>; isic2017 for 64 px)")
     args = ap.parse_args(argv)
     if args.ensemble is not None and args.ensemble < 1:
         raise SystemExit(f"--ensemble must be at least 1, got {args.ensemble}")
@@ -451,7 +450,7 @@ def main(argv=None) -> int:
     t_path, s_path = resolve_checkpoint(args.teacher, "teacher"), resolve_checkpoint(args.student, "student")
     s_preset = load_preset(s_path)[0]
     args.size = args.size or s_preset.image_size
-    args.out = args.out or RESULTS / ("isic2017" if args.size == 64 else f"isic2017-{args.size}")
+    args.out = args.out or REPO / "bench" / "results" / results_name("isic2017", args.size)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage in ("all", "unet"):
         _train_unets(args, args.student_preset or s_preset.name)

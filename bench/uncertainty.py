@@ -3,8 +3,8 @@
     python bench/uncertainty.py --dataset synthetic
     python bench/uncertainty.py --dataset isic2017 --data-dir DIR [--split val] [--max-images 200] [--steps 1,2]
 
-For K DDIM steps in {1, 2, 4} (or those of ``--steps``), eta in {0, 1} and an ensemble of N in {1, 3, 9}, every test image
-is segmented through :class:`edgeseg.Segmenter` (the one inference path). The 9 members of each
+For K DDIM steps in {1, 2, 4} (or those of ``--steps``), eta in {0, 1} and an ensemble of N in
+{1, 3, 9}, every image of the split is segmented through :class:`edgeseg.Segmenter` (the one inference path). The 9 members of each
 (K, eta) run are kept, and N = 1 / 3 / 9 are the first 1 / 3 / 9 of them (members are
 independent samples, so this is exactly an ensemble of N). At K = 1 eta changes nothing (the
 only step lands on x0), so eta = 1 is run for K > 1 only.
@@ -20,8 +20,9 @@ Uncertainty maps:
   combined ``(margin + spread) / 2``.
 
 Writes ``results.json``, ``table.md``, ``reliability.png`` and ``tradeoff.png`` under ``--out``
-(default ``bench/results/uncertainty/<dataset>``); members are cached per (K, eta) under
-``--out/cache`` so an interrupted run resumes.
+(default ``bench/results/uncertainty/<dataset>[-<size>][-<split>]``, the size when not 64 px, the
+split when not test); members are cached per (K, eta) under ``--out/cache`` so an interrupted
+run resumes.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from bench.common import machine_info, write_json  # noqa: E402
+from bench.common import machine_info, results_name, write_json  # noqa: E402
 from edgeseg.defaults import DEFAULT_MODEL  # noqa: E402
 
 STEPS = (1, 2, 4)
@@ -272,7 +273,9 @@ def run(args) -> dict:
     model = load_model(shipped_path(source) if source in SHIPPED_MODELS else source).eval()
     size = model.preset.image_size
     images, truth, _ = load_test(args.dataset, args.data_dir, args.split, size, args.max_images)
-    out = Path(args.out or REPO / "bench" / "results" / "uncertainty" / args.dataset)
+    default_out = REPO / "bench" / "results" / "uncertainty" / results_name(args.dataset, size, args.split)
+    out = Path(args.out or default_out)
+    args.out = out
     out.mkdir(parents=True, exist_ok=True)
     n_max = max(ENSEMBLES)
     results = {"dataset": args.dataset, "split": args.split, "model": source, "image_size": size,
@@ -315,7 +318,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", default=",".join(map(str, STEPS)),
                     help="comma-separated K values to run (default: %(default)s)")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None,
+                    help="results folder (default: bench/results/uncertainty/<dataset>[-<size>][-<split>])")
     args = ap.parse_args(argv)
     try:
         args.steps = tuple(sorted({int(k) for k in args.steps.split(",")}))
@@ -324,7 +328,7 @@ def main(argv=None) -> int:
     if min(args.steps) < 1:
         ap.error(f"--steps must be >= 1, got {args.steps}")
     r = run(args)
-    print(Path(args.out or REPO / "bench" / "results" / "uncertainty" / args.dataset, "table.md").read_text())
+    print(Path(args.out, "table.md").read_text())
     d = r["default"]
     print(f"default: K={d['steps']} N={d['ensemble']} eta={d['eta']:g} map={d['map']}")
     return 0

@@ -58,3 +58,11 @@ def test_end_to_end_small(tmp_path):
     assert (tmp_path / "reliability.png").stat().st_size > 0 and (tmp_path / "tradeoff.png").stat().st_size > 0
     assert "| K | N | eta | map |" in (tmp_path / "table.md").read_text()
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 5
+
+
+def test_default_results_folders_keep_the_64px_test_records_and_name_the_rest():
+    from bench.common import results_name
+
+    assert results_name("isic2017", 64) == "isic2017" and results_name("synthetic", 64) == "synthetic"
+    assert results_name("isic2017", 128) == "isic2017-128"
+    assert results_name("isic2017", 128, "val") == "isic2017-128-val"
