@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from bench.common import machine_info, run_json_child, write_json  # noqa: E402
+from bench.common import machine_info, run_json_child, write_results  # noqa: E402
 
 TAG = "BF16STEP "
 PRESETS = "tiny-teacher,tiny-student,tiny-teacher-128,tiny-student-128,student-mobile"
@@ -117,10 +117,7 @@ def main(argv=None) -> int:
     rows = measure(args.presets.split(","), threads, args.repeats, args.steps, args.batch)
     doc = {"machine": machine_info(max(threads)), "batch": args.batch, "repeats": args.repeats, "steps": args.steps,
            "rows": merged(args.out / "bf16.json", rows, args)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "bf16.json", doc)
-    (args.out / "bf16.md").write_text(markdown(doc))
-    print(markdown(doc))
+    write_results(args.out, doc, markdown(doc), "bf16", "bf16")
     return 0
 
 

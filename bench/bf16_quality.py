@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from bench.common import machine_info, write_json  # noqa: E402
+from bench.common import machine_info, write_results  # noqa: E402
 
 
 def train(args, seed: int, bf16: bool) -> dict:
@@ -95,10 +95,7 @@ def main(argv=None) -> int:
                   f"{r['steps']} steps ({r['train_seconds']:.0f} s)", flush=True)
     doc = {"machine": machine_info(args.threads), "preset": args.preset, "steps": args.steps, "lr": args.lr,
            "threads": args.threads, "seeds": seeds, "runs": rows, "summary": summary(rows)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "quality.json", doc)
-    (args.out / "quality.md").write_text(markdown(doc))
-    print(markdown(doc))
+    write_results(args.out, doc, markdown(doc), "quality", "quality")
     return 0
 
 

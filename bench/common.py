@@ -264,6 +264,14 @@ def write_json(path: str | Path, obj) -> Path:
     return Path(path)
 
 
+def write_results(out: Path, doc: dict, table: str, stem: str = "results", table_stem: str = "table") -> None:
+    """``<stem>.json`` and ``<table_stem>.md`` under `out` (created), and the table on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{stem}.json", doc)
+    (out / f"{table_stem}.md").write_text(table)
+    print(table)
+
+
 def _fmt(v, spec: str = ".1f", none: str = "-") -> str:
     if v is None:
         return none

@@ -24,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from bench.common import machine_info, paired, write_json  # noqa: E402
+from bench.common import machine_info, paired, write_results  # noqa: E402
 from bench.isic2017 import photo_masks, score_at_photo_size  # noqa: E402
 
 VIEWS = ("none", "left-right", "up-down", "both")
@@ -114,10 +114,7 @@ def main(argv=None) -> int:
             plain, flips = members(model, images, args.seed, args.batch)
         doc["models"].append(score(name, plain, flips, truth))
         doc["n_images"] = n
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "results.json", doc)
-    (args.out / "table.md").write_text(markdown(doc))
-    print(markdown(doc))
+    write_results(args.out, doc, markdown(doc))
     return 0
 
 

@@ -23,7 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from bench.common import machine_info, paired, shown_path, write_json  # noqa: E402
+from bench.common import machine_info, paired, shown_path, write_results  # noqa: E402
 
 ISIC_TEST = ("ISIC-2017_Test_v2_Data", "ISIC-2017_Test_v2_Part1_GroundTruth")
 
@@ -118,10 +118,7 @@ def main(argv=None) -> int:
                                          if isinstance(v, dict)), flush=True)
     doc = {"model": args.model, "photos_dir": shown_path(args.photos), "machine": machine_info(args.threads),
            "photos": rows, "summary": summary(rows)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "results.json", doc)
-    (args.out / "table.md").write_text(markdown(doc))
-    print(markdown(doc))
+    write_results(args.out, doc, markdown(doc))
     return 0
 
 
