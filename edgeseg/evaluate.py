@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 from edgeseg.metrics import MetricAccumulator
 from edgeseg.models import DermoSegDiff
 
-__all__ = ["SamplerSettings", "PAPER_PROTOCOL", "predict", "evaluate", "write_overlays", "format_table"]
+__all__ = ["SamplerSettings", "PAPER_PROTOCOL", "predict", "evaluate", "eval_batch_size", "write_overlays",
+           "format_table"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,18 @@ class SamplerSettings:
 
 PAPER_PROTOCOL = SamplerSettings("ddpm", 250, 9)
 
+#: Ensemble members x pixels per sampler call on a CPU: calls that stay cache-sized run several
+#: times faster per image than large ones (bench/results/eval-batch/).
+CPU_PIXELS_PER_CALL = 6 * 128 * 128
+
+
+def eval_batch_size(device: torch.device, image_size: int, ensemble: int) -> int:
+    """Images per sampler call in :func:`evaluate`: 32 on a GPU; on a CPU as many as keep a call
+    (images x ensemble members x pixels) within :data:`CPU_PIXELS_PER_CALL`, at least one."""
+    if device.type != "cpu":
+        return 32
+    return max(1, CPU_PIXELS_PER_CALL // (ensemble * image_size * image_size))
+
 
 @torch.no_grad()
 def predict(model: DermoSegDiff, images: torch.Tensor, settings: SamplerSettings,
@@ -65,21 +78,25 @@ def predict(model: DermoSegDiff, images: torch.Tensor, settings: SamplerSettings
 
 
 @torch.no_grad()
-def evaluate(model: DermoSegDiff, dataset, settings: SamplerSettings, batch_size: int = 32, seed: int = 0,
+def evaluate(model: DermoSegDiff, dataset, settings: SamplerSettings, batch_size: int | None = None, seed: int = 0,
              max_images: int | None = None, keep: int = 8, progress: bool = True, label: str = "",
              per_image: bool = False) -> dict:
     """Score `model` on `dataset`; returns {"metrics": {name: {"mean","std"}}, "n", "keep": [...]}.
 
     `keep` predictions (image, true mask, predicted mean, std) are returned for overlays;
     `per_image` adds {"per_image": {name: [value per image]}} (for paired comparisons).
+    `batch_size` None: :func:`eval_batch_size`. With DDIM at eta 0 only the initial noise is drawn,
+    batch after batch from one generator, so the batch size does not change an image's noise.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
+    settings = settings.resolved(model.preset.prediction_type)
+    if batch_size is None:
+        batch_size = eval_batch_size(next(model.parameters()).device, model.preset.image_size, settings.ensemble)
     subset = torch.utils.data.Subset(dataset, range(n))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False)
     gen = torch.Generator().manual_seed(seed)
-    settings = settings.resolved(model.preset.prediction_type)
     segmenter = settings.segmenter(model, seed)
     acc = MetricAccumulator()
     kept: list[tuple] = []

@@ -221,3 +221,24 @@ def test_postprocess_cleans_the_mask_but_not_the_probability():
     assert out.probability[32, 32] < 0.5 and out.probability[1, 58] > 0.5  # the model's own map
     raw = postprocess(mean, (64, 64), cleanup="none")
     np.testing.assert_array_equal(raw.mask, raw.probability > 0.5)
+
+
+def test_evaluate_batches_by_device_and_size_and_scores_as_one_batch(seg):
+    """On a CPU evaluate() keeps each sampler call cache-sized (128 px, N = 3: 2 images; 64 px: 8);
+    at DDIM eta 0 its scores do not depend on the batch size (the same noise per image)."""
+    from edgeseg.data import SegDataset
+    from edgeseg.evaluate import SamplerSettings, eval_batch_size, evaluate
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert eval_batch_size(cpu, 128, 3) == 2 and eval_batch_size(cpu, 64, 3) == 8
+    assert eval_batch_size(cpu, 128, 1) == 6 and eval_batch_size(cpu, 512, 9) == 1
+    assert eval_batch_size(cuda, 128, 3) == 32
+    size = seg.image_size
+    images = np.stack([_lesion_photo(size, size)] * 5)
+    images[1:] = (images[1:] * np.linspace(0.7, 1.0, 4)[:, None, None, None]).astype(np.uint8)
+    masks = np.stack([np.asarray(Image.fromarray(im).convert("L")) < 100 for im in images]).astype(np.uint8)
+    ds = SegDataset(images, masks, [f"i{i}" for i in range(5)], "test", "test")
+    st = SamplerSettings("ddim", 1, 3)
+    auto = evaluate(seg.core.net, ds, st, keep=0, progress=False, per_image=True)  # 64 px: one batch of 5
+    pairs = evaluate(seg.core.net, ds, st, batch_size=2, keep=0, progress=False, per_image=True)
+    assert np.allclose(pairs["per_image"]["dsc"], auto["per_image"]["dsc"], atol=1e-3)
