@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info, now_iso  # noqa: E402
+from common import machine_info, now_iso, shown_path  # noqa: E402
 
 TEST_IMAGES, TEST_MASKS = "ISIC-2017_Test_v2_Data", "ISIC-2017_Test_v2_Part1_GroundTruth"
 SPLITS = {"train": 80, "val": 20, "test": 200}
@@ -53,8 +53,12 @@ def make_folder(isic_dir: Path, out: Path, seed: int = 0) -> dict[str, int]:
 def record(run: Path, out: Path, command: str) -> None:
     metrics = json.loads((run / "metrics.json").read_text())
     student = json.loads((run / "student.json").read_text())
+    config = dict(student.get("train_config") or {})
+    for key in ("data_dir", "init_from"):  # no machine's absolute paths in a committed result
+        if config.get(key):
+            config[key] = shown_path(config[key])
     result = {"generated": now_iso(), "run": run.name, "machine": machine_info(), "command": command,
-              "student_train_config": student.get("train_config"),
+              "student_train_config": config,
               "folder": "bench/finetune_folder.py make ISIC2017_DIR FOLDER (seed 0): 80 train / 20 val / "
                         "200 test photos of the ISIC 2017 test split",
               **metrics}
