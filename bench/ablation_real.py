@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.ablation_common import Budget, Variant, from_doc, pm  # noqa: E402
-from bench.common import median_ms  # noqa: E402
+from bench.common import median_ms, paired_text  # noqa: E402
 
 #: the ideas of the real-data suite: sampler-timestep focus share and x0 Dice + BCE weight
 FOCUS, W_SEG = 0.5, 0.5
@@ -169,11 +169,9 @@ def markdown_real(doc: dict) -> str:
               "|---|---|---:|---|---:|---:|---:|"]
     for key, row in doc["paired"].items():
         d, bf, hd = row["dsc"], row["bf"], row["hd95"]
-        lines.append(f"| {key} | {','.join(map(str, d['seeds']))} | {100 * d['mean']:+.2f} "
-                     f"[{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}] | "
+        lines.append(f"| {key} | {','.join(map(str, d['seeds']))} | {paired_text(d)} | "
                      f"{' '.join(f'{100 * x:+.2f}' for x in d['per_seed'])} | {d['wins']} / {d['losses']} | "
-                     f"{100 * bf['mean']:+.2f} [{100 * bf['ci95'][0]:+.2f}, {100 * bf['ci95'][1]:+.2f}] | "
-                     f"{hd['mean']:+.2f} [{hd['ci95'][0]:+.2f}, {hd['ci95'][1]:+.2f}] |")
+                     f"{paired_text(bf)} | {paired_text(hd, scale=1.0)} |")
     lines.append("")
     return "\n".join(lines)
 

@@ -450,3 +450,8 @@ def paired(a, b) -> dict:
     half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
     return {"mean": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)],
             "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "n": int(len(d))}
+
+
+def paired_text(p: dict, scale: float = 100.0) -> str:
+    """A :func:`paired` difference as "+m [lo, hi]" (points when `scale` is 100)."""
+    return f"{scale * p['mean']:+.2f} [{scale * p['ci95'][0]:+.2f}, {scale * p['ci95'][1]:+.2f}]"

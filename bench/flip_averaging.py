@@ -24,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from bench.common import machine_info, paired, write_results  # noqa: E402
+from bench.common import machine_info, paired, paired_text, write_results  # noqa: E402
 from bench.isic2017 import photo_masks, score_at_photo_size  # noqa: E402
 
 VIEWS = ("none", "left-right", "up-down", "both")
@@ -75,8 +75,7 @@ def markdown(doc: dict) -> str:
     for m in doc["models"]:
         for n in ENSEMBLES:
             p, f, d = m["rows"][f"plain N={n}"], m["rows"][f"flips N={n}"], m["flips_minus_plain_dsc"][f"N={n}"]
-            diff = (f"{100 * d['mean']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}] | "
-                    f"{d['wins']} / {d['losses']}") if n > 1 else "- (one member, no flip) | -"
+            diff = f"{paired_text(d)} | {d['wins']} / {d['losses']}" if n > 1 else "- (one member, no flip) | -"
             out.append(f"| {m['model']} | {n} | {100 * p['dsc']:.2f} | {100 * f['dsc']:.2f} | {diff} | "
                        f"{100 * p['bf']:.2f} | {100 * f['bf']:.2f} | {p['hd95']:.2f} | {f['hd95']:.2f} |")
     return "\n".join(out) + "\n"

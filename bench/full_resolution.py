@@ -23,18 +23,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from bench.common import machine_info, paired, shown_path, write_results  # noqa: E402
-
-ISIC_TEST = ("ISIC-2017_Test_v2_Data", "ISIC-2017_Test_v2_Part1_GroundTruth")
-
-
-def read_mask(path: Path) -> np.ndarray:
-    """A 0/255 mask PNG as bool (as bench/isic2017.py reads the release's masks)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L")) > 127
-
+from bench.common import machine_info, paired, paired_text, shown_path, write_results  # noqa: E402
+from bench.isic2017 import read_mask  # noqa: E402
 
 def area_input(rgb: np.ndarray, size: int) -> torch.Tensor:
     """The model input with OpenCV's area downscale (anti-aliased) instead of the bilinear one."""
@@ -52,7 +42,8 @@ def scores(pred: np.ndarray, truth: np.ndarray) -> dict:
     return {k: float(v[0]) for k, v in acc.per_sample().items() if k in ("dsc", "bf", "hd95")}
 
 
-def photo_row(seg, photo: Path, data_dir: Path | None) -> dict:
+def photo_row(seg, photo: Path, copy=None) -> dict:
+    """One photo's scores; `copy`: its 256 x 192 pair (an `edgeseg.data.layouts.Pair`), if any."""
     from edgeseg.segmenter import postprocess
 
     truth = read_mask(photo.with_name(f"{photo.stem}_segmentation.png"))
@@ -64,10 +55,8 @@ def photo_row(seg, photo: Path, data_dir: Path | None) -> dict:
            "lesion_fraction": float(truth.mean()),
            "segment": scores(out.mask, truth),
            "area resize": scores(postprocess(mean[0, 0].numpy(), truth.shape, std[0, 0].numpy()).mask, truth)}
-    small = data_dir / ISIC_TEST[0] / photo.name if data_dir else None
-    if small is not None and small.is_file():
-        small_truth = read_mask(data_dir / ISIC_TEST[1] / f"{photo.stem}_segmentation.png")
-        row["256 x 192 copy"] = scores(seg.segment(small).mask, small_truth)
+    if copy is not None:
+        row["256 x 192 copy"] = scores(seg.segment(copy.image).mask, read_mask(copy.mask))
     return row
 
 
@@ -85,7 +74,7 @@ def markdown(doc: dict) -> str:
              "| path | DSC | BF | HD95 (photo px) | DSC - segment [95% CI] |", "|---|---:|---:|---:|---:|"]
     for k, m in s.items():
         d = m.get("dsc_minus_segment")
-        diff = f"{100 * d['mean']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]" if d else "-"
+        diff = paired_text(d) if d else "-"
         lines.append(f"| {k} | {100 * m['dsc']:.2f} | {100 * m['bf']:.2f} | {m['hd95']:.1f} | {diff} |")
     lines += ["", "| photo | size | lesion share | " + " | ".join(f"DSC {k}" for k in s) + " |",
               "|---|---|---:|" + "---:|" * len(s)]
@@ -96,7 +85,9 @@ def markdown(doc: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from edgeseg.data.layouts import discover
     from edgeseg.defaults import DEFAULT_MODEL
+    from edgeseg.errors import EdgesegError
     from edgeseg.segmenter import Segmenter
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -110,10 +101,14 @@ def main(argv=None) -> int:
     photos = sorted(p for p in args.photos.glob("*.jpg") if p.with_name(f"{p.stem}_segmentation.png").is_file())
     if not photos:
         raise SystemExit(f"{args.photos}: no <id>.jpg with an <id>_segmentation.png beside it")
+    try:
+        copies = {c.id: c for c in discover("isic2017", args.data_dir)} if args.data_dir else {}
+    except EdgesegError as e:
+        raise SystemExit(f"--data-dir: {e}") from None
     seg = Segmenter.from_pretrained(args.model)
     rows = []
     for p in photos:
-        rows.append(photo_row(seg, p, args.data_dir))
+        rows.append(photo_row(seg, p, copies.get(p.stem)))
         print(f"{p.name}: " + ", ".join(f"{k} {100 * v['dsc']:.2f}" for k, v in rows[-1].items()
                                          if isinstance(v, dict)), flush=True)
     doc = {"model": args.model, "photos_dir": shown_path(args.photos), "machine": machine_info(args.threads),

@@ -28,7 +28,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from bench.common import machine_info, median_ms, paired, results_name, shown_path, write_json  # noqa: E402
+from bench.common import (machine_info, median_ms, paired, paired_text, results_name, shown_path,  # noqa: E402
+                          write_json)
 
 METRICS = ("dsc", "iou", "se", "sp", "acc", "hd95", "bf")
 
@@ -58,16 +59,18 @@ def _per_image_scores(preds, test_ds) -> dict[str, np.ndarray]:
 
 def photo_masks(data_dir: Path, test_ds) -> list[np.ndarray]:
     """The split's ground truth at each photo's own size (the release's PNGs), in test_ds order."""
-    from PIL import Image
-
     from edgeseg.data.layouts import discover
 
     by_id = {p.id: p.mask for p in discover("isic2017", data_dir)}
-    out = []
-    for name in test_ds.names:
-        with Image.open(by_id[name]) as im:
-            out.append(np.asarray(im.convert("L")) > 127)
-    return out
+    return [read_mask(by_id[name]) for name in test_ds.names]
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A released 0/255 mask PNG as bool."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L")) > 127
 
 
 def score_at_photo_size(means, truth: list[np.ndarray], cleanup: str | None = None) -> tuple[dict, dict]:
@@ -256,9 +259,7 @@ def _paired_rows(paired: dict) -> list[str]:
     lines = ["| A - B | DSC [95% CI] | images won / lost | BF [95% CI] |", "|---|---:|---:|---:|"]
     for key, p in paired.items():
         d, bf = p["dsc"], p["bf"]
-        lines.append(f"| {key} | {100 * d['mean']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}] | "
-                     f"{d['wins']} / {d['losses']} | {100 * bf['mean']:+.2f} "
-                     f"[{100 * bf['ci95'][0]:+.2f}, {100 * bf['ci95'][1]:+.2f}] |")
+        lines.append(f"| {key} | {paired_text(d)} | {d['wins']} / {d['losses']} | {paired_text(bf)} |")
     return lines
 
 
