@@ -190,6 +190,14 @@ def real_lesions_paired_table(path: str = REAL_LESIONS, key: str = "paired") -> 
     return _table(["A - B", "DSC [95% CI]", "images won / lost", "BF [95% CI]"], "lrrr", rows)
 
 
+def real_lesions_by_size_table(path: str = REAL_LESIONS_128) -> str:
+    """Photo-size Dice of each row by the lesion's share of the photo (bench/isic2017.py's by_lesion_size)."""
+    sizes = _load(path)["by_lesion_size"]
+    bins = list(sizes["images"])
+    rows = [[row, *(_pct(d[b]) for b in bins)] for row, d in sizes["dsc"].items()]
+    return _table(["model", *(f"{b}, {sizes['images'][b]} images" for b in bins)], "l" + "r" * len(bins), rows)
+
+
 def runtimes_table() -> str:
     """bench/runtimes.py: one model, K = 1, N = 3, the same images, in every runtime."""
     rows = []
@@ -280,6 +288,7 @@ TABLES = {
     "real-lesions-128": functools.partial(real_lesions_table, REAL_LESIONS_128, "photo_metrics"),
     "real-lesions-128-paired": functools.partial(real_lesions_paired_table, REAL_LESIONS_128, "paired_photo_size"),
     "real-lesions-128-uncertainty": functools.partial(real_lesions_uncertainty_table, REAL_LESIONS_128),
+    "real-lesions-128-by-size": real_lesions_by_size_table,
 }
 
 
